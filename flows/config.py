@@ -1,0 +1,106 @@
+"""The pipeline's one parameter: a validated config with a section per phase."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rlhf_core.evaluate import EvalConfig
+from rlhf_core.ppo import PPOConfig
+from rlhf_core.preferences import PreferenceConfig
+from rlhf_core.reward import RewardConfig
+from rlhf_core.sft import SFTConfig
+from tasks.data import DataConfig
+
+
+class StorageConfig(BaseModel):
+    """Where checkpoints and datasets go."""
+
+    model_config = ConfigDict(extra="forbid")
+    uri: str = Field(
+        "./rlhf-artifacts",
+        description="A local folder, or s3://bucket/prefix (endpoint from "
+        "AWS_ENDPOINT_URL, credentials from the standard AWS environment).",
+    )
+    prefix: str = Field("pipelines/default", description="Key prefix of this pipeline's artifacts in the store.")
+
+
+class TrackingConfig(BaseModel):
+    """Where metrics go."""
+
+    model_config = ConfigDict(extra="forbid")
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else a SQLite file ./rlhf-mlflow/mlflow.db.",
+    )
+    experiment: str = Field("rlhf", description="MLflow experiment name.")
+
+
+class PipelineConfig(BaseModel):
+    """SFT, then iterations of preference collection, reward modeling, PPO and evaluation."""
+
+    model_config = ConfigDict(extra="forbid")
+    seed: int = Field(0, description="Seed of the world, every phase's sampling and initialization.")
+    iterations: int = Field(3, ge=1, le=20, description="RLHF iterations after SFT (InstructGPT-style 3-5).")
+    data: DataConfig = Field(default_factory=DataConfig, description="Prompts, demonstrations and base model.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning.")
+    preferences: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Preference collection.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward-model training.")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO with a KL penalty.")
+    evaluation: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Object storage.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+    trust_remote_code: bool = Field(
+        False,
+        description="Run code shipped inside model repositories (off: only "
+        "architectures transformers knows are loaded).",
+    )
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key."""
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` values are YAML scalars: 0.05, true, null, [1, 2], or plain strings."""
+    return yaml.safe_load(text) if text.strip() else text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a nested dict (unknown keys are caught by validation)."""
+    for item in overrides:
+        path, sep, value = item.partition("=")
+        if not sep or not path.strip():
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        *parents, leaf = path.strip().split(".")
+        node = data
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parents[: i + 1])} is not a section")
+            node = child
+        node[leaf] = _parse_value(value)
+    return data
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML config (optional), apply overrides, validate. ConfigError names every bad key."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read config: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        source = f"{path}: " if path else ""
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{source}invalid config: {problems}") from e

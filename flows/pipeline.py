@@ -1,0 +1,159 @@
+"""The RLHF pipeline as a Prefect flow: data -> SFT -> N x (preferences -> reward model -> PPO -> evaluation).
+
+Each iteration is its own subflow run (``iteration-k``) in the Prefect UI; each phase is a cached,
+retried task whose artifact lives in object storage. MLflow gets a parent run for the pipeline run
+and a child run per phase and iteration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows.config import PipelineConfig
+from infra.datasets import read_rows
+from infra.storage import is_complete
+from infra.tracking import RunLogger, Tracker, default_tracking_uri, plot_iterations
+from tasks.common import PhaseOutput, RunContext, TrackingContext, fetch
+from tasks.data import prepare_data
+from tasks.evaluate import SAMPLES_FILE, evaluate_task
+from tasks.ppo import ppo_task
+from tasks.preferences import preferences_task
+from tasks.reward import reward_task
+from tasks.sft import sft_task
+
+DEFAULT_TRACKING_ROOT = Path("./rlhf-mlflow")
+SUMMARY_KEYS = ("win_rate_vs_sft", "gold_reward", "reward", "kl", "entropy", "response_length")
+PLOT_KEYS = ["win_rate_vs_sft", "gold_reward", "reward", "kl", "entropy", "response_length"]
+
+
+def run_phase(phase: Any, states: dict[str, str], label: str, **kwargs: Any) -> PhaseOutput:
+    """Run a phase task and record whether Prefect served it from cache. A cached reference whose
+    artifact has since vanished from the store is recomputed rather than trusted."""
+    state = phase(**kwargs, return_state=True)
+    output: PhaseOutput = state.result()
+    if state.name == "Cached" and not is_complete(kwargs["context"].store, output.ref.key):
+        get_run_logger().warning(f"{label}: cached artifact {output.ref.uri} is gone; recomputing")
+        state = phase.with_options(refresh_cache=True)(**kwargs, return_state=True)
+        output = state.result()
+    states[label] = state.name
+    return output
+
+
+@flow(name="rlhf-iteration", flow_run_name="iteration-{iteration}", log_prints=True)
+def iteration_flow(
+    config: PipelineConfig,
+    context: RunContext,
+    data: PhaseOutput,
+    sft: PhaseOutput,
+    policy: PhaseOutput,
+    preferences: list[PhaseOutput],
+    iteration: int,
+    states: dict[str, str],
+) -> dict[str, Any]:
+    """One RLHF iteration: preferences from the current policy, a reward model on all preferences so far,
+    PPO from the current policy against the SFT reference, and evaluation."""
+    seed = config.seed * 1000 + iteration
+    common = {"context": context, "seed": seed, "iteration": iteration}
+    label = f"iteration-{iteration}"
+    new_preferences = run_phase(
+        preferences_task, states, f"{label}/preferences", data=data, policy=policy, config=config.preferences, **common
+    )
+    preferences = [*preferences, new_preferences]
+    reward = run_phase(
+        reward_task, states, f"{label}/reward", sft=sft, preferences=preferences, config=config.reward, **common
+    )
+    policy = run_phase(
+        ppo_task, states, f"{label}/ppo", data=data, policy=policy, sft=sft, reward=reward, config=config.ppo, **common
+    )
+    evaluation = run_phase(
+        evaluate_task,
+        states,
+        f"{label}/evaluation",
+        data=data,
+        policy=policy,
+        sft=sft,
+        reward=reward,
+        config=config.evaluation,
+        **common,
+    )
+    return {
+        "preferences": preferences,
+        "reward": reward,
+        "policy": policy,
+        "evaluation": evaluation,
+        "new_preferences": new_preferences,
+    }
+
+
+def iteration_summary(iteration: int, outputs: dict[str, Any]) -> dict[str, float]:
+    evaluation = outputs["evaluation"].metrics
+    return {
+        "iteration": iteration,
+        **{key: evaluation[f"eval/{key}"] for key in SUMMARY_KEYS},
+        "rm_val_accuracy": outputs["reward"].metrics["reward/val_accuracy"],
+        "labeler_agreement": outputs["new_preferences"].metrics["preferences/labeler_agreement"],
+    }
+
+
+def log_iteration(parent: RunLogger, context: RunContext, summary: dict[str, float], evaluation: PhaseOutput) -> None:
+    iteration = int(summary["iteration"])
+    parent.log_metrics({f"iteration/{k}": v for k, v in summary.items() if k != "iteration"}, step=iteration)
+    rows = read_rows(fetch(context, evaluation) / SAMPLES_FILE)
+    parent.log_table(rows, f"samples/iteration_{iteration:03d}.json")
+
+
+@flow(name="rlhf-pipeline", log_prints=True)
+def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """SFT, then ``config.iterations`` rounds of preference collection, reward modeling, PPO and evaluation."""
+    tracking_uri = config.tracking.uri or default_tracking_uri(DEFAULT_TRACKING_ROOT)
+    tracker = Tracker(tracking_uri, config.tracking.experiment)
+    flow_run_id = str(flow_run.get_id() or "")
+    with tracker.run(
+        f"pipeline-{flow_run.get_name() or 'local'}",
+        params=config.model_dump(mode="json"),
+        tags={"prefect_flow_run_id": flow_run_id},
+    ) as parent:
+        context = RunContext(
+            store_uri=config.storage.uri,
+            prefix=config.storage.prefix,
+            trust_remote_code=config.trust_remote_code,
+            tracking=TrackingContext(
+                tracking_uri=tracking_uri, experiment=config.tracking.experiment, parent_run_id=parent.run_id
+            ),
+        )
+        states: dict[str, str] = {}
+        data = run_phase(prepare_data, states, "data", context=context, config=config.data, seed=config.seed)
+        sft = run_phase(sft_task, states, "sft", context=context, data=data, config=config.sft, seed=config.seed)
+        policy, preferences, history = sft, [], []
+        sft_gold = None
+        for iteration in range(1, config.iterations + 1):
+            outputs = iteration_flow(config, context, data, sft, policy, preferences, iteration, states)
+            policy, preferences = outputs["policy"], outputs["preferences"]
+            summary = iteration_summary(iteration, outputs)
+            sft_gold = outputs["evaluation"].metrics["eval/sft_gold_reward"]
+            log_iteration(parent, context, summary, outputs["evaluation"])
+            history.append(summary)
+            print(
+                f"iteration {iteration}: " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items() if k != "iteration")
+            )
+        parent.log_figure(
+            plot_iterations(
+                [{"iteration": 0, "gold_reward": sft_gold, "win_rate_vs_sft": 0.5, "kl": 0.0}, *history], PLOT_KEYS
+            ),
+            "plots/iterations.png",
+        )
+        parent.log_dict({"phases": states, "final_policy": policy.artifact}, "pipeline.json")
+        return {
+            "sft": {"gold_reward": sft_gold},
+            "iterations": history,
+            "mlflow_tracking_uri": tracking_uri,
+            "mlflow_run_id": parent.run_id,
+            "prefect_flow_run_id": flow_run_id,
+            "artifacts_uri": context.store.full_uri(config.storage.prefix),
+            "final_policy_uri": policy.ref.uri,
+            "phases": states,
+        }

@@ -1,0 +1,102 @@
+"""Evaluation on held-out prompts: the policy against the SFT model, judged by the gold reward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_core.losses import masked_mean, masked_sum
+from rlhf_core.modeling import Samples, response_logprobs, reward_scores, sample_responses
+
+GoldScorer = Callable[[list[str], list[str]], list[float]]
+
+
+class EvalConfig(BaseModel):
+    """Held-out evaluation."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int = Field(32, ge=1, description="Longest sampled response, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for policy and SFT samples.")
+    batch_size: int = Field(256, ge=1, description="Prompts per generation batch.")
+    n_samples_logged: int = Field(32, ge=0, description="Sample completions kept for the report table.")
+
+
+def win_rate(policy_gold: list[float], baseline_gold: list[float]) -> float:
+    """Share of prompts where the policy's response beats the baseline's; ties count one half."""
+    wins = sum(1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(policy_gold, baseline_gold, strict=True))
+    return wins / len(policy_gold)
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct n-grams over all n-grams across the responses (Li et al. 2016); 0 when there are none."""
+    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _sample(model, tokenizer, prompts, config: EvalConfig) -> list[Samples]:
+    return [
+        sample_responses(
+            model, tokenizer, prompts[i : i + config.batch_size], config.max_new_tokens, config.temperature
+        )
+        for i in range(0, len(prompts), config.batch_size)
+    ]
+
+
+@torch.no_grad()
+def evaluate_policy(
+    policy: PreTrainedModel,
+    sft_model: PreTrainedModel,
+    reward_model: PreTrainedModel | None,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    gold_fn: GoldScorer | None,
+    config: EvalConfig,
+    seed: int,
+) -> tuple[dict[str, float], list[dict]]:
+    """One sample per prompt from the policy and from the SFT model (also the KL reference).
+    Returns the summary metrics and a table of sample completions."""
+    torch.manual_seed(seed)
+    policy_batches = _sample(policy, tokenizer, prompts, config)
+    sft_batches = _sample(sft_model, tokenizer, prompts, config)
+    policy_texts = [t for s in policy_batches for t in s.texts]
+    sft_texts = [t for s in sft_batches for t in s.texts]
+    kl, entropy, length, reward, has_eos = [], [], [], [], []
+    for s in policy_batches:
+        mask = s.response_mask
+        logprobs, ent = response_logprobs(
+            policy, s.query_responses, s.attention_mask, s.context_length, config.temperature, with_entropy=True
+        )
+        ref_logprobs, _ = response_logprobs(
+            sft_model, s.query_responses, s.attention_mask, s.context_length, config.temperature
+        )
+        kl.append(masked_sum(logprobs - ref_logprobs, mask, dim=1))
+        entropy.append(masked_mean(ent, mask, dim=1))
+        length.append(mask.sum(1).float())
+        has_eos.append(s.has_eos.float())
+        if reward_model is not None:
+            reward.append(reward_scores(reward_model, s.query_responses, s.attention_mask))
+    metrics = {
+        "kl": torch.cat(kl).mean().item(),
+        "entropy": torch.cat(entropy).mean().item(),
+        "response_length": torch.cat(length).mean().item(),
+        "eos_rate": torch.cat(has_eos).mean().item(),
+        "distinct_1": distinct_n(policy_texts, 1),
+        "distinct_2": distinct_n(policy_texts, 2),
+        "sft_distinct_2": distinct_n(sft_texts, 2),
+    }
+    if reward:
+        metrics["reward"] = torch.cat(reward).mean().item()
+    rows = [{"prompt": p, "policy": a, "sft": b} for p, a, b in zip(prompts, policy_texts, sft_texts, strict=True)]
+    if gold_fn is not None:
+        policy_gold, sft_gold = gold_fn(prompts, policy_texts), gold_fn(prompts, sft_texts)
+        metrics |= {
+            "win_rate_vs_sft": win_rate(policy_gold, sft_gold),
+            "gold_reward": sum(policy_gold) / len(policy_gold),
+            "sft_gold_reward": sum(sft_gold) / len(sft_gold),
+        }
+        for row, pg, sg in zip(rows, policy_gold, sft_gold, strict=True):
+            row |= {"policy_gold": pg, "sft_gold": sg}
+    return metrics, rows[: config.n_samples_logged]

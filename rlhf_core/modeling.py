@@ -1,0 +1,219 @@
+"""Loading models, encoding text, sampling and scoring: the model-facing helpers every phase shares.
+
+Shapes: B = batch, P = prompt length (left padded), R = response length (right padded), V = vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rlhf_core.losses import entropy_from_logits, selective_log_softmax
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Switch off every dropout, including attention dropout kept as a plain float (RLHF needs the
+    log-probs of rollout and update to agree; Huang et al. 2024, detail 6)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """A tokenizer with a pad token (the EOS token when the checkpoint has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A causal LM from safetensors weights only, dropout off."""
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
+    )
+    return disable_dropout(model)
+
+
+def load_scorer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A sequence-classification model with one output: a reward model, or a critic started from one.
+    A causal LM checkpoint gets a freshly initialized scalar head."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return disable_dropout(model)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, as ``generate`` computes them. (B, L) -> (B, L)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    """Left-padded prompt ids and attention mask, (B, P) each."""
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return input_ids, mask
+
+
+@dataclass
+class EncodedPairs:
+    """Prompt + response + EOS, right padded: ids and attention mask (B, L), and a mask over the
+    response tokens (EOS included) for next-token losses."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+
+
+def encode_prompt_responses(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
+) -> EncodedPairs:
+    """Tokenize prompt and response separately and join them with EOS appended, truncating the response
+    so the whole fits in ``max_length``."""
+    rows, prompt_lengths = [], []
+    for prompt, response in zip(prompts, responses, strict=True):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        response_ids = response_ids[: max(0, max_length - len(prompt_ids) - 1)] + [tokenizer.eos_token_id]
+        rows.append(prompt_ids + response_ids)
+        prompt_lengths.append(len(prompt_ids))
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    response_mask = attention_mask.clone()
+    for i, n in enumerate(prompt_lengths):
+        response_mask[i, :n] = 0
+    return EncodedPairs(input_ids, attention_mask, response_mask)
+
+
+def truncate_after_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Replace everything after the first EOS with padding. (B, R) -> responses (B, R), and
+    response_mask (B, R): 1 up to and including the first EOS."""
+    is_eos = responses == eos_token_id
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return responses.masked_fill(after_eos, pad_token_id), (~after_eos).long()
+
+
+@dataclass
+class Samples:
+    """Sampled responses to left-padded prompts. query_responses: (B, P + R); responses and
+    response_mask: (B, R); has_eos: (B,) bool."""
+
+    prompts: list[str]
+    query_responses: Tensor
+    attention_mask: Tensor
+    context_length: int
+    responses: Tensor
+    response_mask: Tensor
+    has_eos: Tensor
+    texts: list[str]
+
+
+@torch.no_grad()
+def sample_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+) -> Samples:
+    """Batched sampling with left padding and the KV cache, from the full distribution (no top-k or
+    top-p: the log-probs PPO recomputes must be those of the distribution sampled from)."""
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
+    out = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    context_length = prompt_ids.shape[1]
+    responses, response_mask = truncate_after_eos(
+        out[:, context_length:], tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
+    has_eos = (responses == tokenizer.eos_token_id).any(-1)
+    query_responses = torch.cat([prompt_ids, responses], 1)
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return Samples(prompts, query_responses, attention_mask, context_length, responses, response_mask, has_eos, texts)
+
+
+def response_logprobs(
+    model: PreTrainedModel,
+    query_responses: Tensor,
+    attention_mask: Tensor,
+    context_length: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs of the response tokens under ``model`` at the sampling temperature, and optionally the
+    per-token entropy. query_responses, attention_mask: (B, P + R) -> (B, R), (B, R) | None."""
+    logits = model(
+        input_ids=query_responses,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).logits
+    logits = logits[:, context_length - 1 : -1].float() / temperature
+    logprobs = selective_log_softmax(logits, query_responses[:, context_length:])
+    return logprobs, entropy_from_logits(logits) if with_entropy else None
+
+
+def token_scores(scorer: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The scalar head of a sequence-classification model applied at every position, (B, L) -> (B, L).
+    Read at the last real token it is a reward; read along a response it is a critic's values."""
+    hidden = scorer.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    return scorer.score(hidden).squeeze(-1).float()
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of the last real token of each row, whatever the padding side. (B, L) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(-1)
+
+
+def reward_scores(reward_model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Normalized reward, ``gain * r + bias``, read at the last real token. (B, L) -> (B,)."""
+    scores = token_scores(reward_model, input_ids, attention_mask)
+    raw = scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+    config = reward_model.config
+    return getattr(config, "reward_gain", 1.0) * raw + getattr(config, "reward_bias", 0.0)
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+    """Index batches covering ``range(n)`` once in a random order (the last one may be short)."""
+    return list(torch.randperm(n, generator=generator).split(batch_size))

@@ -1,0 +1,229 @@
+"""PPO with a KL penalty to a frozen reference, following "The N+ Implementation Details of RLHF with
+PPO" (Huang et al. 2024) where it applies.
+
+The critic is a separate model initialized from the reward model, not a head on the policy: its job is
+to predict reward-model returns, which the reward model's features already encode (Ouyang et al. 2022
+initialize it the same way), the value loss cannot disturb the policy's language-model features, and
+the policy stays a plain causal LM that saves and loads as one.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_core.engine import Engine
+from rlhf_core.kl_control import AdaptiveKLController, FixedKLController, KLController
+from rlhf_core.losses import (
+    compute_gae,
+    explained_variance,
+    kl_penalty,
+    kl_shaped_rewards,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    policy_loss,
+    value_loss,
+)
+from rlhf_core.modeling import Samples, response_logprobs, reward_scores, sample_responses, token_scores
+
+MetricsCallback = Callable[[dict[str, float], int], None]
+GoldScorer = Callable[[list[str], list[str]], list[float]]
+
+
+class PPOConfig(BaseModel):
+    """PPO against the reward model with a KL penalty to the SFT reference."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(40, ge=1, description="Rollout-then-update steps.")
+    rollout_batch_size: int = Field(64, ge=1, description="Prompts sampled per step.")
+    minibatch_size: int = Field(16, ge=1, description="Rollouts per optimizer step inside an update.")
+    epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
+    lr: float = Field(3e-4, gt=0, description="Policy AdamW learning rate.")
+    critic_lr: float = Field(1e-3, gt=0, description="Critic AdamW learning rate.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping for policy and critic.")
+    max_new_tokens: int = Field(32, ge=1, description="Longest sampled response, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs are recomputed with it.")
+    missing_eos_penalty: float = Field(1.0, ge=0, description="Subtracted from the score of a response with no EOS.")
+    clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon.")
+    clip_range_value: float = Field(0.2, gt=0, description="Value-prediction clip around the rollout's values.")
+    vf_coef: float = Field(0.5, gt=0, description="Weight of the value loss.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    whiten_advantages: bool = Field(True, description="Normalize advantages to mean 0, std 1 per batch.")
+    kl_coef: float = Field(0.05, ge=0, description="Initial coefficient of the per-token KL penalty.")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator in the penalty.")
+    adaptive_kl: bool = Field(True, description="Adapt kl_coef toward kl_target (Ziegler et al. 2019); else fixed.")
+    kl_target: float = Field(4.0, gt=0, description="Target KL to the reference, in nats per response.")
+    kl_horizon: int = Field(10000, ge=1, description="Horizon of the adaptive KL controller, in samples.")
+    target_kl: float | None = Field(
+        0.1, gt=0, description="Stop an update early once the minibatch approx-KL to the rollout policy exceeds this."
+    )
+
+
+def make_kl_controller(config: PPOConfig) -> KLController:
+    if config.adaptive_kl:
+        return AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+    return FixedKLController(config.kl_coef)
+
+
+@dataclass
+class Rollout:
+    """One batch of experience. Token tensors (B, R) over response positions; scores (B,)."""
+
+    samples: Samples
+    logprobs: Tensor
+    ref_logprobs: Tensor
+    values: Tensor
+    entropy: Tensor
+    scores: Tensor
+    rm_scores: Tensor
+
+
+@torch.no_grad()
+def collect_rollout(
+    policy, critic, reference, reward_model, tokenizer, prompts: list[str], config: PPOConfig
+) -> Rollout:
+    """Sample responses, then score them with every model: policy and reference log-probs, critic
+    values, and the reward model's score (less the missing-EOS penalty)."""
+    samples = sample_responses(policy, tokenizer, prompts, config.max_new_tokens, config.temperature)
+    qr, mask, ctx = samples.query_responses, samples.attention_mask, samples.context_length
+    logprobs, entropy = response_logprobs(policy, qr, mask, ctx, config.temperature, with_entropy=True)
+    ref_logprobs, _ = response_logprobs(reference, qr, mask, ctx, config.temperature)
+    values = token_scores(critic, qr, mask)[:, ctx - 1 : -1]
+    rm_scores = reward_scores(reward_model, qr, mask)
+    scores = rm_scores - config.missing_eos_penalty * (~samples.has_eos).float()
+    return Rollout(samples, logprobs, ref_logprobs, values, entropy, scores, rm_scores)
+
+
+def ppo_update(
+    policy_engine: Engine,
+    critic_engine: Engine,
+    rollout: Rollout,
+    advantages: Tensor,
+    returns: Tensor,
+    config: PPOConfig,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """Several epochs of clipped policy and value updates over minibatches of one rollout batch,
+    stopped early when the approx-KL to the rollout policy passes ``target_kl``."""
+    samples, mask = rollout.samples, rollout.samples.response_mask
+    policy, critic = policy_engine.module, critic_engine.module
+    policy.train()
+    critic.train()
+    stats: dict[str, list[float]] = {}
+    stopped = False
+    for _ in range(config.epochs):
+        for index in torch.randperm(len(mask), generator=generator).split(config.minibatch_size):
+            qr, attn, ctx = samples.query_responses[index], samples.attention_mask[index], samples.context_length
+            logprobs, _ = response_logprobs(policy, qr, attn, ctx, config.temperature)
+            pg_loss, pg_stats = policy_loss(
+                logprobs, rollout.logprobs[index], advantages[index], mask[index], config.clip_range
+            )
+            policy_engine.backward(pg_loss)
+            policy_engine.step()
+            values = token_scores(critic, qr, attn)[:, ctx - 1 : -1]
+            vf_loss, vf_stats = value_loss(
+                values, rollout.values[index], returns[index], mask[index], config.clip_range_value
+            )
+            critic_engine.backward(config.vf_coef * vf_loss)
+            critic_engine.step()
+            for key, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats}.items():
+                stats.setdefault(key, []).append(value.item())
+            if config.target_kl is not None and pg_stats["approx_kl"] > config.target_kl:
+                stopped = True
+                break
+        if stopped:
+            break
+    policy.eval()
+    critic.eval()
+    return {
+        **{key: sum(v) / len(v) for key, v in stats.items()},
+        "early_stopped": float(stopped),
+        "minibatch_updates": float(len(stats["policy_loss"])),
+    }
+
+
+def rollout_metrics(
+    rollout: Rollout, kl: Tensor, rewards: Tensor, returns: Tensor, gold: list[float] | None, kl_coef: float
+) -> dict[str, float]:
+    """What to watch during PPO: KL, reward, entropy and length (Huang et al. 2024, detail 12)."""
+    mask = rollout.samples.response_mask
+    lengths = mask.sum(1).float()
+    metrics = {
+        "kl": masked_sum(kl, mask, dim=1).mean().item(),
+        "reward": rollout.rm_scores.mean().item(),
+        "score": rollout.scores.mean().item(),
+        "non_score_reward": masked_sum(rewards, mask, dim=1).mean().item() - rollout.scores.mean().item(),
+        "entropy": masked_mean(rollout.entropy, mask).item(),
+        "response_length": lengths.mean().item(),
+        "response_length_p95": lengths.quantile(0.95).item(),
+        "eos_rate": rollout.samples.has_eos.float().mean().item(),
+        "explained_variance": explained_variance(rollout.values, returns, mask).item(),
+        "kl_coef": kl_coef,
+    }
+    if gold is not None:
+        metrics["gold_reward"] = sum(gold) / len(gold)
+    return metrics
+
+
+@dataclass
+class PPOResult:
+    steps: int
+    history: list[dict[str, float]]
+    kl_coef: float
+
+
+def train_ppo(
+    policy_engine: Engine,
+    critic_engine: Engine,
+    reference: PreTrainedModel,
+    reward_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    config: PPOConfig,
+    seed: int,
+    gold_fn: GoldScorer | None = None,
+    on_metrics: MetricsCallback | None = None,
+) -> PPOResult:
+    """Alternate rollouts and PPO updates for ``config.steps`` steps."""
+    policy, critic = policy_engine.module, critic_engine.module
+    kl_controller = make_kl_controller(config)
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    order: list[str] = []
+    history = []
+    for step in range(1, config.steps + 1):
+        # 1. rollout
+        while len(order) < config.rollout_batch_size:
+            order += rng.sample(prompts, len(prompts))
+        batch_prompts, order = order[: config.rollout_batch_size], order[config.rollout_batch_size :]
+        policy.eval()
+        critic.eval()
+        rollout = collect_rollout(policy, critic, reference, reward_model, tokenizer, batch_prompts, config)
+        # 2. rewards and advantages
+        mask = rollout.samples.response_mask
+        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * mask
+        rewards = kl_shaped_rewards(rollout.scores, kl, mask, kl_controller.value)
+        advantages, returns = compute_gae(rewards, rollout.values, mask, config.gamma, config.lam)
+        if config.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        # 3. update
+        update = ppo_update(policy_engine, critic_engine, rollout, advantages, returns, config, generator)
+        # 4. adapt the KL coefficient and report
+        gold = gold_fn(batch_prompts, rollout.samples.texts) if gold_fn else None
+        metrics = rollout_metrics(rollout, kl, rewards, returns, gold, kl_controller.value) | update
+        kl_controller.update(metrics["kl"], config.rollout_batch_size)
+        metrics = {f"ppo/{k}": v for k, v in metrics.items()}
+        history.append(metrics)
+        if on_metrics:
+            on_metrics(metrics, step)
+    return PPOResult(config.steps, history, kl_controller.value)

@@ -1,0 +1,179 @@
+"""Reward model: a causal LM backbone with a scalar head, trained with the Bradley-Terry loss on
+labeler preferences, early-stopped on validation accuracy, and normalized on policy samples."""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_core.engine import Engine
+from rlhf_core.losses import bradley_terry_loss
+from rlhf_core.modeling import encode_prompt_responses, reward_scores, shuffled_batches
+from rlhf_core.preferences import PreferencePair
+
+MetricsCallback = Callable[[dict[str, float], int], None]
+
+
+class RewardConfig(BaseModel):
+    """Bradley-Terry reward-model training."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_epochs: int = Field(4, ge=1, description="Most passes over the training pairs (early stopping may end sooner).")
+    batch_size: int = Field(32, ge=1, description="Preference pairs per optimizer step.")
+    lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(10, ge=0, description="Optimizer steps of linear learning-rate warmup.")
+    weight_decay: float = Field(
+        0.01, ge=0, description="AdamW weight decay (a slightly underfit reward model is safer)."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of pairs held out for validation accuracy.")
+    evals_per_epoch: int = Field(2, ge=1, description="Validation checks per epoch.")
+    patience: int = Field(2, ge=1, description="Validation checks without improvement before stopping early.")
+    max_length: int = Field(48, ge=4, description="Prompt + response tokens kept.")
+
+
+def split_pairs(pairs: list[PreferencePair], val_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded train/validation split, at least one pair on each side."""
+    shuffled = pairs[:]
+    random.Random(seed).shuffle(shuffled)
+    n_val = min(max(1, round(len(pairs) * val_fraction)), len(pairs) - 1)
+    return shuffled[n_val:], shuffled[:n_val]
+
+
+def score_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
+    max_length: int,
+    batch_size: int = 256,
+) -> Tensor:
+    """Normalized reward of each (prompt, response), EOS appended as in rollouts. -> (N,)."""
+    scores = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            enc = encode_prompt_responses(
+                tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], max_length
+            )
+            scores.append(reward_scores(model, enc.input_ids, enc.attention_mask))
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def pair_rewards(model, tokenizer, pairs: list[PreferencePair], max_length: int) -> tuple[Tensor, Tensor]:
+    """Rewards of chosen and rejected responses, in one forward pass. -> (B,), (B,)."""
+    prompts = [p.prompt for p in pairs]
+    enc = encode_prompt_responses(
+        tokenizer, prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], max_length
+    )
+    rewards = reward_scores(model, enc.input_ids, enc.attention_mask)
+    return rewards[: len(pairs)], rewards[len(pairs) :]
+
+
+def preference_accuracy(model, tokenizer, pairs: list[PreferencePair], max_length: int) -> dict[str, float]:
+    """Share of pairs where the reward model agrees with the label, and with the gold ordering
+    (pairs with equal gold reward left out)."""
+    with torch.no_grad():
+        chosen, rejected = [], []
+        for i in range(0, len(pairs), 256):
+            c, r = pair_rewards(model, tokenizer, pairs[i : i + 256], max_length)
+            chosen.append(c)
+            rejected.append(r)
+    margin = torch.cat(chosen) - torch.cat(rejected)
+    gold_margin = torch.tensor([p.chosen_gold - p.rejected_gold for p in pairs])
+    decided = gold_margin != 0
+    gold_agree = ((margin > 0) == (gold_margin > 0))[decided].float()
+    return {
+        "accuracy": (margin > 0).float().mean().item(),
+        "gold_accuracy": gold_agree.mean().item() if decided.any() else float("nan"),
+    }
+
+
+@dataclass
+class RewardResult:
+    steps: int
+    first_loss: float
+    final_loss: float
+    val_accuracy: float
+    val_gold_accuracy: float
+    stopped_early: bool
+
+
+def train_reward_model(
+    engine: Engine,
+    tokenizer: PreTrainedTokenizerBase,
+    train_pairs: list[PreferencePair],
+    val_pairs: list[PreferencePair],
+    config: RewardConfig,
+    seed: int,
+    on_metrics: MetricsCallback | None = None,
+) -> RewardResult:
+    """Minimize the Bradley-Terry loss; keep the weights with the best validation accuracy."""
+    model = engine.module
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = -(-len(train_pairs) // config.batch_size)
+    eval_every = max(1, steps_per_epoch // config.evals_per_epoch)
+    best, best_state, checks_since_best, step, losses = None, None, 0, 0, []
+    for _ in range(config.max_epochs):
+        if checks_since_best >= config.patience:
+            break
+        for index in shuffled_batches(len(train_pairs), config.batch_size, generator):
+            model.train()
+            chosen, rejected = pair_rewards(
+                model, tokenizer, [train_pairs[i] for i in index.tolist()], config.max_length
+            )
+            loss = bradley_terry_loss(chosen, rejected)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            step += 1
+            if step % eval_every:
+                continue
+            model.eval()
+            val = preference_accuracy(model, tokenizer, val_pairs, config.max_length)
+            if on_metrics:
+                recent = losses[-eval_every:]
+                on_metrics(
+                    {
+                        "reward/loss": sum(recent) / len(recent),
+                        "reward/val_accuracy": val["accuracy"],
+                        "reward/val_gold_accuracy": val["gold_accuracy"],
+                    },
+                    step,
+                )
+            if best is None or val["accuracy"] > best["accuracy"]:
+                best, best_state, checks_since_best = val, copy.deepcopy(model.state_dict()), 0
+            else:
+                checks_since_best += 1
+            if checks_since_best >= config.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best = preference_accuracy(model.eval(), tokenizer, val_pairs, config.max_length)
+    model.eval()
+    tail = losses[-eval_every:]
+    return RewardResult(
+        step,
+        losses[0],
+        sum(tail) / len(tail),
+        best["accuracy"],
+        best["gold_accuracy"],
+        stopped_early=checks_since_best >= config.patience,
+    )
+
+
+def normalize_reward_model(model, tokenizer, prompts: list[str], responses: list[str], max_length: int) -> dict:
+    """Set the output gain and bias (stored in the model config) so that these responses, samples of
+    the current policy, score mean 0 and standard deviation 1."""
+    model.config.reward_gain, model.config.reward_bias = 1.0, 0.0
+    raw = score_texts(model, tokenizer, prompts, responses, max_length)
+    gain = 1.0 / max(raw.std().item(), 1e-6)
+    model.config.reward_gain, model.config.reward_bias = gain, -raw.mean().item() * gain
+    return {"reward_gain": model.config.reward_gain, "reward_bias": model.config.reward_bias}

@@ -1,0 +1,94 @@
+"""Supervised fine-tuning: next-token loss on demonstrations, prompt and padding masked out."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_core.engine import Engine
+from rlhf_core.losses import masked_mean, selective_log_softmax
+from rlhf_core.modeling import EncodedPairs, encode_prompt_responses, position_ids_from_mask, shuffled_batches
+
+MetricsCallback = Callable[[dict[str, float], int], None]
+
+
+class SFTConfig(BaseModel):
+    """Supervised fine-tuning on (prompt, response) demonstrations."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(3, ge=1, description="Passes over the demonstrations.")
+    batch_size: int = Field(64, ge=1, description="Demonstrations per optimizer step.")
+    lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (linear warmup, cosine decay).")
+    warmup_steps: int = Field(20, ge=0, description="Optimizer steps of linear learning-rate warmup.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
+    max_length: int = Field(48, ge=4, description="Prompt + response tokens kept; longer responses are truncated.")
+    log_every: int = Field(10, ge=1, description="Report metrics every this many optimizer steps.")
+
+
+def num_training_steps(n_examples: int, batch_size: int, epochs: int) -> int:
+    """Optimizer steps of a loop that makes ``epochs`` passes in batches of ``batch_size``."""
+    return epochs * math.ceil(n_examples / batch_size)
+
+
+def sft_loss(model: PreTrainedModel, batch: EncodedPairs) -> Tensor:
+    """Mean next-token negative log-likelihood over response tokens (EOS included). -> scalar."""
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids_from_mask(batch.attention_mask),
+        use_cache=False,
+    ).logits[:, :-1]
+    nll = -selective_log_softmax(logits.float(), batch.input_ids[:, 1:])
+    return masked_mean(nll, batch.response_mask[:, 1:])
+
+
+@dataclass
+class SFTResult:
+    steps: int
+    first_loss: float
+    final_loss: float
+
+
+def train_sft(
+    engine: Engine,
+    tokenizer: PreTrainedTokenizerBase,
+    demonstrations: list[tuple[str, str]],
+    config: SFTConfig,
+    seed: int,
+    on_metrics: MetricsCallback | None = None,
+) -> SFTResult:
+    """Fit ``engine.module`` to the demonstrations; returns the first and last logged losses."""
+    model = engine.module
+    model.train()
+    generator = torch.Generator().manual_seed(seed)
+    step, losses, first_loss = 0, [], float("nan")
+    for epoch in range(config.epochs):
+        for index in shuffled_batches(len(demonstrations), config.batch_size, generator):
+            rows = [demonstrations[i] for i in index.tolist()]
+            batch = encode_prompt_responses(tokenizer, [p for p, _ in rows], [r for _, r in rows], config.max_length)
+            loss = sft_loss(model, batch)
+            engine.backward(loss)
+            update = engine.step()
+            losses.append(loss.item())
+            step += 1
+            if step == 1:
+                first_loss = losses[0]
+            if step % config.log_every == 0 and on_metrics:
+                on_metrics(
+                    {
+                        "sft/loss": sum(losses[-config.log_every :]) / config.log_every,
+                        "sft/epoch": epoch,
+                        **{f"sft/{k}": v for k, v in update.items()},
+                    },
+                    step,
+                )
+    model.eval()
+    tail = losses[-config.log_every :]
+    return SFTResult(step, first_loss, sum(tail) / len(tail))

@@ -1,0 +1,207 @@
+"""What every phase task shares: its run context, cache key, retry rule, artifact staging and tracking."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from infra.storage import (
+    ArtifactRef,
+    ObjectStore,
+    StorageError,
+    TransientStorageError,
+    download_dir,
+    is_complete,
+    open_store,
+    read_manifest,
+    upload_dir,
+)
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+NOT_IN_CACHE_KEY = frozenset({"context"})
+
+
+class TrackingContext(BaseModel):
+    """Where a phase logs: the MLflow server or file, experiment and the pipeline's parent run."""
+
+    model_config = ConfigDict(extra="forbid")
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str | None = None
+
+
+class RunContext(BaseModel):
+    """Where a phase reads and writes. Deliberately outside the cache key: the same inputs give the
+    same artifact whichever run asks."""
+
+    model_config = ConfigDict(extra="forbid")
+    store_uri: str = Field(description="Object store root: a folder or s3://bucket/prefix.")
+    prefix: str = Field(description="Key prefix of this pipeline's artifacts in the store.")
+    tracking: TrackingContext | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def store(self) -> ObjectStore:
+        return open_store(self.store_uri)
+
+
+class PhaseOutput(BaseModel):
+    """The small reference a phase task returns: where its artifact lives, its digest and its metrics."""
+
+    artifact: dict[str, str]
+    metrics: dict[str, float] = {}
+
+    @property
+    def ref(self) -> ArtifactRef:
+        return ArtifactRef.from_dict(self.artifact)
+
+    @property
+    def digest(self) -> str:
+        return self.artifact["digest"]
+
+
+@cache
+def code_version() -> str:
+    """Digest of the source of the algorithms, tasks and storage, so a code change invalidates caches."""
+    sha = hashlib.sha256()
+    for folder in ("rlhf_core", "tasks", "infra"):
+        for path in sorted((PACKAGE_ROOT / folder).glob("*.py")):
+            sha.update(path.name.encode())
+            sha.update(path.read_bytes())
+    return sha.hexdigest()[:16]
+
+
+def _identity(value: Any) -> Any:
+    """What of a task argument belongs in its cache key: configs by content, artifacts by digest."""
+    if isinstance(value, PhaseOutput):
+        return value.digest
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list | tuple):
+        return [_identity(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _identity(v) for k, v in value.items()}
+    return value
+
+
+def phase_key(name: str, inputs: dict[str, Any]) -> str:
+    """sha256 of the phase name, code version and inputs' identities."""
+    payload = {"phase": name, "code": code_version(), "inputs": _identity(inputs)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def phase_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect ``cache_key_fn``: the phase key of the task's arguments, less the run context except
+    where its artifacts live."""
+    inputs = {k: v for k, v in parameters.items() if k not in NOT_IN_CACHE_KEY}
+    run = parameters.get("context")
+    if run is not None:
+        inputs["_store"] = [run.store_uri, run.prefix]
+    return f"{context.task.name}-{phase_key(context.task.name, inputs)}"
+
+
+def should_retry(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry transient failures (storage hiccups, lost connections); never a bad config or input,
+    which would fail the same way again."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    if isinstance(error, TransientStorageError | ConnectionError | TimeoutError):
+        return True
+    return not isinstance(error, ValueError | TypeError | KeyError | StorageError)
+
+
+def artifact_key(context: RunContext, folder: str, name: str, inputs: dict[str, Any]) -> str:
+    """``<prefix>/<folder>/<name>-<key[:12]>``: browsable by iteration, never overwritten by other inputs."""
+    return f"{context.prefix}/{folder}/{name}-{phase_key(name, inputs)[:12]}"
+
+
+def local_cache_root() -> Path:
+    return Path(os.environ.get("RLHF_CACHE_DIR", Path(tempfile.gettempdir()) / "rlhf-cache"))
+
+
+def fetch(context: RunContext, output: PhaseOutput) -> Path:
+    """A local copy of an artifact, downloaded once per digest and verified against its manifest."""
+    local = local_cache_root() / output.digest
+    if (local / ".complete").exists():
+        return local
+    local_cache_root().mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=local_cache_root()))
+    download_dir(context.store, output.ref.key, staging)
+    (staging / ".complete").touch()
+    shutil.rmtree(local, ignore_errors=True)
+    staging.rename(local)
+    return local
+
+
+def publish(
+    context: RunContext, key: str, local_dir: Path, metadata: dict[str, Any], metrics: dict[str, float]
+) -> PhaseOutput:
+    """Upload a finished artifact folder (manifest last) and return its reference."""
+    ref = upload_dir(context.store, local_dir, key, metadata={**metadata, "metrics": metrics})
+    return PhaseOutput(artifact=ref.to_dict(), metrics=metrics)
+
+
+def existing_output(context: RunContext, key: str) -> PhaseOutput | None:
+    """The artifact already at ``key``, complete, with its recorded metrics (a re-run that finds its
+    work done, e.g. after a crash between upload and the task reporting success)."""
+    if not is_complete(context.store, key):
+        return None
+    manifest = read_manifest(context.store, key) or {}
+    ref = ArtifactRef(context.store.full_uri(key), key, manifest["digest"])
+    return PhaseOutput(artifact=ref.to_dict(), metrics=manifest.get("metadata", {}).get("metrics", {}))
+
+
+MetricsCallback = Callable[[dict[str, float], int], None]
+
+ProgressHook = Callable[[str, int, int], None]
+PROGRESS_HOOKS: list[ProgressHook] = []
+
+
+def phase_task(name: str) -> Callable:
+    """The Prefect task settings every phase shares: retried with backoff when the failure may pass,
+    cached across flow runs on its inputs' identities, result persisted."""
+    from prefect import task
+
+    return task(
+        name=name,
+        retries=2,
+        retry_delay_seconds=[2, 10],
+        retry_condition_fn=should_retry,
+        cache_key_fn=phase_cache_key,
+        persist_result=True,
+    )
+
+
+@contextmanager
+def tracked(
+    context: RunContext, run_name: str, params: dict[str, Any], total_steps: int = 0
+) -> Iterator[MetricsCallback]:
+    """A metrics callback for one phase: an MLflow child run of the pipeline run (when tracking is on),
+    plus progress for whoever listens (the CLI's progress bars)."""
+    from infra.tracking import Tracker
+
+    def progress(step: int) -> None:
+        for hook in PROGRESS_HOOKS:
+            hook(run_name, step, total_steps)
+
+    if context.tracking is None:
+        yield lambda metrics, step: progress(step)
+        return
+    tracking = context.tracking
+    tracker = Tracker(tracking.tracking_uri, tracking.experiment)
+    with tracker.run(run_name, params=params, parent_run_id=tracking.parent_run_id) as run:
+
+        def log(metrics: dict[str, float], step: int) -> None:
+            run.log_metrics(metrics, step)
+            progress(step)
+
+        yield log

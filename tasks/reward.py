@@ -1,0 +1,100 @@
+"""Reward-model phase: Bradley-Terry training on every preference so far, normalized on the latest."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from rlhf_core.engine import TorchEngine
+from rlhf_core.modeling import load_scorer, load_tokenizer
+from rlhf_core.reward import RewardConfig, normalize_reward_model, split_pairs, train_reward_model
+from rlhf_core.sft import num_training_steps
+from tasks.common import (
+    MetricsCallback,
+    PhaseOutput,
+    RunContext,
+    artifact_key,
+    existing_output,
+    fetch,
+    phase_task,
+    publish,
+    tracked,
+)
+from tasks.preferences import read_pairs
+
+
+def run_reward(
+    init_dir: Path,
+    preference_dirs: list[Path],
+    out_dir: Path,
+    config: RewardConfig,
+    seed: int,
+    on_metrics: MetricsCallback | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, float]:
+    """Train a reward model from ``init_dir``'s backbone on all pairs in ``preference_dirs``; normalize it
+    on the responses of the last one (the current policy's samples); save it to ``out_dir``."""
+    tokenizer = load_tokenizer(init_dir, trust_remote_code)
+    model = load_scorer(init_dir, trust_remote_code)
+    pairs = [pair for d in preference_dirs for pair in read_pairs(d)]
+    train, val = split_pairs(pairs, config.val_fraction, seed)
+    total = num_training_steps(len(train), config.batch_size, config.max_epochs)
+    engine = TorchEngine(model, config.lr, total, config.warmup_steps, config.weight_decay, config.max_grad_norm)
+    result = train_reward_model(engine, tokenizer, train, val, config, seed, on_metrics)
+    latest = read_pairs(preference_dirs[-1])
+    norm = normalize_reward_model(
+        model,
+        tokenizer,
+        [p.prompt for p in latest] * 2,
+        [p.chosen for p in latest] + [p.rejected for p in latest],
+        config.max_length,
+    )
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {
+        "reward/val_accuracy": result.val_accuracy,
+        "reward/val_gold_accuracy": result.val_gold_accuracy,
+        "reward/first_loss": result.first_loss,
+        "reward/final_loss": result.final_loss,
+        "reward/steps": result.steps,
+        "reward/train_pairs": len(train),
+        "reward/stopped_early": result.stopped_early,
+        **{f"reward/{k}": v for k, v in norm.items()},
+    }
+
+
+@phase_task("train-reward-model")
+def reward_task(
+    context: RunContext,
+    sft: PhaseOutput,
+    preferences: list[PhaseOutput],
+    config: RewardConfig,
+    seed: int,
+    iteration: int,
+) -> PhaseOutput:
+    inputs = {"sft": sft, "preferences": preferences, "config": config, "seed": seed}
+    key = artifact_key(context, f"iteration-{iteration:03d}", "reward_model", inputs)
+    if done := existing_output(context, key):
+        return done
+    sft_dir = fetch(context, sft)
+    preference_dirs = [fetch(context, p) for p in preferences]
+    with (
+        tracked(context, f"iteration-{iteration}/reward", {"reward": config.model_dump()}) as log,
+        tempfile.TemporaryDirectory(prefix="rlhf-rm-") as tmp,
+    ):
+        metrics = run_reward(sft_dir, preference_dirs, Path(tmp), config, seed, log, context.trust_remote_code)
+        log(metrics, iteration)
+        parents = {"init": sft.ref.uri, "preferences": [p.ref.uri for p in preferences]}
+        return publish(
+            context,
+            key,
+            Path(tmp),
+            {
+                "phase": "train-reward-model",
+                "iteration": iteration,
+                "parents": parents,
+                "config": config.model_dump(),
+                "seed": seed,
+            },
+            metrics,
+        )

@@ -1,0 +1,65 @@
+"""SFT phase: fine-tune the base model on the demonstrations."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from rlhf_core.engine import TorchEngine
+from rlhf_core.modeling import load_policy, load_tokenizer
+from rlhf_core.sft import SFTConfig, num_training_steps, train_sft
+from tasks.common import (
+    MetricsCallback,
+    PhaseOutput,
+    RunContext,
+    artifact_key,
+    existing_output,
+    fetch,
+    phase_task,
+    publish,
+    tracked,
+)
+from tasks.data import read_demonstrations
+
+
+def run_sft(
+    base_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    config: SFTConfig,
+    seed: int,
+    on_metrics: MetricsCallback | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, float]:
+    """Load the base model, fine-tune it, save it with its tokenizer to ``out_dir``."""
+    tokenizer = load_tokenizer(base_dir, trust_remote_code)
+    model = load_policy(base_dir, trust_remote_code)
+    demonstrations = read_demonstrations(data_dir)
+    total = num_training_steps(len(demonstrations), config.batch_size, config.epochs)
+    engine = TorchEngine(model, config.lr, total, config.warmup_steps, config.weight_decay, config.max_grad_norm)
+    result = train_sft(engine, tokenizer, demonstrations, config, seed, on_metrics)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {"sft/first_loss": result.first_loss, "sft/final_loss": result.final_loss, "sft/steps": result.steps}
+
+
+@phase_task("sft")
+def sft_task(context: RunContext, data: PhaseOutput, config: SFTConfig, seed: int) -> PhaseOutput:
+    inputs = {"data": data, "config": config, "seed": seed}
+    key = artifact_key(context, "sft", "policy", inputs)
+    if done := existing_output(context, key):
+        return done
+    data_dir = fetch(context, data)
+    n_steps = num_training_steps(len(read_demonstrations(data_dir)), config.batch_size, config.epochs)
+    with (
+        tracked(context, "sft", {"sft": config.model_dump(), "seed": seed}, n_steps) as log,
+        tempfile.TemporaryDirectory(prefix="rlhf-sft-") as tmp,
+    ):
+        metrics = run_sft(data_dir / "base_model", data_dir, Path(tmp), config, seed, log, context.trust_remote_code)
+        return publish(
+            context,
+            key,
+            Path(tmp),
+            {"phase": "sft", "parents": {"data": data.ref.uri}, "config": config.model_dump(), "seed": seed},
+            metrics,
+        )
