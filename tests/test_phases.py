@@ -1,0 +1,233 @@
+"""Each phase on a tiny real Llama: the weights change and the phase's own objective improves."""
+
+import copy
+
+import pytest
+import torch
+
+from rlhf_core import world
+from rlhf_core.engine import TorchEngine
+from rlhf_core.modeling import (
+    encode_prompt_responses,
+    load_policy,
+    load_scorer,
+    load_tokenizer,
+    response_logprobs,
+    reward_scores,
+    sample_responses,
+    truncate_after_eos,
+)
+from rlhf_core.ppo import PPOConfig, train_ppo
+from rlhf_core.preferences import PreferenceConfig, PreferencePair, collect_preferences
+from rlhf_core.reward import RewardConfig, normalize_reward_model, score_texts, split_pairs, train_reward_model
+from rlhf_core.sft import SFTConfig, sft_loss, train_sft
+
+TINY = world.WorldConfig(n_demonstrations=600, hidden_size=32, num_layers=2, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("base")
+    tokenizer = world.build_tokenizer()
+    world.build_model(tokenizer, TINY, seed=0).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def sft_dir(base_dir, tmp_path_factory):
+    """A briefly fine-tuned policy, shared by the later phases' tests."""
+    tokenizer, model = load_tokenizer(base_dir), load_policy(base_dir)
+    w = world.make_world(0, TINY)
+    config = SFTConfig(epochs=3, batch_size=32, lr=1e-2, warmup_steps=2)
+    train_sft(TorchEngine(model, config.lr, 60, 2), tokenizer, w.demonstrations, config, seed=0)
+    directory = tmp_path_factory.mktemp("sft")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def weights_changed(before: dict, model: torch.nn.Module) -> bool:
+    return any(not torch.equal(before[name], p) for name, p in model.state_dict().items())
+
+
+def test_sft_masks_prompt_and_padding_and_appends_eos(base_dir):
+    tokenizer = load_tokenizer(base_dir)
+    batch = encode_prompt_responses(
+        tokenizer, ["explain briefly ocean :", "tell me about art :"], ["water waves", "paint"], 32
+    )
+    first = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
+    assert first[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(batch.input_ids[0][batch.response_mask[0].bool()]) == "water waves <eos>"
+    assert batch.response_mask[1].sum() == 2  # "paint" + EOS; prompt and padding are masked out
+    # padding a batch further does not change the loss
+    model = load_policy(base_dir)
+    wide = copy.deepcopy(batch)
+    extra = torch.full((2, 5), tokenizer.pad_token_id)
+    wide.input_ids = torch.cat([batch.input_ids, extra], 1)
+    wide.attention_mask = torch.cat([batch.attention_mask, torch.zeros_like(extra)], 1)
+    wide.response_mask = torch.cat([batch.response_mask, torch.zeros_like(extra)], 1)
+    assert sft_loss(model, batch).item() == pytest.approx(sft_loss(model, wide).item(), abs=1e-5)
+
+
+def test_sft_lowers_its_loss(base_dir):
+    tokenizer, model = load_tokenizer(base_dir), load_policy(base_dir)
+    before = copy.deepcopy(model.state_dict())
+    config = SFTConfig(epochs=2, batch_size=32, lr=1e-2, warmup_steps=2, log_every=2)
+    demos = world.make_world(0, TINY).demonstrations
+    result = train_sft(TorchEngine(model, config.lr, 40, 2), tokenizer, demos, config, seed=0)
+    assert weights_changed(before, model)
+    assert result.final_loss < result.first_loss - 1.0
+
+
+def test_truncate_after_eos():
+    responses = torch.tensor([[5, 2, 7, 8], [5, 6, 7, 8], [2, 9, 9, 9]])
+    truncated, mask = truncate_after_eos(responses, eos_token_id=2, pad_token_id=0)
+    assert truncated.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_recomputed_logprobs_match_the_sampling_distribution(sft_dir):
+    """Left padding, the KV cache and the temperature agree between generate and the training forward pass."""
+    tokenizer, model = load_tokenizer(sft_dir), load_policy(sft_dir).eval()
+    torch.manual_seed(0)
+    prompts = ["explain briefly ocean :", "give a detailed account of space to an expert :"]
+    samples = sample_responses(model, tokenizer, prompts, max_new_tokens=6, temperature=0.7)
+    torch.manual_seed(0)
+    from rlhf_core.modeling import encode_prompts
+
+    ids, mask = encode_prompts(tokenizer, prompts)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=6,
+        do_sample=True,
+        temperature=0.7,
+        top_k=0,
+        top_p=1.0,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    generated = torch.stack(out.logits, 1).float() / 0.7
+    expected = torch.log_softmax(generated, -1).gather(-1, out.sequences[:, ids.shape[1] :, None])[..., 0]
+    logprobs, _ = response_logprobs(model, samples.query_responses, samples.attention_mask, samples.context_length, 0.7)
+    m = samples.response_mask.bool()
+    torch.testing.assert_close(logprobs[m], expected[m], atol=1e-4, rtol=0)
+
+
+def test_preferences_labels_and_agreement(sft_dir):
+    tokenizer, model = load_tokenizer(sft_dir), load_policy(sft_dir).eval()
+    prompts = world.make_world(0, TINY).preference_prompts[:16]
+    pairs, stats = collect_preferences(
+        model, tokenizer, prompts, world.gold_rewards, PreferenceConfig(n_pairs=200, max_new_tokens=16), seed=0
+    )
+    assert len(pairs) + stats["dropped_identical"] == 200
+    assert all(p.chosen != p.rejected for p in pairs)
+    assert stats["labeler_agreement"] == pytest.approx(0.7, abs=0.07)
+    assert stats["label_gold_accuracy"] > 0.6
+    assert {p.labeler for p in pairs} == {lab.name for lab in PreferenceConfig().labelers}
+
+
+def test_reward_model_learns_preferences_and_normalizes(sft_dir):
+    tokenizer, model = load_tokenizer(sft_dir), load_scorer(sft_dir)
+    before = copy.deepcopy(model.state_dict())
+    # clean, learnable preferences: on-topic words beat rude ones
+    w = world.make_world(1, TINY)
+    pairs = []
+    for i, prompt in enumerate(w.sft_prompts[:120]):
+        topic_words = world.TOPICS[world.parse_prompt(prompt).topic]
+        good, bad = " ".join(topic_words[:3]), " ".join([world.RUDE[i % 5]] * 2 + ["the"])
+        pairs.append(
+            PreferencePair(prompt, good, bad, "ann", world.gold_reward(prompt, good), world.gold_reward(prompt, bad))
+        )
+    train, val = split_pairs(pairs, 0.2, seed=0)
+    config = RewardConfig(max_epochs=3, batch_size=16, lr=2e-3, warmup_steps=2, patience=3)
+    result = train_reward_model(TorchEngine(model, config.lr, 30, 2), tokenizer, train, val, config, seed=0)
+    assert weights_changed(before, model)
+    assert result.final_loss < result.first_loss
+    assert result.val_accuracy >= 0.9 and result.val_gold_accuracy >= 0.9
+    prompts, responses = [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    normalize_reward_model(model, tokenizer, prompts, responses, config.max_length)
+    scores = score_texts(model, tokenizer, prompts, responses, config.max_length)
+    assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert scores.std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_reward_is_read_at_the_last_real_token_whatever_the_padding(sft_dir):
+    tokenizer, model = load_tokenizer(sft_dir), load_scorer(sft_dir).eval()
+    enc = encode_prompt_responses(tokenizer, ["explain briefly ocean :", "tell me about art :"], ["water", "paint"], 32)
+    right = reward_scores(model, enc.input_ids, enc.attention_mask)
+    shift = 3  # the same rows, left padded instead
+    ids = torch.cat([torch.full((2, shift), tokenizer.pad_token_id), enc.input_ids], 1)
+    mask = torch.cat([torch.zeros(2, shift, dtype=torch.long), enc.attention_mask], 1)
+    torch.testing.assert_close(reward_scores(model, ids, mask), right, atol=1e-5, rtol=0)
+
+
+def test_ppo_raises_the_reward_it_optimizes(sft_dir):
+    tokenizer = load_tokenizer(sft_dir)
+    policy, reference = load_policy(sft_dir), load_policy(sft_dir).eval()
+    reward_model, critic = load_scorer(sft_dir).eval(), load_scorer(sft_dir)
+    # a reward the policy can find quickly: shorter responses score higher
+    torch.nn.init.zeros_(reward_model.score.weight)
+    reward_model.config.reward_bias = 0.0
+    before = copy.deepcopy(policy.state_dict())
+    prompts = world.make_world(0, TINY).ppo_prompts[:32]
+    config = PPOConfig(
+        steps=12,
+        rollout_batch_size=16,
+        minibatch_size=8,
+        epochs=2,
+        lr=2e-3,
+        max_new_tokens=12,
+        kl_coef=0.01,
+        missing_eos_penalty=2.0,
+        target_kl=None,
+    )
+    engine = TorchEngine(policy, config.lr, 100)
+    critic_engine = TorchEngine(critic, config.critic_lr, 100)
+    result = train_ppo(engine, critic_engine, reference, reward_model, tokenizer, prompts, config, seed=0)
+    history = result.history
+    assert weights_changed(before, policy)
+    first, last = history[0], history[-1]
+    assert last["ppo/eos_rate"] > first["ppo/eos_rate"]  # the only reward is avoiding the missing-EOS penalty
+    assert last["ppo/score"] > first["ppo/score"]
+    assert last["ppo/kl"] > 0
+    expected = {
+        "kl",
+        "reward",
+        "entropy",
+        "response_length",
+        "response_length_p95",
+        "eos_rate",
+        "clipfrac",
+        "approx_kl",
+        "value_loss",
+        "policy_loss",
+        "explained_variance",
+        "kl_coef",
+    }
+    assert expected <= {k.removeprefix("ppo/") for k in first}
+
+
+def test_target_kl_stops_an_update_early(sft_dir):
+    tokenizer = load_tokenizer(sft_dir)
+    policy, reference = load_policy(sft_dir), load_policy(sft_dir).eval()
+    reward_model, critic = load_scorer(sft_dir).eval(), load_scorer(sft_dir)
+    config = PPOConfig(
+        steps=1, rollout_batch_size=16, minibatch_size=4, epochs=4, lr=5e-2, max_new_tokens=8, target_kl=1e-4
+    )
+    result = train_ppo(
+        TorchEngine(policy, config.lr, 100),
+        TorchEngine(critic, config.critic_lr, 100),
+        reference,
+        reward_model,
+        tokenizer,
+        world.make_world(0, TINY).ppo_prompts[:16],
+        config,
+        seed=0,
+    )
+    metrics = result.history[0]
+    assert metrics["ppo/early_stopped"] == 1.0
+    assert metrics["ppo/minibatch_updates"] < 16
