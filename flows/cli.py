@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
+from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -99,6 +101,32 @@ def run(
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(summary, indent=2))
+
+
+def config_reference(model: type[BaseModel] | None = None, indent: str = "") -> list[str]:
+    """The default config as commented YAML: every field with its description."""
+    from flows.config import PipelineConfig
+
+    model = model or PipelineConfig
+    lines = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines += [f"{indent}# {field.description}", f"{indent}{name}:"]
+            lines += config_reference(annotation, indent + "  ")
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = [v.model_dump() if isinstance(v, BaseModel) else v for v in default]
+        value = yaml.safe_dump({name: default}, default_flow_style=True, width=1000).strip()[1:-1]
+        lines.append(f"{indent}{value:<40} # {field.description}")
+    return lines
+
+
+@app.command()
+def config() -> None:
+    """Print the default config, every field with its description (a starting point for --config)."""
+    print("\n".join(config_reference()))
 
 
 if __name__ == "__main__":

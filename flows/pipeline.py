@@ -52,13 +52,13 @@ def iteration_flow(
     policy: PhaseOutput,
     preferences: list[PhaseOutput],
     iteration: int,
-    states: dict[str, str],
 ) -> dict[str, Any]:
     """One RLHF iteration: preferences from the current policy, a reward model on all preferences so far,
     PPO from the current policy against the SFT reference, and evaluation."""
     seed = config.seed * 1000 + iteration
     common = {"context": context, "seed": seed, "iteration": iteration}
     label = f"iteration-{iteration}"
+    states: dict[str, str] = {}  # a subflow gets copies of its arguments, so it reports states back
     new_preferences = run_phase(
         preferences_task, states, f"{label}/preferences", data=data, policy=policy, config=config.preferences, **common
     )
@@ -86,6 +86,7 @@ def iteration_flow(
         "policy": policy,
         "evaluation": evaluation,
         "new_preferences": new_preferences,
+        "states": states,
     }
 
 
@@ -131,7 +132,8 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
         policy, preferences, history = sft, [], []
         sft_gold = None
         for iteration in range(1, config.iterations + 1):
-            outputs = iteration_flow(config, context, data, sft, policy, preferences, iteration, states)
+            outputs = iteration_flow(config, context, data, sft, policy, preferences, iteration)
+            states |= outputs["states"]
             policy, preferences = outputs["policy"], outputs["preferences"]
             summary = iteration_summary(iteration, outputs)
             sft_gold = outputs["evaluation"].metrics["eval/sft_gold_reward"]

@@ -39,3 +39,30 @@ def s3_endpoint() -> Iterator[str]:
             else:
                 os.environ[k] = v
         server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    """A fresh, uniquely named bucket on the loopback S3 endpoint."""
+    import uuid
+
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def pipeline_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for running the real ``rlhf`` CLI in a subprocess: Prefect's temporary server with its
+    own home (so caches start empty), no analytics, MLflow from the config only."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env |= {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "RLHF_CACHE_DIR": str(tmp_path_factory.mktemp("artifact-cache")),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    return env

@@ -29,13 +29,6 @@ FILES = {
 }
 
 
-@pytest.fixture
-def s3_bucket(s3_endpoint: str) -> str:
-    name = f"rlhf-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=name)
-    return name
-
-
 @pytest.fixture(params=["local", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
     if request.param == "local":

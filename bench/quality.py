@@ -1,0 +1,106 @@
+"""Quality benchmark: SFT, then iterations of (preferences -> reward model -> PPO -> evaluation) in-process
+on the toy world, through the same phase functions the Prefect tasks call.
+
+    python -m bench.quality --seeds 0 1 2 [--set ppo.steps=60 ...]
+
+Targets (issue 2): win rate vs SFT >= 0.75 after iteration 3, gold reward above SFT's in every iteration,
+the whole run under 10 minutes on 2 CPU cores, for every seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import transformers
+
+from flows.config import PipelineConfig, load_config
+from tasks.data import write_world
+from tasks.evaluate import run_evaluation
+from tasks.ppo import run_ppo
+from tasks.preferences import run_preferences
+from tasks.reward import run_reward
+from tasks.sft import run_sft
+
+COLUMNS = (
+    "iteration",
+    "win_rate_vs_sft",
+    "gold_reward",
+    "sft_gold_reward",
+    "reward",
+    "kl",
+    "entropy",
+    "response_length",
+    "rm_val_accuracy",
+    "labeler_agreement",
+    "wall_s",
+)
+
+
+def run_seed(config: PipelineConfig, root: Path) -> list[dict[str, float]]:
+    start = time.perf_counter()
+    seed = config.seed
+    data, sft = root / "data", root / "sft"
+    write_world(data, seed, config.data)
+    run_sft(data / "base_model", data, sft, config.sft, seed)
+    print(f"  data + SFT: {time.perf_counter() - start:.0f} s", flush=True)
+    policy, preference_dirs, rows = sft, [], []
+    for k in range(1, config.iterations + 1):
+        t0 = time.perf_counter()
+        it = root / f"iteration-{k}"
+        iteration_seed = seed * 1000 + k
+        preference_dirs.append(it / "preferences")
+        pref = run_preferences(policy, data, preference_dirs[-1], config.preferences, iteration_seed)
+        rm = run_reward(sft, preference_dirs, it / "reward", config.reward, iteration_seed)
+        run_ppo(policy, sft, it / "reward", data, it / "policy", config.ppo, iteration_seed)
+        policy = it / "policy"
+        (it / "evaluation").mkdir()
+        metrics, _ = run_evaluation(
+            policy, sft, it / "reward", data, it / "evaluation", config.evaluation, iteration_seed
+        )
+        rows.append(
+            {
+                "iteration": k,
+                **metrics,
+                "rm_val_accuracy": rm["reward/val_accuracy"],
+                "labeler_agreement": pref["preferences/labeler_agreement"],
+                "wall_s": time.perf_counter() - t0,
+            }
+        )
+        print("  " + "  ".join(f"{c}={rows[-1][c]:.3f}" for c in COLUMNS), flush=True)
+    rows[-1]["total_s"] = time.perf_counter() - start
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
+    args = parser.parse_args()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    verdicts = []
+    for seed in args.seeds:
+        config = load_config(None, [*args.overrides, f"seed={seed}"])
+        print(f"seed {seed}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp:
+            rows = run_seed(config, Path(tmp))
+        last = rows[-1]
+        ok = (
+            last["win_rate_vs_sft"] >= 0.75
+            and all(r["gold_reward"] > r["sft_gold_reward"] for r in rows)
+            and last["total_s"] < 600
+        )
+        verdicts.append(ok)
+        print(
+            f"seed {seed}: final win rate {last['win_rate_vs_sft']:.3f}, total {last['total_s']:.0f} s, "
+            f"targets {'met' if ok else 'MISSED'}",
+            flush=True,
+        )
+    print(f"{sum(verdicts)}/{len(verdicts)} seeds met every target")
+
+
+if __name__ == "__main__":
+    main()

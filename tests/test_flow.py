@@ -1,0 +1,218 @@
+"""The real pipeline through the real ``rlhf`` CLI: Prefect flow runs (temporary server), MLflow on SQLite,
+artifacts in a local folder and in S3 (moto's server on loopback)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+RLHF = str(Path(sys.executable).parent / "rlhf")
+TINY = [
+    "iterations=2",
+    "data.world.n_demonstrations=300",
+    "data.world.n_eval_prompts=12",
+    "data.world.n_preference_prompts=12",
+    "data.world.n_ppo_prompts=12",
+    "data.world.hidden_size=32",
+    "data.world.num_layers=1",
+    "data.world.num_heads=2",
+    "sft.epochs=1",
+    "sft.batch_size=32",
+    "sft.log_every=2",
+    "preferences.n_pairs=40",
+    "reward.max_epochs=1",
+    "reward.batch_size=16",
+    "ppo.steps=2",
+    "ppo.rollout_batch_size=8",
+    "ppo.minibatch_size=4",
+    "ppo.epochs=1",
+    "ppo.max_new_tokens=12",
+    "preferences.max_new_tokens=12",
+    "evaluation.max_new_tokens=12",
+    "evaluation.n_samples_logged=4",
+]
+PHASES = ["data", "sft"] + [
+    f"iteration-{k}/{p}" for k in (1, 2) for p in ("preferences", "reward", "ppo", "evaluation")
+]
+
+
+def rlhf_run(env: dict, cwd: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    args = [RLHF, "run", "--json", str(cwd / "summary.json")]
+    for item in [*TINY, *overrides]:
+        args += ["--set", item]
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rlhf run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def summary(cwd: Path) -> dict:
+    return json.loads((cwd / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir: Path, pipeline_env: dict) -> dict:
+    rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db")
+    return summary(workdir)
+
+
+def test_end_to_end_run_writes_summary_artifacts_and_tracking(first_run: dict, workdir: Path):
+    result = first_run
+    assert set(result) >= {
+        "sft",
+        "iterations",
+        "mlflow_tracking_uri",
+        "mlflow_run_id",
+        "prefect_flow_run_id",
+        "artifacts_uri",
+    }
+    assert isinstance(result["sft"]["gold_reward"], float)
+    assert [it["iteration"] for it in result["iterations"]] == [1, 2]
+    for it in result["iterations"]:
+        assert set(it) >= {
+            "win_rate_vs_sft",
+            "gold_reward",
+            "reward",
+            "kl",
+            "entropy",
+            "response_length",
+            "rm_val_accuracy",
+            "labeler_agreement",
+        }
+        assert 0.0 <= it["win_rate_vs_sft"] <= 1.0
+    assert result["phases"] == dict.fromkeys(PHASES, "Completed")
+
+    # artifacts: one folder per phase and iteration, each complete (manifest written last) with its lineage
+    root = Path(result["artifacts_uri"])
+    manifests = {p.parent.relative_to(root).as_posix(): json.loads(p.read_text()) for p in root.rglob("MANIFEST.json")}
+    folders = sorted(k.rsplit("-", 1)[0] for k in manifests)
+    assert folders == sorted(
+        ["data/world", "sft/policy"]
+        + [
+            f"iteration-00{k}/{name}"
+            for k in (1, 2)
+            for name in ("preferences", "reward_model", "policy", "evaluation")
+        ]
+    )
+    ppo_2 = next(m for k, m in manifests.items() if k.startswith("iteration-002/policy"))
+    assert ppo_2["metadata"]["parents"]["reference"].endswith(next(k for k in manifests if k.startswith("sft/")))
+    assert ppo_2["metadata"]["parents"]["policy"].endswith(
+        next(k for k in manifests if k.startswith("iteration-001/policy"))
+    )
+    reward_2 = next(m for k, m in manifests.items() if k.startswith("iteration-002/reward_model"))
+    assert len(reward_2["metadata"]["parents"]["preferences"]) == 2  # all preferences so far
+    policy_dir = root / next(k for k in manifests if k.startswith("iteration-002/policy"))
+    assert (policy_dir / "model.safetensors").exists() and (policy_dir / "tokenizer.json").exists()
+    assert (
+        root / next(k for k in manifests if k.startswith("iteration-001/preferences")) / "preferences.parquet"
+    ).exists()
+
+    # MLflow: a parent run, a child run per phase and iteration, step metrics, artifacts
+    client = MlflowClient(result["mlflow_tracking_uri"])
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.data.params["ppo.kl_coef"] == "0.05"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == sorted(
+        ["sft"] + [f"iteration-{k}/{p}" for k in (1, 2) for p in ("preferences", "reward", "ppo", "evaluation")]
+    )
+    ppo_run = next(r for r in children if r.info.run_name == "iteration-1/ppo")
+    for metric in (
+        "ppo/kl",
+        "ppo/reward",
+        "ppo/gold_reward",
+        "ppo/entropy",
+        "ppo/response_length",
+        "ppo/kl_coef",
+        "ppo/clipfrac",
+        "ppo/approx_kl",
+        "ppo/value_loss",
+    ):
+        assert [m.step for m in client.get_metric_history(ppo_run.info.run_id, metric)] == [1, 2], metric
+    win_rate = client.get_metric_history(parent.info.run_id, "iteration/win_rate_vs_sft")
+    assert [m.step for m in win_rate] == [1, 2]
+    assert [m.value for m in win_rate] == pytest.approx([it["win_rate_vs_sft"] for it in result["iterations"]])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "samples")}
+    assert artifacts == {"samples/iteration_001.json", "samples/iteration_002.json"}
+    plot = Path(client.download_artifacts(parent.info.run_id, "plots/iterations.png", str(workdir / "dl")))
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_of_the_same_config_is_served_from_cache(first_run: dict, workdir: Path, pipeline_env: dict):
+    before = sorted(p.as_posix() for p in Path(first_run["artifacts_uri"]).rglob("MANIFEST.json"))
+    rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db")
+    rerun = summary(workdir)
+    assert rerun["phases"] == dict.fromkeys(PHASES, "Cached")
+    assert rerun["iterations"] == first_run["iterations"]
+    assert rerun["prefect_flow_run_id"] != first_run["prefect_flow_run_id"]
+    assert sorted(p.as_posix() for p in Path(rerun["artifacts_uri"]).rglob("MANIFEST.json")) == before
+    client = MlflowClient(rerun["mlflow_tracking_uri"])
+    parent = client.get_run(rerun["mlflow_run_id"])
+    recomputed = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert recomputed == []  # nothing was trained again, so no phase logged a run
+
+
+def test_changing_a_ppo_setting_reruns_ppo_and_what_follows_only(first_run: dict, workdir: Path, pipeline_env: dict):
+    rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db", "ppo.lr=0.0005")
+    phases = summary(workdir)["phases"]
+    cached = {"data", "sft", "iteration-1/preferences", "iteration-1/reward"}
+    assert {name for name, state in phases.items() if state == "Cached"} == cached
+    assert all(state == "Completed" for name, state in phases.items() if name not in cached)
+
+
+def test_bad_config_fails_before_anything_is_written(tmp_path: Path, pipeline_env: dict):
+    for override, named in (
+        ("ppo.kl_coeff=0.1", "ppo.kl_coeff"),
+        ("sft.lr=-1", "sft.lr"),
+        ("iterations=many", "iterations"),
+        ("reward.batch_size=0", "reward.batch_size"),
+    ):
+        proc = rlhf_run(pipeline_env, tmp_path, override, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert named in proc.stdout + proc.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], "a rejected config wrote files"
+
+
+def test_end_to_end_on_s3(tmp_path: Path, pipeline_env: dict, s3_endpoint: str, s3_bucket: str):
+    env = pipeline_env | {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    rlhf_run(
+        env,
+        tmp_path,
+        "iterations=1",
+        f"storage.uri=s3://{s3_bucket}/rlhf",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+    )
+    result = summary(tmp_path)
+    assert result["artifacts_uri"] == f"s3://{s3_bucket}/rlhf/pipelines/default"
+    keys = [
+        o["Key"]
+        for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
+        for o in page.get("Contents", [])
+    ]
+    folders = sorted(
+        {k.rsplit("/", 1)[0].split("/", 3)[3].rsplit("-", 1)[0] for k in keys if k.endswith("MANIFEST.json")}
+    )
+    assert folders == [
+        "data/world",
+        "iteration-001/evaluation",
+        "iteration-001/policy",
+        "iteration-001/preferences",
+        "iteration-001/reward_model",
+        "sft/policy",
+    ]
+    assert any(
+        k.startswith("rlhf/pipelines/default/iteration-001/preferences-") and k.endswith(".parquet") for k in keys
+    )
+    assert any(k.startswith("rlhf/pipelines/default/sft/policy-") and k.endswith("model.safetensors") for k in keys)
+    assert not (tmp_path / "rlhf-artifacts").exists()
