@@ -13,7 +13,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from infra.stack import stack_app
+
 app = typer.Typer(help="The InstructGPT RLHF recipe as a Prefect workflow tracked in MLflow.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
 console = Console()
 
 

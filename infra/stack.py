@@ -1,0 +1,508 @@
+"""A one-command local service stack for development: Prefect server, MLflow server and an S3 endpoint.
+
+    rlhf stack up        # start what is not running yet, wait until healthy, print UI addresses and `export` lines
+    rlhf stack status    # exit code 0 when every recorded service is alive and healthy
+    rlhf stack down      # stop exactly the processes `up` started
+
+Everything listens on 127.0.0.1. The S3 endpoint is moto's server with fake "testing" credentials and one bucket,
+unless ``--s3-endpoint URL`` names a real one (MinIO, AWS): then no moto is started and the MLflow server takes its
+credentials from the caller's environment (they are never printed or written down).
+
+The state folder (default ``.rlhf-stack``) holds, per service, ``<name>.pid`` (JSON: pid, port, url, cmdline,
+started_at, start_ticks) and ``<name>.log`` (the server's stdout and stderr), plus ``stack.json`` (the config and
+the environment to export). Each server runs in its own session (process group), so stopping it also stops the
+worker processes it spawned. A pid counts as ours only while the process's kernel start time still matches the
+recorded one, which guards against pid reuse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = [
+    "DEFAULT_STATE",
+    "Service",
+    "StackError",
+    "stack_app",
+    "stack_down",
+    "stack_env",
+    "stack_status",
+    "stack_up",
+]
+
+DEFAULT_STATE = Path(".rlhf-stack")
+HOST = "127.0.0.1"
+ORDER = ("s3", "prefect", "mlflow")  # start order; stopped together
+HEALTH_PATHS = {"s3": "/", "prefect": "/api/health", "mlflow": "/health"}
+MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+MOTO_REGION = "us-east-1"
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback checks never go through a proxy
+_children: dict[int, subprocess.Popen[bytes]] = {}  # processes this interpreter started, kept so they can be reaped
+
+
+class StackError(RuntimeError):
+    """The stack could not be started; the message names the service and what to check."""
+
+
+@dataclass
+class Service:
+    """One service of the stack; ``pid`` is None for an external S3 endpoint."""
+
+    name: str
+    port: int
+    url: str
+    pid: int | None
+    log: Path
+    status: str = "started"  # "started", "already up" or "external"
+
+
+# ----------------------------------------------------------------------------------------------- processes
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, pgid, start_ticks) of a process from /proc, or None when it does not exist."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()  # fields after "pid (comm) "
+    return fields[0], int(fields[2]), int(fields[19])
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status of a child of this interpreter, so it does not linger as a zombie."""
+    child = _children.get(pid)
+    if child is not None:
+        if child.poll() is not None:
+            _children.pop(pid, None)
+        return
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _is_ours(record: dict[str, Any]) -> bool:
+    """Whether the recorded process still runs and is the one we started (not a reused pid, not a zombie)."""
+    pid = record["pid"]
+    _reap(pid)
+    if not Path("/proc").is_dir():  # no procfs: existence is all we can check
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z" and stat[2] == record.get("start_ticks")
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in a process group (Linux /proc; elsewhere none are seen)."""
+    members = []
+    if not Path("/proc").is_dir():
+        return members
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) and stat[1] == pgid and stat[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _stop_groups(records: dict[str, dict[str, Any]], timeout: float) -> list[str]:
+    """SIGTERM each of our process groups, wait, then SIGKILL what is left. Returns the names that were running."""
+    groups: dict[str, int] = {}
+    for name, record in records.items():
+        pid = record["pid"]
+        if _is_ours(record):
+            groups[name] = pid
+        elif (_proc_stat(pid) or ("Z",))[0] == "Z" and _group_members(pid):
+            groups[name] = pid  # leader gone, workers left: a pgid is never reused while its group exists
+    for pgid in groups.values():
+        _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive_group(g) for g in groups.values()):
+        time.sleep(0.2)
+    for pgid in groups.values():
+        if _alive_group(pgid):
+            _signal_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive_group(g) for g in groups.values()):
+        time.sleep(0.1)
+    return list(groups)
+
+
+def _alive_group(pgid: int) -> bool:
+    _reap(pgid)
+    return bool(_group_members(pgid))
+
+
+def _launch(name: str, cmd: list[str], env: dict[str, str], port: int, url: str, state_dir: Path) -> dict[str, Any]:
+    """Start a server in its own session, logging to ``<name>.log``, and write its pid file."""
+    log = state_dir / f"{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    _children[proc.pid] = proc
+    stat = _proc_stat(proc.pid)
+    record = {
+        "pid": proc.pid,
+        "port": port,
+        "url": url,
+        "cmdline": cmd,
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "start_ticks": stat[2] if stat else None,
+    }
+    _write_json(state_dir / f"{name}.pid", record)
+    return record
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def _http_ok(url: str, timeout: float = 5) -> bool:
+    try:
+        with _NO_PROXY.open(url, timeout=timeout) as response:
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT leftover does not count as taken
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _log_tail(log: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log file)"
+
+
+def _wait_healthy(name: str, record: dict[str, Any], deadline: float, log: Path) -> None:
+    """Poll the health URL until it answers 2xx; raise StackError with the log's tail on exit or timeout."""
+    health = record["url"] + HEALTH_PATHS[name]
+    while not _http_ok(health, timeout=min(5.0, max(0.5, deadline - time.monotonic()))):
+        if not _is_ours(record):
+            raise StackError(f"{name} exited before {health} answered; last lines of {log}:\n{_log_tail(log)}")
+        if time.monotonic() >= deadline:
+            raise StackError(
+                f"{name} not healthy at {health} within the timeout; last lines of {log}:\n{_log_tail(log)}"
+            )
+        time.sleep(0.5)
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _read_records(state_dir: Path) -> dict[str, dict[str, Any]]:
+    """The pid files in the state folder, by service name (unreadable ones are skipped)."""
+    records = {}
+    for path in sorted(Path(state_dir).glob("*.pid")):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            record = json.loads(path.read_text())
+            record["pid"] = int(record["pid"])
+            records[path.stem] = record
+    return records
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    no_proxy = ",".join(filter(None, [env.get("NO_PROXY", env.get("no_proxy", "")), HOST, "localhost"]))
+    return env | {"NO_PROXY": no_proxy, "no_proxy": no_proxy} | extra
+
+
+def _bin(script: str) -> str:
+    """A console script of this environment (next to the interpreter), else from PATH."""
+    path = Path(sys.executable).parent / script
+    return str(path) if path.exists() else script
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+
+@dataclass
+class _Plan:
+    name: str
+    port: int
+    cmd: list[str]
+    env: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+
+def _plans(state_dir: Path, ports: dict[str, int], s3_url: str, bucket: str, moto: bool) -> list[_Plan]:
+    prefect_env = {
+        "PREFECT_HOME": str(state_dir / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://{HOST}:{ports['prefect']}/api",
+    }
+    mlflow_env = {"MLFLOW_S3_ENDPOINT_URL": s3_url, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # MLflow's server-side job runner (GenAI judges, trace rollups) spawns ~8 worker processes; off unless asked for.
+    mlflow_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    if moto:
+        mlflow_env |= MOTO_CREDENTIALS | {"AWS_DEFAULT_REGION": MOTO_REGION}
+    prefect = [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(ports["prefect"])]
+    mlflow = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{state_dir / 'mlflow.db'}"]
+    mlflow += ["--artifacts-destination", f"s3://{bucket}/mlflow"]
+    mlflow += ["--host", HOST, "--port", str(ports["mlflow"]), "--workers", "1"]
+    plans = [
+        _Plan("prefect", ports["prefect"], prefect, prefect_env),
+        _Plan("mlflow", ports["mlflow"], mlflow, mlflow_env),
+    ]
+    if moto:
+        plans.insert(0, _Plan("s3", ports["s3"], [_bin("moto_server"), "-H", HOST, "-p", str(ports["s3"])], {}))
+    return plans
+
+
+def _ensure_bucket(endpoint: str, bucket: str) -> None:
+    import boto3
+    from botocore.exceptions import ClientError
+
+    keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name=MOTO_REGION, **keys)
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except ClientError:
+        s3.create_bucket(Bucket=bucket)
+
+
+def _env_for(services: dict[str, Service], bucket: str, moto: bool) -> dict[str, str]:
+    env = {
+        "PREFECT_API_URL": services["prefect"].url + "/api",
+        "MLFLOW_TRACKING_URI": services["mlflow"].url,
+        "AWS_ENDPOINT_URL": services["s3"].url,
+        "RLHF_STORAGE_URI": f"s3://{bucket}/pipelines",
+    }
+    return env | (MOTO_CREDENTIALS | {"AWS_DEFAULT_REGION": MOTO_REGION} if moto else {})
+
+
+def _check_ports(plans: Iterable[_Plan], running: dict[str, dict[str, Any]]) -> None:
+    taken = [p for p in plans if p.name not in running and not _port_free(p.port)]
+    ports = [p.port for p in plans]
+    dupes = {port for port in ports if ports.count(port) > 1}
+    if dupes:
+        raise StackError(f"the same port is given to two services: {sorted(dupes)}")
+    if taken:
+        what = ", ".join(f"port {p.port} ({p.name})" for p in taken)
+        raise StackError(
+            f"{what} already in use by another process; stop it or pick another port (--{taken[0].name}-port)"
+        )
+
+
+def stack_up(
+    state_dir: Path = DEFAULT_STATE,
+    prefect_port: int = 4200,
+    mlflow_port: int = 5000,
+    s3_port: int = 9000,
+    s3_endpoint: str | None = None,
+    bucket: str = "rlhf-artifacts",
+    timeout: float = 120,
+) -> dict[str, Service]:
+    """Start the services that are not already running, wait until all are healthy and record the stack.
+
+    A recorded service whose process is still ours is left alone ("already up"); stale pid files are replaced.
+    On failure, everything this call started is stopped again and StackError is raised.
+    """
+    state_dir = Path(state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    moto = s3_endpoint is None
+    ports = {"prefect": prefect_port, "mlflow": mlflow_port, "s3": s3_port}
+    records = _read_records(state_dir)
+    running = {name: r for name, r in records.items() if _is_ours(r)}
+    ports |= {name: r["port"] for name, r in running.items()}  # a running service keeps its port
+    s3_url = f"http://{HOST}:{ports['s3']}" if moto else str(s3_endpoint).rstrip("/")
+    plans = _plans(state_dir, ports, s3_url, bucket, moto)
+    _check_ports(plans, running)
+    started: dict[str, dict[str, Any]] = {}
+    try:
+        services = _start_and_wait(plans, running, started, state_dir, timeout, s3_url, bucket)
+    except BaseException:
+        _stop_groups(started, timeout=10)
+        for name in started:
+            (state_dir / f"{name}.pid").unlink(missing_ok=True)
+        raise
+    if not moto:
+        parts = urlsplit(s3_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        services["s3"] = Service("s3", port, s3_url, None, state_dir / "s3.log", "external")
+    config = {
+        "bucket": bucket,
+        "s3_endpoint": s3_url,
+        "moto": moto,
+        "services": {n: s.url for n, s in services.items()},
+    }
+    _write_json(state_dir / "stack.json", config | {"env": _env_for(services, bucket, moto)})
+    return services
+
+
+def _start_and_wait(
+    plans: list[_Plan],
+    running: dict[str, dict[str, Any]],
+    started: dict[str, dict[str, Any]],
+    state_dir: Path,
+    timeout: float,
+    s3_url: str,
+    bucket: str,
+) -> dict[str, Service]:
+    """Launch every missing server at once (they start in parallel), then wait for each in order."""
+    deadline = time.monotonic() + timeout
+    for plan in plans:
+        if plan.name not in running:
+            env = _child_env(plan.env)
+            started[plan.name] = _launch(plan.name, plan.cmd, env, plan.port, plan.url, state_dir)
+    services = {}
+    for plan in plans:
+        record = running.get(plan.name) or started[plan.name]
+        log = state_dir / f"{plan.name}.log"
+        _wait_healthy(plan.name, record, deadline, log)
+        if plan.name == "s3":
+            _ensure_bucket(s3_url, bucket)
+        status = "already up" if plan.name in running else "started"
+        services[plan.name] = Service(plan.name, record["port"], record["url"], record["pid"], log, status)
+    return services
+
+
+def stack_down(state_dir: Path = DEFAULT_STATE, timeout: float = 20) -> list[str]:
+    """Stop the processes recorded in the state folder (whole process groups); returns the names that were running."""
+    state_dir = Path(state_dir)
+    records = _read_records(state_dir)
+    stopped = _stop_groups(records, timeout)
+    for name in records:
+        (state_dir / f"{name}.pid").unlink(missing_ok=True)
+    (state_dir / "stack.json").unlink(missing_ok=True)
+    return [name for name in ORDER if name in stopped] + sorted(set(stopped) - set(ORDER))
+
+
+def stack_status(state_dir: Path = DEFAULT_STATE) -> dict[str, dict]:
+    """Per recorded service: pid, port, url, alive (our process still runs) and healthy (alive and answering)."""
+    status = {}
+    for name, record in _read_records(Path(state_dir)).items():
+        alive = _is_ours(record)
+        health = record["url"] + HEALTH_PATHS.get(name, "/")
+        healthy = alive and _http_ok(health)
+        status[name] = {
+            "pid": record["pid"],
+            "port": record["port"],
+            "url": record["url"],
+            "alive": alive,
+            "healthy": healthy,
+        }
+    return status
+
+
+def stack_env(state_dir: Path = DEFAULT_STATE) -> dict[str, str]:
+    """The environment that points clients at the stack (fake credentials only for moto, never real ones)."""
+    path = Path(state_dir) / "stack.json"
+    if not path.exists():
+        raise StackError(f"no stack recorded in {path.parent}; run `rlhf stack up` first")
+    return dict(json.loads(path.read_text())["env"])
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+stack_app = typer.Typer(
+    help="A local Prefect server, MLflow server and S3 endpoint for development.", no_args_is_help=True
+)
+console = Console()
+StateOpt = Annotated[Path, typer.Option("--state-dir", help="Folder for pid files, logs and server state.")]
+
+
+def _ui_table(services: dict[str, Service]) -> Table:
+    table = Table(title="RLHF dev stack")
+    for column in ("service", "address", "pid", "state"):
+        table.add_column(column)
+    labels = {"prefect": "Prefect UI", "mlflow": "MLflow UI", "s3": "S3 endpoint"}
+    for name in ORDER:
+        if service := services.get(name):
+            table.add_row(labels[name], service.url, str(service.pid or "-"), service.status)
+    return table
+
+
+@stack_app.command()
+def up(
+    state_dir: StateOpt = DEFAULT_STATE,
+    prefect_port: Annotated[int, typer.Option(help="Prefect server port.")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow server port.")] = 5000,
+    s3_port: Annotated[int, typer.Option(help="Port of the moto S3 server.")] = 9000,
+    s3_endpoint: Annotated[
+        str | None, typer.Option(help="Use this S3 endpoint (MinIO, AWS) instead of starting moto.")
+    ] = None,
+    bucket: Annotated[str, typer.Option(help="Bucket for MLflow artifacts and pipeline storage.")] = "rlhf-artifacts",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each service to become healthy.")] = 120,
+) -> None:
+    """Start the stack (services already running are left alone) and print the environment to export."""
+    try:
+        with console.status("starting services..."):
+            services = stack_up(state_dir, prefect_port, mlflow_port, s3_port, s3_endpoint, bucket, timeout)
+    except StackError as e:
+        console.print(str(e), style="red", markup=False)
+        raise typer.Exit(1) from e
+    console.print(_ui_table(services))
+    for key, value in stack_env(state_dir).items():
+        print(f"export {key}={shlex.quote(value)}")
+
+
+@stack_app.command()
+def down(
+    state_dir: StateOpt = DEFAULT_STATE,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait after SIGTERM before SIGKILL.")] = 20,
+) -> None:
+    """Stop the processes that `up` started."""
+    stopped = stack_down(state_dir, timeout)
+    console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@stack_app.command()
+def status(state_dir: StateOpt = DEFAULT_STATE) -> None:
+    """Show each recorded service; exit code 0 only when all are alive and healthy."""
+    report = stack_status(state_dir)
+    table = Table(title="RLHF dev stack")
+    for column in ("service", "pid", "alive", "healthy", "address"):
+        table.add_column(column)
+    for name, row in report.items():
+        table.add_row(name, str(row["pid"]), _mark(row["alive"]), _mark(row["healthy"]), row["url"])
+    console.print(table if report else f"no services recorded in {state_dir}")
+    raise typer.Exit(0 if report and all(row["healthy"] for row in report.values()) else 1)
+
+
+def _mark(ok: bool) -> str:
+    return "[green]yes[/green]" if ok else "[red]no[/red]"
