@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
@@ -15,9 +15,28 @@ from rich.table import Table
 
 from infra.stack import stack_app
 
+if TYPE_CHECKING:
+    from flows.config import PipelineConfig
+    from infra.lineage import Lineage
+
 app = typer.Typer(help="The InstructGPT RLHF recipe as a Prefect workflow tracked in MLflow.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+lineage_app = typer.Typer(help="Inspect a lineage or break its stale lock.", no_args_is_help=True)
+app.add_typer(lineage_app, name="lineage")
 console = Console()
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+OverridesOpt = Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value.")]
+
+
+def load_or_exit(config: Path | None, overrides: list[str]) -> PipelineConfig:
+    """The validated config, or exit code 2 with the message that names the bad key."""
+    from flows.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
 
 
 @app.callback()
@@ -61,19 +80,13 @@ def quiet_libraries() -> None:
 
 @app.command()
 def run(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")] = None,
-    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value.")] = None,
+    config: ConfigOpt = None,
+    overrides: OverridesOpt = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the run summary as JSON here.")] = None,
     verbose: Annotated[bool, typer.Option(help="Show Prefect's logs.")] = False,
 ) -> None:
     """Run the whole pipeline: data, SFT, then N iterations of preferences, reward model, PPO, evaluation."""
-    from flows.config import ConfigError, load_config
-
-    try:
-        pipeline_config = load_config(config, overrides or [])
-    except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
+    pipeline_config = load_or_exit(config, overrides or [])
     if not verbose:
         quiet_libraries()
     from flows.pipeline import rlhf_pipeline
@@ -104,6 +117,75 @@ def run(
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(summary, indent=2))
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    overrides: OverridesOpt = None,
+    name: Annotated[str | None, typer.Option(help="Deployment name (default: the lineage, else 'rlhf').")] = None,
+    cron: Annotated[str | None, typer.Option(help="Cron schedule, e.g. '0 3 * * *' (daily at 03:00 UTC).")] = None,
+    interval: Annotated[float | None, typer.Option(help="Schedule a run every this many seconds.")] = None,
+    lineage: Annotated[
+        str | None, typer.Option(help="Continue this lineage on every run (same as --set lineage=NAME).")
+    ] = None,
+) -> None:
+    """Register the pipeline as a Prefect deployment (this config as its default parameters) and serve it:
+    scheduled runs and runs started from the UI or `prefect deployment run` execute here until Ctrl-C."""
+    from infra.deployments import DeploymentError, build_deployment
+    from infra.deployments import serve as serve_deployments
+
+    extra = [f"lineage={json.dumps(lineage)}"] if lineage is not None else []  # quoted: a YAML string even if "2024"
+    pipeline_config = load_or_exit(config, [*(overrides or []), *extra])
+    from flows.pipeline import rlhf_pipeline
+
+    lineage_name = pipeline_config.lineage
+    try:
+        deployment = build_deployment(
+            rlhf_pipeline,
+            pipeline_config,
+            name=name or lineage_name or "rlhf",
+            cron=cron,
+            interval=interval,
+            tags=["rlhf", *([f"lineage:{lineage_name}"] if lineage_name else [])],
+            concurrency_limit=1 if lineage_name else None,  # runs of one lineage queue rather than meet its lock
+        )
+        serve_deployments(deployment)
+    except DeploymentError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+
+
+def _lineage(name: str, config: Path | None, overrides: list[str] | None) -> Lineage:
+    from infra.lineage import Lineage
+    from infra.storage import open_store
+
+    pipeline_config = load_or_exit(config, overrides or [])
+    try:
+        return Lineage(open_store(pipeline_config.storage.uri), pipeline_config.storage.prefix, name)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+
+
+@lineage_app.command("show")
+def lineage_show(
+    name: Annotated[str, typer.Argument(help="Lineage name.")], config: ConfigOpt = None, overrides: OverridesOpt = None
+) -> None:
+    """Print where the lineage stands (its latest.json) and who holds its lock, as JSON."""
+    print(json.dumps(_lineage(name, config, overrides).describe(), indent=2))
+
+
+@lineage_app.command("unlock")
+def lineage_unlock(
+    name: Annotated[str, typer.Argument(help="Lineage name.")], config: ConfigOpt = None, overrides: OverridesOpt = None
+) -> None:
+    """Break the lineage's lock, left behind by a run that crashed or was killed. Make sure it is not running."""
+    former = _lineage(name, config, overrides).unlock()
+    if former is None:
+        console.print(f"lineage {name!r} was not locked")
+    else:
+        console.print(f"lineage {name!r} unlocked (was held by {former.holder}, flow run {former.flow_run_id or '-'})")
 
 
 def config_reference(model: type[BaseModel] | None = None, indent: str = "") -> list[str]:

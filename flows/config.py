@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from infra.lineage import check_lineage_name
 from rlhf_core.evaluate import EvalConfig
 from rlhf_core.ppo import PPOConfig
 from rlhf_core.preferences import PreferenceConfig
@@ -16,16 +19,30 @@ from rlhf_core.sft import SFTConfig
 from tasks.data import DataConfig
 
 
+def _refuse_credentials(uri: str | None, where: str) -> None:
+    """Refuse a URI with user:password in it: the config is stored as Prefect parameters and MLflow params."""
+    if uri and "://" in uri:
+        parts = urlsplit(uri)
+        if parts.username or parts.password:
+            raise ValueError(f"credentials in the URI would be stored with the run's parameters; {where}")
+
+
 class StorageConfig(BaseModel):
     """Where checkpoints and datasets go."""
 
     model_config = ConfigDict(extra="forbid")
     uri: str = Field(
-        "./rlhf-artifacts",
-        description="A local folder, or s3://bucket/prefix (endpoint from "
-        "AWS_ENDPOINT_URL, credentials from the standard AWS environment).",
+        default_factory=lambda: os.environ.get("RLHF_STORAGE_URI") or "./rlhf-artifacts",
+        description="A local folder, or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL, credentials from the "
+        "standard AWS environment); default RLHF_STORAGE_URI, else ./rlhf-artifacts.",
     )
     prefix: str = Field("pipelines/default", description="Key prefix of this pipeline's artifacts in the store.")
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, uri: str) -> str:
+        _refuse_credentials(uri, "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+        return uri
 
 
 class TrackingConfig(BaseModel):
@@ -36,7 +53,15 @@ class TrackingConfig(BaseModel):
         None,
         description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else a SQLite file ./rlhf-mlflow/mlflow.db.",
     )
-    experiment: str = Field("rlhf", description="MLflow experiment name.")
+    experiment: str = Field(
+        "rlhf", description="MLflow experiment name; a run with a lineage logs to '<experiment>/<lineage>'."
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        _refuse_credentials(uri, "use MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")
+        return uri
 
 
 class PipelineConfig(BaseModel):
@@ -44,7 +69,15 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     seed: int = Field(0, description="Seed of the world, every phase's sampling and initialization.")
-    iterations: int = Field(3, ge=1, le=20, description="RLHF iterations after SFT (InstructGPT-style 3-5).")
+    iterations: int = Field(
+        3, ge=1, le=20, description="RLHF iterations after SFT (InstructGPT-style 3-5); with a lineage, further ones."
+    )
+    lineage: str | None = Field(
+        None,
+        description="Continue this named lineage: reuse its data and SFT model, start from its latest policy and "
+        "preferences and number the new iterations after its last one (pointer and lock under "
+        "<storage.prefix>/lineages/<name>/). Lowercase letters, digits, '-', '_'; null: a standalone run.",
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="Prompts, demonstrations and base model.")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning.")
     preferences: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Preference collection.")
@@ -58,6 +91,16 @@ class PipelineConfig(BaseModel):
         description="Run code shipped inside model repositories (off: only "
         "architectures transformers knows are loaded).",
     )
+
+    @field_validator("lineage")
+    @classmethod
+    def _safe_lineage(cls, lineage: str | None) -> str | None:
+        return None if lineage is None else check_lineage_name(lineage)
+
+    @property
+    def experiment(self) -> str:
+        """The MLflow experiment of this run: one per lineage."""
+        return f"{self.tracking.experiment}/{self.lineage}" if self.lineage else self.tracking.experiment
 
 
 class ConfigError(ValueError):

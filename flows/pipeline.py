@@ -7,6 +7,7 @@ and a child run per phase and iteration.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig
 from infra.datasets import read_rows
-from infra.storage import is_complete
+from infra.lineage import Lineage, LineagePointer
+from infra.storage import is_complete, open_store
 from infra.tracking import RunLogger, Tracker, default_tracking_uri, plot_iterations
 from tasks.common import PhaseOutput, RunContext, TrackingContext, fetch
 from tasks.data import prepare_data
@@ -107,31 +109,52 @@ def log_iteration(parent: RunLogger, context: RunContext, summary: dict[str, flo
     parent.log_table(rows, f"samples/iteration_{iteration:03d}.json")
 
 
+def open_lineage(config: PipelineConfig) -> Lineage | None:
+    return Lineage(open_store(config.storage.uri), config.storage.prefix, config.lineage) if config.lineage else None
+
+
 @flow(name="rlhf-pipeline", log_prints=True)
 def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
-    """SFT, then ``config.iterations`` rounds of preference collection, reward modeling, PPO and evaluation."""
+    """SFT, then ``config.iterations`` rounds of preference collection, reward modeling, PPO and evaluation.
+
+    With ``config.lineage``, the run holds the lineage's lock, continues from its pointer (reusing its data and
+    SFT model, numbering iterations after its last one) and moves the pointer once all its iterations are done.
+    """
     tracking_uri = config.tracking.uri or default_tracking_uri(DEFAULT_TRACKING_ROOT)
-    tracker = Tracker(tracking_uri, config.tracking.experiment)
+    tracker = Tracker(tracking_uri, config.experiment)
     flow_run_id = str(flow_run.get_id() or "")
-    with tracker.run(
-        f"pipeline-{flow_run.get_name() or 'local'}",
-        params=config.model_dump(mode="json"),
-        tags={"prefect_flow_run_id": flow_run_id},
-    ) as parent:
+    lineage = open_lineage(config)
+    with (
+        lineage.locked(flow_run_id) if lineage else nullcontext(),
+        tracker.run(
+            f"pipeline-{flow_run.get_name() or 'local'}",
+            params=config.model_dump(mode="json"),
+            tags={"prefect_flow_run_id": flow_run_id, "lineage": config.lineage or ""},
+        ) as parent,
+    ):
         context = RunContext(
             store_uri=config.storage.uri,
             prefix=config.storage.prefix,
             trust_remote_code=config.trust_remote_code,
             tracking=TrackingContext(
-                tracking_uri=tracking_uri, experiment=config.tracking.experiment, parent_run_id=parent.run_id
+                tracking_uri=tracking_uri, experiment=config.experiment, parent_run_id=parent.run_id
             ),
         )
         states: dict[str, str] = {}
-        data = run_phase(prepare_data, states, "data", context=context, config=config.data, seed=config.seed)
-        sft = run_phase(sft_task, states, "sft", context=context, data=data, config=config.sft, seed=config.seed)
-        policy, preferences, history = sft, [], []
+        resumed = lineage.read() if lineage else None
+        if resumed is None:
+            data = run_phase(prepare_data, states, "data", context=context, config=config.data, seed=config.seed)
+            sft = run_phase(sft_task, states, "sft", context=context, data=data, config=config.sft, seed=config.seed)
+            policy, preferences, done = sft, [], 0
+        else:
+            data, sft, policy = (PhaseOutput.model_validate(o) for o in (resumed.data, resumed.sft, resumed.policy))
+            preferences = [PhaseOutput.model_validate(o) for o in resumed.preferences]
+            states |= {"data": "Reused", "sft": "Reused"}
+            done = resumed.iteration
+            print(f"lineage {config.lineage}: continuing after iteration {done} (flow run {resumed.flow_run_id})")
+        history: list[dict[str, float]] = []
         sft_gold = None
-        for iteration in range(1, config.iterations + 1):
+        for iteration in range(done + 1, done + config.iterations + 1):
             outputs = iteration_flow(config, context, data, sft, policy, preferences, iteration)
             states |= outputs["states"]
             policy, preferences = outputs["policy"], outputs["preferences"]
@@ -149,9 +172,23 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
             "plots/iterations.png",
         )
         parent.log_dict({"phases": states, "final_policy": policy.artifact}, "pipeline.json")
+        if lineage is not None:
+            lineage.advance(
+                LineagePointer(
+                    lineage=lineage.name,
+                    iteration=done + config.iterations,
+                    data=data.model_dump(),
+                    sft=sft.model_dump(),
+                    policy=policy.model_dump(),
+                    preferences=[p.model_dump() for p in preferences],
+                    flow_run_id=flow_run_id,
+                    mlflow_run_id=parent.run_id,
+                )
+            )
         return {
             "sft": {"gold_reward": sft_gold},
             "iterations": history,
+            "lineage": config.lineage,
             "mlflow_tracking_uri": tracking_uri,
             "mlflow_run_id": parent.run_id,
             "prefect_flow_run_id": flow_run_id,

@@ -15,6 +15,7 @@ AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE), so MinIO and moto wor
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -115,6 +116,13 @@ class ObjectStore(ABC):
         """Write one object atomically: readers see the old or the new content, never a mix."""
 
     @abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create one object only if none exists at key; True if this call created it, False if one was there.
+
+        Atomic create-if-absent where the backend offers it (a hard link on a file system, a conditional PUT on
+        S3), so of two concurrent writers exactly one wins; the object is never visible half-written."""
+
+    @abstractmethod
     def get_bytes(self, key: str) -> bytes:
         """Read one object; ObjectNotFoundError (a StorageError) naming the key if absent."""
 
@@ -163,6 +171,29 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
+def _link_if_absent(tmp: str, path: Path, data: bytes) -> bool:
+    """Give the complete file ``tmp`` the name ``path`` unless that name exists: link(2) fails with EEXIST
+    atomically, also on NFS. Where hard links are not supported, O_CREAT|O_EXCL (equally exclusive, but a
+    reader may glimpse the file before its bytes are written)."""
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
 def _require_file(path: Path) -> None:
     if not Path(path).is_file():
         raise StorageError(f"no local file {path}: check the path")
@@ -199,6 +230,22 @@ class LocalStore(ObjectStore):
         path = self._path(key)
         with self._os_errors("put", key):
             _atomic_write(path, lambda f: f.write(data))
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        with self._os_errors("put", key):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_PARTIAL)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o644)
+                return _link_if_absent(tmp, path, data)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
@@ -247,6 +294,9 @@ class LocalStore(ObjectStore):
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+# a conditional PUT lost: the object exists (412), or another conditional write to it is in flight (409)
+_PRECONDITION_FAILED = {"412", "PreconditionFailed", "409", "ConditionalRequestConflict"}
+_NOT_IMPLEMENTED = {"501", "NotImplemented"}
 _DENIED = {
     "403", "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
     "ExpiredToken", "InvalidToken", "TokenRefreshRequired",
@@ -355,6 +405,27 @@ class S3Store(ObjectStore):
         k = self._key(key)
         with self._s3_errors("put", k):
             self._client.put_object(Bucket=self.bucket, Key=k, Body=data)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """A conditional PUT (``If-None-Match: *``; AWS S3 since 2024, MinIO, moto). A service that answers
+        501 Not Implemented gets a best-effort check-then-put instead, which two writers racing within one
+        round trip can both pass: callers that need exclusivity read the object back (see infra/lineage.py)."""
+        from botocore.exceptions import ClientError
+
+        k = self._key(key)
+        with self._s3_errors("put", k):
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=k, Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as e:
+                if _code(e) in _PRECONDITION_FAILED:
+                    return False
+                if _code(e) not in _NOT_IMPLEMENTED:
+                    raise
+        if self.exists(key):
+            return False
+        self.put_bytes(key, data)
+        return True
 
     def get_bytes(self, key: str) -> bytes:
         k = self._key(key)
