@@ -20,7 +20,7 @@ from infra.lineage import Lineage, LineagePointer
 from infra.storage import is_complete, open_store
 from infra.tracking import RunLogger, Tracker, default_tracking_uri, plot_iterations
 from tasks.common import PhaseOutput, RunContext, TrackingContext, fetch
-from tasks.data import prepare_data
+from tasks.data import local_model_digest, prepare_data
 from tasks.evaluate import SAMPLES_FILE, evaluate_task
 from tasks.ppo import ppo_task
 from tasks.preferences import preferences_task
@@ -143,7 +143,15 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
         states: dict[str, str] = {}
         resumed = lineage.read() if lineage else None
         if resumed is None:
-            data = run_phase(prepare_data, states, "data", context=context, config=config.data, seed=config.seed)
+            data = run_phase(
+                prepare_data,
+                states,
+                "data",
+                context=context,
+                config=config.data,
+                seed=config.seed,
+                base_model_digest=local_model_digest(config.data.base_model),
+            )
             sft = run_phase(sft_task, states, "sft", context=context, data=data, config=config.sft, seed=config.seed)
             policy, preferences, done = sft, [], 0
         else:

@@ -1,0 +1,79 @@
+"""`data.base_model`: every phase runs on a causal LM that is not the toy Llama (a tiny GPT-2 built here)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_flow import TINY
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from flows.config import load_config
+from rlhf_core import world
+from tasks.data import local_model_digest, write_world
+from tasks.evaluate import run_evaluation
+from tasks.ppo import run_ppo
+from tasks.preferences import run_preferences
+from tasks.reward import run_reward
+from tasks.sft import run_sft
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gpt2")
+    tokenizer = world.build_tokenizer()
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        n_positions=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_every_phase_runs_on_a_gpt2_base_model(gpt2_dir, tmp_path):
+    config = load_config(None, [*TINY, f"data.base_model={gpt2_dir}"])
+    data = tmp_path / "data"
+    write_world(data, 0, config.data)
+    assert json.loads((data / "base_model" / "config.json").read_text())["model_type"] == "gpt2"
+
+    sft = tmp_path / "sft"
+    run_sft(data / "base_model", data, sft, config.sft, 0)
+    before = load_file(data / "base_model" / "model.safetensors")
+    after = load_file(sft / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    run_preferences(sft, data, tmp_path / "preferences", config.preferences, 1)
+    rm = run_reward(sft, [tmp_path / "preferences"], tmp_path / "reward", config.reward, 1)
+    assert 0.0 <= rm["reward/val_accuracy"] <= 1.0
+    run_ppo(sft, sft, tmp_path / "reward", data, tmp_path / "policy", config.ppo, 1)
+    (tmp_path / "evaluation").mkdir()
+    metrics, rows = run_evaluation(
+        tmp_path / "policy", sft, tmp_path / "reward", data, tmp_path / "evaluation", config.evaluation, 1
+    )
+    assert 0.0 <= metrics["win_rate_vs_sft"] <= 1.0 and rows
+
+
+def test_a_base_model_that_cannot_load_names_the_field(tmp_path):
+    config = load_config(None, [*TINY, f"data.base_model={tmp_path / 'missing'}"])
+    with pytest.raises(ValueError, match="data.base_model="):
+        write_world(tmp_path / "data", 0, config.data)
+
+
+def test_editing_a_local_base_model_changes_its_digest(gpt2_dir, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in gpt2_dir.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    first = local_model_digest(str(copy))
+    assert first == local_model_digest(str(gpt2_dir))
+    (copy / "config.json").write_text((copy / "config.json").read_text().replace('"n_layer": 1', '"n_layer": 1 '))
+    assert local_model_digest(str(copy)) != first
+    assert local_model_digest("some-org/some-hub-model") is None
