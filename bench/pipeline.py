@@ -43,8 +43,8 @@ def main() -> None:
         for item in args.overrides:
             command += ["--set", item]
         first_wall, first_rss = timed_run(command, cwd, env)
-        phases = json.loads((cwd / "summary.json").read_text())["phases"]
-        assert all(state == "Completed" for state in phases.values()), phases
+        first = json.loads((cwd / "summary.json").read_text())
+        assert all(state == "Completed" for state in first["phases"].values()), first["phases"]
         rerun_wall, rerun_rss = timed_run(command, cwd, env)
         phases = json.loads((cwd / "summary.json").read_text())["phases"]
         assert all(state == "Cached" for state in phases.values()), phases
@@ -52,6 +52,9 @@ def main() -> None:
     print(f"{'first':<14}{first_wall:>10.1f}{first_rss:>16.0f}")
     print(f"{'cached rerun':<14}{rerun_wall:>10.1f}{rerun_rss:>16.0f}")
     print(f"cached rerun costs {100 * rerun_wall / first_wall:.1f}% of the first run's wall time")
+    print(f"first run: SFT gold reward {first['sft']['gold_reward']:.3f}")
+    for row in first["iterations"]:
+        print("  " + "  ".join(f"{k}={v:.3f}" for k, v in row.items()))
 
 
 if __name__ == "__main__":

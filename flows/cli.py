@@ -157,12 +157,14 @@ def serve(
 
 
 def _lineage(name: str, config: Path | None, overrides: list[str] | None) -> Lineage:
+    from infra.credentials import s3_client_factory
     from infra.lineage import Lineage
     from infra.storage import open_store
 
     pipeline_config = load_or_exit(config, overrides or [])
+    storage = pipeline_config.storage
     try:
-        return Lineage(open_store(pipeline_config.storage.uri), pipeline_config.storage.prefix, name)
+        return Lineage(open_store(storage.uri, s3_client_factory(storage.aws_credentials_block)), storage.prefix, name)
     except ValueError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,6 +18,8 @@ from rlhf_core.preferences import PreferenceConfig
 from rlhf_core.reward import RewardConfig
 from rlhf_core.sft import SFTConfig
 from tasks.data import DataConfig
+
+_BLOCK_NAME = re.compile(r"[a-z0-9-]+")
 
 
 def _refuse_credentials(uri: str | None, where: str) -> None:
@@ -37,12 +40,26 @@ class StorageConfig(BaseModel):
         "standard AWS environment); default RLHF_STORAGE_URI, else ./rlhf-artifacts.",
     )
     prefix: str = Field("pipelines/default", description="Key prefix of this pipeline's artifacts in the store.")
+    aws_credentials_block: str | None = Field(
+        None,
+        description="Name of a Prefect AwsCredentials block to build the S3 client from (its keys, region and "
+        "aws_client_parameters.endpoint_url, read from the Prefect API); null = the standard AWS environment. "
+        "Only the name is stored with the run.",
+    )
 
     @field_validator("uri")
     @classmethod
     def _no_credentials(cls, uri: str) -> str:
         _refuse_credentials(uri, "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
         return uri
+
+    @field_validator("aws_credentials_block")
+    @classmethod
+    def _block_name(cls, name: str | None) -> str | None:
+        # Prefect's own rule for block names; it also refuses a pasted key (uppercase, '/', '+')
+        if name is not None and not _BLOCK_NAME.fullmatch(name):
+            raise ValueError("a Prefect block name: lowercase letters, digits and '-' (the name, never the key)")
+        return name
 
 
 class TrackingConfig(BaseModel):

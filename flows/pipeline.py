@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig
+from infra.credentials import s3_client_factory
 from infra.datasets import read_rows
 from infra.lineage import Lineage, LineagePointer
 from infra.storage import is_complete, open_store
@@ -110,7 +111,10 @@ def log_iteration(parent: RunLogger, context: RunContext, summary: dict[str, flo
 
 
 def open_lineage(config: PipelineConfig) -> Lineage | None:
-    return Lineage(open_store(config.storage.uri), config.storage.prefix, config.lineage) if config.lineage else None
+    if not config.lineage:
+        return None
+    store = open_store(config.storage.uri, s3_client_factory(config.storage.aws_credentials_block))
+    return Lineage(store, config.storage.prefix, config.lineage)
 
 
 @flow(name="rlhf-pipeline", log_prints=True)
@@ -135,6 +139,7 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
         context = RunContext(
             store_uri=config.storage.uri,
             prefix=config.storage.prefix,
+            aws_credentials_block=config.storage.aws_credentials_block,
             trust_remote_code=config.trust_remote_code,
             tracking=TrackingContext(
                 tracking_uri=tracking_uri, experiment=config.experiment, parent_run_id=parent.run_id

@@ -9,7 +9,8 @@ is written last, so a crash mid-upload leaves a folder that is visibly incomplet
     meta = download_dir(store, ref.key, Path("/tmp/sft"))
 
 S3 endpoint and credentials come from the standard AWS environment (AWS_ENDPOINT_URL,
-AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE), so MinIO and moto work unchanged.
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE), so MinIO and moto work unchanged, or from a
+client factory given to open_store (infra/credentials.py builds one from a Prefect AwsCredentials block).
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ __all__ = [
 MANIFEST = "MANIFEST.json"
 _PARTIAL = ".partial"  # suffix of in-flight local writes; never listed as keys
 _CHUNK = 1 << 20
+_AWS_ENV = "the standard AWS environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+
+# builds the boto3 S3 client from a botocore Config; must pickle without secrets (see infra/credentials.py)
+S3ClientFactory = Callable[[Any], Any]
 
 
 class StorageError(RuntimeError):
@@ -312,9 +317,13 @@ class S3Store(ObjectStore):
 
     Transient failures (5xx, throttling, connection resets) are retried by botocore's standard
     retry mode; permanent ones (missing bucket, denied access) raise StorageError at once.
+
+    The client comes from boto3's defaults (the AWS environment), or from ``client_factory(config)``
+    when given: a picklable callable that holds no secret itself, with an optional ``describe`` string
+    naming where its credentials come from, for error messages.
     """
 
-    def __init__(self, bucket: str, prefix: str = "") -> None:
+    def __init__(self, bucket: str, prefix: str = "", client_factory: S3ClientFactory | None = None) -> None:
         if not _BUCKET_RE.match(bucket):
             raise StorageError(
                 f"invalid S3 bucket name {bucket!r}: 3-63 characters of lowercase letters, digits, '.', '-'"
@@ -322,18 +331,26 @@ class S3Store(ObjectStore):
         self.bucket = bucket
         self.prefix = _check_key(prefix.strip("/"), allow_empty=True)
         self.uri = f"s3://{_join(bucket, self.prefix)}"
+        self.client_factory = client_factory
+        source = getattr(client_factory, "describe", None) or "the client factory"
+        self._credentials = source if client_factory else _AWS_ENV  # where to look, for messages; never values
+        self._endpoint_from = f"{source}, " if client_factory else ""
+        self._endpoint_from += "AWS_ENDPOINT_URL or the AWS default"
 
-    def __reduce__(self) -> tuple[type[S3Store], tuple[str, str]]:
+    def __reduce__(self) -> tuple[type[S3Store], tuple[str, str, S3ClientFactory | None]]:
         # boto3 clients do not pickle; rebuild lazily in the receiving process (Prefect workers)
-        return (S3Store, (self.bucket, self.prefix))
+        return (S3Store, (self.bucket, self.prefix, self.client_factory))
 
     @cached_property
     def _client(self) -> Any:
         import boto3
         from botocore.config import Config
 
+        config = Config(retries={"max_attempts": 8, "mode": "standard"})
+        if self.client_factory is not None:
+            return self.client_factory(config)
         # endpoint comes from AWS_ENDPOINT_URL, which boto3 reads itself
-        return boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "standard"}))
+        return boto3.client("s3", config=config)
 
     def _key(self, key: str, allow_empty: bool = False) -> str:
         return _join(self.prefix, _check_key(key, allow_empty))
@@ -350,12 +367,10 @@ class S3Store(ObjectStore):
         from botocore.exceptions import NoCredentialsError, PartialCredentialsError
 
         where = f"s3://{self.bucket}/{key}" if key else f"s3://{self.bucket}"
-        endpoint = f"endpoint {self._endpoint()}, from AWS_ENDPOINT_URL or the AWS default"
+        endpoint = f"endpoint {self._endpoint()}, from {self._endpoint_from}"
         code = _code(e)
         if isinstance(e, NoCredentialsError | PartialCredentialsError):
-            return StorageError(
-                f"no AWS credentials for {op} {where}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
-            )
+            return StorageError(f"no AWS credentials for {op} {where}: check {self._credentials}")
         if isinstance(e, BotoConnectionError):
             return TransientStorageError(
                 f"cannot reach S3 for {op} {where} after retries ({endpoint}): check AWS_ENDPOINT_URL and the network"
@@ -371,8 +386,7 @@ class S3Store(ObjectStore):
             # the code only: some error bodies echo the access key id
             return StorageError(
                 f"S3 denied {op} {where} ({code}; {endpoint}): check that bucket {self.bucket!r} exists, "
-                f"the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and that they "
-                f"may access it, and AWS_ENDPOINT_URL"
+                f"the credentials ({self._credentials}) and that they may access it, and AWS_ENDPOINT_URL"
             )
         detail = code or type(e).__name__
         return TransientStorageError(f"S3 {op} {where} failed ({detail}; {endpoint}): {e}")
@@ -489,13 +503,15 @@ class S3Store(ObjectStore):
         return f"s3://{_join(self.bucket, self._key(key, allow_empty=True))}"
 
 
-def open_store(uri: str) -> ObjectStore:
-    """'s3://bucket/prefix' -> S3Store; 'file:///abs', '/abs' or 'rel/path' -> LocalStore."""
+def open_store(uri: str, client_factory: S3ClientFactory | None = None) -> ObjectStore:
+    """'s3://bucket/prefix' -> S3Store; 'file:///abs', '/abs' or 'rel/path' -> LocalStore.
+
+    ``client_factory`` builds an S3 store's client (see S3Store); a local store has no use for it."""
     if not uri:
         raise StorageError("empty store uri: use 's3://bucket/prefix' or a folder path")
     if uri.startswith("s3://"):
         bucket, _, prefix = uri[len("s3://") :].partition("/")
-        return S3Store(bucket, prefix)
+        return S3Store(bucket, prefix, client_factory)
     if uri.startswith("file://"):
         parts = urlsplit(uri)
         if parts.netloc not in ("", "localhost"):

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from infra.credentials import s3_client_factory
 from infra.storage import (
     ArtifactRef,
     ObjectStore,
@@ -47,12 +48,15 @@ class RunContext(BaseModel):
     model_config = ConfigDict(extra="forbid")
     store_uri: str = Field(description="Object store root: a folder or s3://bucket/prefix.")
     prefix: str = Field(description="Key prefix of this pipeline's artifacts in the store.")
+    aws_credentials_block: str | None = Field(
+        None, description="Prefect AwsCredentials block the S3 client is built from (its name only); None: AWS env."
+    )
     tracking: TrackingContext | None = None
     trust_remote_code: bool = False
 
     @property
     def store(self) -> ObjectStore:
-        return open_store(self.store_uri)
+        return open_store(self.store_uri, s3_client_factory(self.aws_credentials_block))
 
 
 class PhaseOutput(BaseModel):
@@ -107,6 +111,8 @@ def phase_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     run = parameters.get("context")
     if run is not None:
         inputs["_store"] = [run.store_uri, run.prefix]
+        if run.aws_credentials_block:  # its endpoint may make the same uri another store; the name only
+            inputs["_store"].append(run.aws_credentials_block)
     return f"{context.task.name}-{phase_key(context.task.name, inputs)}"
 
 
