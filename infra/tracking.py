@@ -50,6 +50,8 @@ _SECRET_PAIRS = {("api", "key"), ("access", "key"), ("private", "key")}
 _SECRET_COMPOUNDS = {"".join(pair) for pair in _SECRET_PAIRS}  # "apikey", "privatekey"
 # Tokenizer settings such as "pad_token" / "eos_token_id" name vocabulary entries, not credentials.
 _SPECIAL_TOKEN_WORDS = {"pad", "bos", "eos", "unk", "sep", "cls", "mask"}
+# "aws_credentials_block" names where a secret is kept (a Prefect block), not the secret itself.
+_REFERENCE_WORDS = {"block"}
 
 
 def default_tracking_uri(root: Path) -> str:
@@ -67,6 +69,8 @@ def _key_words(key: str) -> list[str]:
 def _is_secret_key(key: Any) -> bool:
     words = _key_words(str(key).rsplit(".", 1)[-1])
     if "token" in words and _SPECIAL_TOKEN_WORDS.intersection(words):
+        return False
+    if words and words[-1] in _REFERENCE_WORDS:
         return False
     if _SECRET_WORDS.intersection(words) or _SECRET_COMPOUNDS.intersection(words):
         return True

@@ -155,6 +155,7 @@ def test_store_from_block_round_trips_without_leaking_the_secret(
         pass
     params = tracker.client.get_run(run.run_id).data.params
     assert params["storage.uri"] == uri
+    assert params["storage.aws_credentials_block"] == block  # the block's name says where the keys live
     assert not any(SECRET in k or SECRET in v or ACCESS_KEY_ID in v for k, v in params.items())
 
     # and no log record on the way carried it (Prefect client, httpx, boto3, botocore, all at DEBUG). The access
