@@ -157,14 +157,13 @@ def serve(
 
 
 def _lineage(name: str, config: Path | None, overrides: list[str] | None) -> Lineage:
-    from infra.credentials import s3_client_factory
+    from infra.credentials import open_configured_store
     from infra.lineage import Lineage
-    from infra.storage import open_store
 
     pipeline_config = load_or_exit(config, overrides or [])
     storage = pipeline_config.storage
     try:
-        return Lineage(open_store(storage.uri, s3_client_factory(storage.aws_credentials_block)), storage.prefix, name)
+        return Lineage(open_configured_store(storage.uri, storage.aws_credentials_block), storage.prefix, name)
     except ValueError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e

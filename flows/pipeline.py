@@ -15,10 +15,10 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig
-from infra.credentials import s3_client_factory
+from infra.credentials import open_configured_store
 from infra.datasets import read_rows
 from infra.lineage import Lineage, LineagePointer
-from infra.storage import is_complete, open_store
+from infra.storage import is_complete
 from infra.tracking import RunLogger, Tracker, default_tracking_uri, plot_iterations
 from tasks.common import PhaseOutput, RunContext, TrackingContext, fetch
 from tasks.data import local_model_digest, prepare_data
@@ -113,7 +113,7 @@ def log_iteration(parent: RunLogger, context: RunContext, summary: dict[str, flo
 def open_lineage(config: PipelineConfig) -> Lineage | None:
     if not config.lineage:
         return None
-    store = open_store(config.storage.uri, s3_client_factory(config.storage.aws_credentials_block))
+    store = open_configured_store(config.storage.uri, config.storage.aws_credentials_block)
     return Lineage(store, config.storage.prefix, config.lineage)
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from infra.storage import StorageError, TransientStorageError
+from infra.storage import ObjectStore, StorageError, TransientStorageError, open_store
 
-__all__ = ["BLOCK_TYPE_SLUG", "AwsCredentialsBlock", "s3_client_factory"]
+__all__ = ["BLOCK_TYPE_SLUG", "AwsCredentialsBlock", "open_configured_store", "s3_client_factory"]
 
 BLOCK_TYPE_SLUG = "aws-credentials"
 
@@ -88,3 +88,8 @@ class AwsCredentialsBlock:
 def s3_client_factory(block_name: str | None) -> AwsCredentialsBlock | None:
     """The client factory for ``storage.aws_credentials_block``: None (the standard AWS environment) when unset."""
     return AwsCredentialsBlock(block_name) if block_name else None
+
+
+def open_configured_store(uri: str, aws_credentials_block: str | None) -> ObjectStore:
+    """The store of ``storage.uri`` with its S3 client from ``storage.aws_credentials_block`` (or the AWS env)."""
+    return open_store(uri, s3_client_factory(aws_credentials_block))

@@ -44,6 +44,7 @@ __all__ = [
     "StorageError",
     "TransientStorageError",
     "download_dir",
+    "folder_digest",
     "is_complete",
     "open_store",
     "read_manifest",
@@ -556,6 +557,17 @@ def _digest(files: dict[str, Any], metadata: dict[str, Any]) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def _file_table(local_dir: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"sha256", "size"}}`` of every file under local_dir, hashed in chunks."""
+    paths = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    return {p.relative_to(local_dir).as_posix(): {"sha256": _sha256_file(p), "size": p.stat().st_size} for p in paths}
+
+
+def folder_digest(local_dir: Path) -> str:
+    """Content identity of a local folder: the digest an upload of it without metadata would get."""
+    return _digest(_file_table(Path(local_dir)), {})
+
+
 def upload_dir(store: ObjectStore, local_dir: Path, key: str, metadata: dict[str, Any] | None = None) -> ArtifactRef:
     """Upload every file under local_dir to key/<relpath>, then seal it with key/MANIFEST.json."""
     key = _check_key(key)
@@ -565,19 +577,16 @@ def upload_dir(store: ObjectStore, local_dir: Path, key: str, metadata: dict[str
     metadata = dict(metadata or {})
     json.dumps(metadata)  # a TypeError for unserializable metadata, before anything is uploaded
 
-    paths = sorted(p for p in local_dir.rglob("*") if p.is_file())
-    files: dict[str, dict[str, Any]] = {}
-    for p in paths:
-        rel = p.relative_to(local_dir).as_posix()
+    files = _file_table(local_dir)
+    for rel in files:
         if rel == MANIFEST:
-            raise StorageError(f"{p}: {MANIFEST} at the top of an artifact folder is reserved; rename it")
+            raise StorageError(f"{local_dir / rel}: {MANIFEST} at the top of an artifact folder is reserved; rename it")
         _check_key(rel)
-        files[rel] = {"sha256": _sha256_file(p), "size": p.stat().st_size}
 
     # unseal first: if this upload dies halfway, readers must not trust an older manifest
     store.delete_prefix(_join(key, MANIFEST))
-    for p in paths:
-        store.put_file(_join(key, p.relative_to(local_dir).as_posix()), p)
+    for rel in files:
+        store.put_file(_join(key, rel), local_dir / rel)
 
     digest = _digest(files, metadata)
     manifest = {

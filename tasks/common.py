@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from infra.credentials import s3_client_factory
+from infra.credentials import open_configured_store
 from infra.storage import (
     ArtifactRef,
     ObjectStore,
@@ -23,7 +23,6 @@ from infra.storage import (
     TransientStorageError,
     download_dir,
     is_complete,
-    open_store,
     read_manifest,
     upload_dir,
 )
@@ -56,7 +55,7 @@ class RunContext(BaseModel):
 
     @property
     def store(self) -> ObjectStore:
-        return open_store(self.store_uri, s3_client_factory(self.aws_credentials_block))
+        return open_configured_store(self.store_uri, self.aws_credentials_block)
 
 
 class PhaseOutput(BaseModel):

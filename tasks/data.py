@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.datasets import read_rows, write_rows
+from infra.storage import folder_digest
 from rlhf_core import world
 from rlhf_core.modeling import load_policy, load_tokenizer
 from rlhf_core.world import WorldConfig
@@ -80,11 +80,7 @@ def local_model_digest(name_or_path: str | None) -> str | None:
     """Content digest of a local base-model folder, so editing it in place invalidates the cache."""
     if name_or_path is None or not Path(name_or_path).is_dir():
         return None
-    sha = hashlib.sha256()
-    for file in sorted(p for p in Path(name_or_path).rglob("*") if p.is_file()):
-        sha.update(file.relative_to(name_or_path).as_posix().encode())
-        sha.update(hashlib.sha256(file.read_bytes()).digest())
-    return sha.hexdigest()
+    return folder_digest(Path(name_or_path))
 
 
 @phase_task("prepare-data")
