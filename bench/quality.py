@@ -17,7 +17,7 @@ from pathlib import Path
 import transformers
 
 from flows.config import PipelineConfig, load_config
-from tasks.data import write_world
+from tasks.data import write_data
 from tasks.evaluate import run_evaluation
 from tasks.ppo import run_ppo
 from tasks.preferences import run_preferences
@@ -43,7 +43,7 @@ def run_seed(config: PipelineConfig, root: Path) -> list[dict[str, float]]:
     start = time.perf_counter()
     seed = config.seed
     data, sft = root / "data", root / "sft"
-    write_world(data, seed, config.data)
+    write_data(data, seed, config.data)
     run_sft(data / "base_model", data, sft, config.sft, seed)
     print(f"  data + SFT: {time.perf_counter() - start:.0f} s", flush=True)
     policy, preference_dirs, rows = sft, [], []

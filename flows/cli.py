@@ -89,7 +89,13 @@ def run(
     pipeline_config = load_or_exit(config, overrides or [])
     if not verbose:
         quiet_libraries()
-    from flows.pipeline import rlhf_pipeline
+    from flows.pipeline import check_inputs, rlhf_pipeline
+
+    try:
+        check_inputs(pipeline_config)
+    except ValueError as e:  # DatasetError included: the file, row and column at fault
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
     from tasks.common import PROGRESS_HOOKS
 
     with Progress(

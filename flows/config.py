@@ -115,6 +115,11 @@ class PipelineConfig(BaseModel):
         return None if lineage is None else check_lineage_name(lineage)
 
     @property
+    def max_tokens(self) -> int:
+        """The longest prompt + response that training keeps: every user dataset row must fit it."""
+        return min(self.sft.max_length, self.reward.max_length)
+
+    @property
     def experiment(self) -> str:
         """The MLflow experiment of this run: one per lineage."""
         return f"{self.tracking.experiment}/{self.lineage}" if self.lineage else self.tracking.experiment

@@ -21,7 +21,7 @@ from infra.lineage import Lineage, LineagePointer
 from infra.storage import is_complete
 from infra.tracking import RunLogger, Tracker, default_tracking_uri, plot_iterations
 from tasks.common import PhaseOutput, RunContext, TrackingContext, fetch
-from tasks.data import local_model_digest, prepare_data
+from tasks.data import check_data, local_inputs_digest, prepare_data
 from tasks.evaluate import SAMPLES_FILE, evaluate_task
 from tasks.ppo import ppo_task
 from tasks.preferences import preferences_task
@@ -110,6 +110,12 @@ def log_iteration(parent: RunLogger, context: RunContext, summary: dict[str, flo
     parent.log_table(rows, f"samples/iteration_{iteration:03d}.json")
 
 
+def check_inputs(config: PipelineConfig) -> None:
+    """Read and check every user-supplied input (files, judge, base model's tokenizer) before anything is
+    written; DatasetError or ValueError names the file, row and column, or the config field."""
+    check_data(config.data, config.seed, config.trust_remote_code, config.max_tokens)
+
+
 def open_lineage(config: PipelineConfig) -> Lineage | None:
     if not config.lineage:
         return None
@@ -124,6 +130,7 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
     With ``config.lineage``, the run holds the lineage's lock, continues from its pointer (reusing its data and
     SFT model, numbering iterations after its last one) and moves the pointer once all its iterations are done.
     """
+    check_inputs(config)
     tracking_uri = config.tracking.uri or default_tracking_uri(DEFAULT_TRACKING_ROOT)
     tracker = Tracker(tracking_uri, config.experiment)
     flow_run_id = str(flow_run.get_id() or "")
@@ -155,10 +162,12 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
                 context=context,
                 config=config.data,
                 seed=config.seed,
-                base_model_digest=local_model_digest(config.data.base_model),
+                inputs_digest=local_inputs_digest(config.data),
+                max_tokens=config.max_tokens,
             )
             sft = run_phase(sft_task, states, "sft", context=context, data=data, config=config.sft, seed=config.seed)
-            policy, preferences, done = sft, [], 0
+            human = data.metrics.get("data/human_preferences", 0) > 0  # the data artifact holds them
+            policy, preferences, done = sft, [data] if human else [], 0
         else:
             data, sft, policy = (PhaseOutput.model_validate(o) for o in (resumed.data, resumed.sft, resumed.policy))
             preferences = [PhaseOutput.model_validate(o) for o in resumed.preferences]

@@ -9,9 +9,8 @@ from pathlib import Path
 from infra.datasets import write_rows
 from rlhf_core.evaluate import EvalConfig, evaluate_policy
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
-from rlhf_core.world import gold_rewards
 from tasks.common import PhaseOutput, RunContext, artifact_key, existing_output, fetch, phase_task, publish, tracked
-from tasks.data import read_prompts
+from tasks.data import data_judge, read_prompts
 
 SAMPLES_FILE = "samples.parquet"
 
@@ -32,7 +31,7 @@ def run_evaluation(
     sft = load_policy(sft_dir, trust_remote_code).eval()
     reward_model = load_scorer(reward_dir, trust_remote_code).eval() if reward_dir else None
     metrics, rows = evaluate_policy(
-        policy, sft, reward_model, tokenizer, read_prompts(data_dir, "eval"), gold_rewards, config, seed
+        policy, sft, reward_model, tokenizer, read_prompts(data_dir, "eval"), data_judge(data_dir), config, seed
     )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_rows(out_dir / SAMPLES_FILE, rows)

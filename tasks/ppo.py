@@ -8,7 +8,6 @@ from pathlib import Path
 from rlhf_core.engine import TorchEngine
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
 from rlhf_core.ppo import PPOConfig, train_ppo
-from rlhf_core.world import gold_rewards
 from tasks.common import (
     MetricsCallback,
     PhaseOutput,
@@ -20,7 +19,7 @@ from tasks.common import (
     publish,
     tracked,
 )
-from tasks.data import read_prompts
+from tasks.data import data_judge, read_prompts
 
 
 def run_ppo(
@@ -53,7 +52,7 @@ def run_ppo(
         read_prompts(data_dir, "ppo"),
         config,
         seed,
-        gold_rewards,
+        data_judge(data_dir),
         on_metrics,
     )
     policy.save_pretrained(out_dir)

@@ -9,11 +9,8 @@ from pathlib import Path
 from infra.datasets import read_rows, write_rows
 from rlhf_core.modeling import load_policy, load_tokenizer
 from rlhf_core.preferences import PreferenceConfig, PreferencePair, collect_preferences
-from rlhf_core.world import gold_rewards
 from tasks.common import PhaseOutput, RunContext, artifact_key, existing_output, fetch, phase_task, publish, tracked
-from tasks.data import read_prompts
-
-PAIRS_FILE = "preferences.parquet"
+from tasks.data import PAIRS_FILE, data_judge, read_prompts
 
 
 def read_pairs(pref_dir: Path) -> list[PreferencePair]:
@@ -32,7 +29,7 @@ def run_preferences(
     tokenizer = load_tokenizer(policy_dir, trust_remote_code)
     policy = load_policy(policy_dir, trust_remote_code).eval()
     pairs, stats = collect_preferences(
-        policy, tokenizer, read_prompts(data_dir, "preference"), gold_rewards, config, seed
+        policy, tokenizer, read_prompts(data_dir, "preference"), data_judge(data_dir), config, seed
     )
     write_rows(out_dir / PAIRS_FILE, [dataclasses.asdict(p) for p in pairs])
     return {f"preferences/{k}": float(v) for k, v in stats.items()}

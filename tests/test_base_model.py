@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from flows.config import load_config
 from rlhf_core import world
-from tasks.data import local_model_digest, write_world
+from tasks.data import DataConfig, local_inputs_digest, write_data
 from tasks.evaluate import run_evaluation
 from tasks.ppo import run_ppo
 from tasks.preferences import run_preferences
@@ -41,7 +41,7 @@ def gpt2_dir(tmp_path_factory):
 def test_every_phase_runs_on_a_gpt2_base_model(gpt2_dir, tmp_path):
     config = load_config(None, [*TINY, f"data.base_model={gpt2_dir}"])
     data = tmp_path / "data"
-    write_world(data, 0, config.data)
+    write_data(data, 0, config.data)
     assert json.loads((data / "base_model" / "config.json").read_text())["model_type"] == "gpt2"
 
     sft = tmp_path / "sft"
@@ -64,7 +64,7 @@ def test_every_phase_runs_on_a_gpt2_base_model(gpt2_dir, tmp_path):
 def test_a_base_model_that_cannot_load_names_the_field(tmp_path):
     config = load_config(None, [*TINY, f"data.base_model={tmp_path / 'missing'}"])
     with pytest.raises(ValueError, match="data.base_model="):
-        write_world(tmp_path / "data", 0, config.data)
+        write_data(tmp_path / "data", 0, config.data)
 
 
 def test_editing_a_local_base_model_changes_its_digest(gpt2_dir, tmp_path):
@@ -72,8 +72,8 @@ def test_editing_a_local_base_model_changes_its_digest(gpt2_dir, tmp_path):
     copy.mkdir()
     for file in gpt2_dir.iterdir():
         (copy / file.name).write_bytes(file.read_bytes())
-    first = local_model_digest(str(copy))
-    assert first == local_model_digest(str(gpt2_dir))
+    first = local_inputs_digest(DataConfig(base_model=str(copy)))
+    assert first == local_inputs_digest(DataConfig(base_model=str(gpt2_dir)))
     (copy / "config.json").write_text((copy / "config.json").read_text().replace('"n_layer": 1', '"n_layer": 1 '))
-    assert local_model_digest(str(copy)) != first
-    assert local_model_digest("some-org/some-hub-model") is None
+    assert local_inputs_digest(DataConfig(base_model=str(copy))) != first
+    assert local_inputs_digest(DataConfig(base_model="some-org/some-hub-model")) is None

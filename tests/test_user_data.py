@@ -1,0 +1,234 @@
+"""Your own prompts, demonstrations, human preferences and gold judge: every row is checked before anything is
+written, each problem is named by file, row and column, and the real pipeline runs on good files."""
+
+import json
+import random
+import subprocess
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_flow import RLHF, rlhf_run, summary
+
+from flows.config import ConfigError, load_config
+from infra.datasets import DatasetError
+from rlhf_core import world
+from tasks.data import check_data, local_inputs_digest, read_prompts, write_data
+
+MAX_TOKENS = 48  # sft.max_length = reward.max_length at the defaults
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def user_rows(seed: int = 0) -> dict[str, list[dict]]:
+    """Prompts (with splits), demonstrations and human preferences written in the toy vocabulary."""
+    rng = random.Random(seed)
+    prompts = world.all_prompts()
+    rng.shuffle(prompts)
+    splits = ["preference"] * 12 + ["ppo"] * 12 + ["eval"] * 12
+    return {
+        "prompts": [{"prompt": p, "split": s} for p, s in zip(prompts[:36], splits, strict=True)],
+        "demonstrations": [
+            {"prompt": p, "response": world.demonstration(p, rng.random(), rng)} for p in prompts[40:340]
+        ],
+        "human_preferences": [
+            {"prompt": p, "chosen": world.demonstration(p, 1.0, rng), "rejected": world.demonstration(p, 0.0, rng)}
+            for p in prompts[40:100]
+        ],
+    }
+
+
+@pytest.fixture
+def user_files(tmp_path) -> dict[str, str]:
+    rows = user_rows()
+    pq.write_table(pa.Table.from_pylist(rows["demonstrations"]), tmp_path / "demos.parquet")
+    return {
+        "prompts": write_jsonl(tmp_path / "prompts.jsonl", rows["prompts"]),
+        "demonstrations": str(tmp_path / "demos.parquet"),
+        "human_preferences": write_jsonl(tmp_path / "prefs.jsonl", rows["human_preferences"]),
+    }
+
+
+def user_config(files: dict[str, str], **changes: str):
+    overrides = [f"data.{k}={v}" for k, v in {**files, "gold_reward": "user_judge:judge", **changes}.items()]
+    return load_config(None, overrides).data
+
+
+def test_good_user_files_become_the_data_artifact(user_files, tmp_path):
+    config = user_config(user_files)
+    metrics = write_data(tmp_path / "data", 0, config, max_tokens=MAX_TOKENS)
+    assert metrics == {"data/demonstrations": 300, "data/eval_prompts": 12, "data/human_preferences": 60}
+    rows = user_rows()
+    assert read_prompts(tmp_path / "data", "ppo") == [r["prompt"] for r in rows["prompts"] if r["split"] == "ppo"]
+    prefs = pq.read_table(tmp_path / "data" / "preferences.parquet").to_pylist()
+    assert {p["labeler"] for p in prefs} == {"human"}
+    assert sum(p["chosen_gold"] > p["rejected_gold"] for p in prefs) > 40  # judged by the user's judge
+
+
+def test_prompts_without_a_split_column_split_by_their_text(user_files, tmp_path):
+    rows = [{"prompt": r["prompt"]} for r in user_rows()["prompts"]] + [{"prompt": p} for p in world.all_prompts()]
+    config = user_config({**user_files, "prompts": write_jsonl(tmp_path / "p.jsonl", rows)})
+    first = check_data(config, 0, max_tokens=MAX_TOKENS).prompts
+    again = check_data(config, 1, max_tokens=MAX_TOKENS).prompts
+    assert first == again and all(first[s] for s in ("preference", "ppo", "eval"))
+    assert 0.1 < len(first["eval"]) / len(rows) < 0.3
+
+
+def test_editing_a_user_file_changes_the_data_digest(user_files):
+    before = local_inputs_digest(user_config(user_files))
+    assert before == local_inputs_digest(user_config(user_files))
+    with open(user_files["prompts"], "a") as f:
+        f.write(json.dumps({"prompt": "describe ocean :", "split": "eval"}) + "\n")
+    assert local_inputs_digest(user_config(user_files)) != before
+
+
+def _parquet(rows: list[dict], schema: pa.Schema | None = None):
+    def write(path: Path) -> None:
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+    return write
+
+
+def _text(content: bytes):
+    return lambda path: path.write_bytes(content)
+
+
+GOOD_PROMPT = "describe ocean :"
+LONG = " ".join(["water"] * 60)
+TEXT_SCHEMA = pa.schema([("prompt", pa.string()), ("response", pa.string())])
+BAD_DATASETS = [
+    # (field, file name, writer, expected message)
+    ("prompts", "p.jsonl", _text(b""), r"p\.jsonl: the file is empty"),
+    ("prompts", "p.jsonl", _text(b"\n\n"), r"p\.jsonl: no rows"),
+    ("prompts", "p.csv", _text(b"prompt\nx\n"), r"p\.csv: unsupported file type '\.csv'"),
+    (
+        "prompts",
+        "p.jsonl",
+        _text(b'{"prompt": "describe ocean :"}\n{"prompt": "describe \xff"}\n'),
+        r"row 2: not UTF-8",
+    ),
+    ("prompts", "p.jsonl", _text(b'{"prompt": "describe ocean :"}\n{"prompt": \n'), r"p\.jsonl: row 2: not a JSON obj"),
+    ("prompts", "p.jsonl", _text(b'{"text": "describe ocean :"}\n'), r"row 1: missing column\(s\) \['prompt'\]"),
+    ("prompts", "p.jsonl", _text(b'{"prompt": 7}\n'), r"row 1, column 'prompt': expected text, got int"),
+    ("prompts", "p.jsonl", _text(b'{"prompt": null}\n'), r"row 1, column 'prompt': missing value"),
+    ("prompts", "p.jsonl", _text(b'{"prompt": "   "}\n'), r"row 1, column 'prompt': empty or whitespace-only"),
+    ("prompts", "p.jsonl", _text(b'["describe ocean :"]\n'), r"row 1: expected an object with columns, got list"),
+    ("prompts", "p.jsonl", _text(b'{"prompt": "describe ocean :", "split": "test"}\n'), r"column 'split': 'test' is"),
+    ("prompts", "p.jsonl", _text(b'{"prompt": "describe ocean :", "split": "ppo"}\n'), r"no 'preference' prompts"),
+    ("prompts", "p.jsonl", _text(b'{"prompt": "describe the kraken :"}\n'), r"column 'prompt': words the tokenizer"),
+    ("prompts", "p.jsonl", _text(json.dumps({"prompt": LONG}).encode()), r"row 1, column 'prompt': leaves no room"),
+    ("prompts", "missing.jsonl", None, r"missing\.jsonl: no such file"),
+    ("demonstrations", "d.parquet", _text(b"not parquet"), r"d\.parquet: not a readable Parquet file"),
+    ("demonstrations", "d.parquet", _parquet([], TEXT_SCHEMA), r"d\.parquet: no rows"),
+    ("demonstrations", "d.parquet", _parquet([{"prompt": GOOD_PROMPT}]), r"row 1: missing column\(s\) \['response'\]"),
+    (
+        "demonstrations",
+        "d.parquet",
+        _parquet([{"prompt": GOOD_PROMPT, "response": "water"}, {"prompt": GOOD_PROMPT, "response": None}]),
+        r"d\.parquet: row 2, column 'response': missing value \(null or NaN\)",
+    ),
+    (
+        "demonstrations",
+        "d.parquet",
+        _parquet([{"prompt": GOOD_PROMPT, "response": float("nan")}]),
+        r"d\.parquet: row 1, column 'response': missing value \(null or NaN\)",
+    ),
+    (
+        "demonstrations",
+        "d.parquet",
+        _parquet([{"prompt": GOOD_PROMPT, "response": 3.5}]),
+        r"row 1, column 'response': expected text, got float",
+    ),
+    (
+        "demonstrations",
+        "d.parquet",
+        _parquet([{"prompt": GOOD_PROMPT, "response": LONG}]),
+        r"row 1, column 'response': prompt \+ response is 65 tokens, more than the 48",
+    ),
+    (
+        "human_preferences",
+        "h.jsonl",
+        _text(json.dumps({"prompt": GOOD_PROMPT, "chosen": "water waves", "rejected": " water waves"}).encode()),
+        r"h\.jsonl: row 1, column 'rejected': identical to 'chosen'",
+    ),
+    (
+        "human_preferences",
+        "h.jsonl",
+        _text(json.dumps({"prompt": GOOD_PROMPT, "chosen": "water", "rejected": ""}).encode()),
+        r"row 1, column 'rejected': empty or whitespace-only",
+    ),
+]
+
+
+@pytest.mark.parametrize(("field", "name", "write", "message"), BAD_DATASETS)
+def test_a_bad_dataset_is_named_by_file_row_and_column(user_files, tmp_path, field, name, write, message):
+    path = tmp_path / "bad" / name
+    path.parent.mkdir()
+    if write is not None:
+        write(path)
+    config = user_config({**user_files, field: str(path)})
+    with pytest.raises(DatasetError, match=message):
+        write_data(tmp_path / "out", 0, config, max_tokens=MAX_TOKENS)
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def test_a_judge_that_returns_nan_is_refused(user_files, tmp_path):
+    config = user_config(user_files, gold_reward="user_judge:broken")
+    with pytest.raises(DatasetError, match=r"prefs\.jsonl: data.gold_reward='user_judge:broken' must return one fin"):
+        check_data(config, 0, max_tokens=MAX_TOKENS)
+
+
+BAD_CONFIGS = [
+    (["data.prompts=p.jsonl"], r"data.demonstrations is required too"),
+    (["data.demonstrations=d.jsonl"], r"data.prompts is required too"),
+    (["data.prompts=p.jsonl", "data.demonstrations=d.jsonl"], r"data.gold_reward is required with data.prompts"),
+    (["data.gold_reward=user_judge.judge"], r"data.gold_reward: Value error, expected 'package.module:function'"),
+    (["data.prompt=p.jsonl"], r"data.prompt: Extra inputs are not permitted"),
+    (["data.human_preferences=7"], r"data.human_preferences: Input should be a valid string"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_CONFIGS)
+def test_a_bad_data_config_names_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_an_unimportable_judge_names_the_field(user_files):
+    with pytest.raises(ValueError, match=r"data.gold_reward='no_such_module:judge': cannot import"):
+        check_data(user_config(user_files, gold_reward="no_such_module:judge"), 0)
+
+
+def test_the_cli_refuses_a_bad_file_before_writing_anything(user_files, pipeline_env, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": GOOD_PROMPT, "response": "water"}, {"prompt": GOOD_PROMPT}])
+    env = pipeline_env | {"PYTHONPATH": str(Path(__file__).parent)}
+    files = {**user_files, "demonstrations": bad, "gold_reward": "user_judge:judge"}
+    args = [RLHF, "run", *[a for k, v in files.items() for a in ("--set", f"data.{k}={v}")]]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "bad.jsonl: row 2: missing column(s) ['response']" in proc.stdout.replace("\n", "")
+    assert not (tmp_path / "rlhf-artifacts").exists() and not (tmp_path / "rlhf-mlflow").exists()
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_on_user_files_and_judge(user_files, pipeline_env, tmp_path):
+    env = pipeline_env | {"PYTHONPATH": str(Path(__file__).parent)}
+    files = [f"data.{k}={v}" for k, v in user_files.items()]
+    rlhf_run(env, tmp_path, *files, "data.gold_reward=user_judge:judge", "iterations=1")
+    result = summary(tmp_path)
+    assert [it["iteration"] for it in result["iterations"]] == [1]
+    root = Path(result["artifacts_uri"])
+    manifests = {p.parent.relative_to(root).as_posix(): json.loads(p.read_text()) for p in root.rglob("MANIFEST.json")}
+    reward = next(m for k, m in manifests.items() if k.startswith("iteration-001/reward_model"))
+    preferences = reward["metadata"]["parents"]["preferences"]
+    assert len(preferences) == 2 and "data/world" in preferences[0]  # the human pairs, then the collected ones
+    evaluation = next(root / k for k in manifests if k.startswith("iteration-001/evaluation"))
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    # the user's judge scored the samples: it counts on-topic words and rude words only, so scores are integers
+    samples = pq.read_table(evaluation / "samples.parquet").to_pylist()
+    assert samples and all(float(s["policy_gold"]).is_integer() for s in samples)
+    assert metrics["sft_gold_reward"] == result["sft"]["gold_reward"]
