@@ -151,6 +151,22 @@ class RunLogger:
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
+    def copy_history(self, source_run_id: str, up_to_step: int) -> int:
+        """Copy ``source_run_id``'s step metrics up to ``up_to_step`` into this run, and mark the source
+        KILLED if it never ended (its process died). Returns how many points were copied."""
+        source = self.client.get_run(source_run_id)
+        points = [
+            point
+            for key in source.data.metrics
+            for point in self.client.get_metric_history(source_run_id, key)
+            if point.step <= up_to_step
+        ]
+        for i in range(0, len(points), 1000):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=points[i : i + 1000])
+        if source.info.status == RunStatus.to_string(RunStatus.RUNNING):
+            self.client.set_terminated(source_run_id, RunStatus.to_string(RunStatus.KILLED))
+        return len(points)
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log a (nested) params dict, flattened and secret-filtered."""
         flat = flatten_params(params)

@@ -217,3 +217,10 @@ def reward_scores(reward_model: PreTrainedModel, input_ids: Tensor, attention_ma
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
     """Index batches covering ``range(n)`` once in a random order (the last one may be short)."""
     return list(torch.randperm(n, generator=generator).split(batch_size))
+
+
+def batch_schedule(n: int, batch_size: int, epochs: int, seed: int) -> list[Tensor]:
+    """Every batch of ``epochs`` shuffled passes, in order: step ``k`` trains on ``schedule[k - 1]``, so the
+    step number alone is a loop's data position when it resumes."""
+    generator = torch.Generator().manual_seed(seed)
+    return [index for _ in range(epochs) for index in shuffled_batches(n, batch_size, generator)]

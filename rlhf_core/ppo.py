@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_core.checkpoint import Checkpointer, DivergenceError, check_finite, checkpoint_due, rng_state, set_rng_state
 from rlhf_core.engine import Engine
 from rlhf_core.kl_control import AdaptiveKLController, FixedKLController, KLController
 from rlhf_core.losses import (
@@ -63,6 +64,10 @@ class PPOConfig(BaseModel):
     adaptive_kl: bool = Field(True, description="Adapt kl_coef toward kl_target (Ziegler et al. 2019); else fixed.")
     kl_target: float = Field(4.0, gt=0, description="Target KL to the reference, in nats per response.")
     kl_horizon: int = Field(10000, ge=1, description="Horizon of the adaptive KL controller, in samples.")
+    max_kl: float | None = Field(
+        50.0, gt=0, description="Stop PPO with an error once the KL to the reference passes this (nats per response)."
+    )
+    checkpoint_every: int = Field(10, ge=0, description="Save a resumable checkpoint every this many steps; 0: never.")
     target_kl: float | None = Field(
         0.1, gt=0, description="Stop an update early once the minibatch approx-KL to the rollout policy exceeds this."
     )
@@ -181,6 +186,16 @@ class PPOResult:
     kl_coef: float
 
 
+def check_divergence(metrics: dict[str, float], config: PPOConfig, step: int) -> None:
+    """Stop on a NaN or infinite loss, or on a KL to the reference past ``config.max_kl``."""
+    check_finite("ppo", step, policy_loss=metrics["policy_loss"], value_loss=metrics["value_loss"], kl=metrics["kl"])
+    if config.max_kl is not None and metrics["kl"] > config.max_kl:
+        raise DivergenceError(
+            f"ppo: KL to the reference is {metrics['kl']:.1f} nats at step {step}, past ppo.max_kl={config.max_kl}; "
+            "lower ppo.lr or raise ppo.kl_coef"
+        )
+
+
 def train_ppo(
     policy_engine: Engine,
     critic_engine: Engine,
@@ -192,16 +207,25 @@ def train_ppo(
     seed: int,
     gold_fn: GoldScorer | None = None,
     on_metrics: MetricsCallback | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> PPOResult:
-    """Alternate rollouts and PPO updates for ``config.steps`` steps."""
+    """Alternate rollouts and PPO updates for ``config.steps`` steps. With a checkpointer it saves every
+    ``checkpointer.every`` steps (weights, optimizers, RNGs, prompt order, KL controller) and continues
+    from its latest checkpoint."""
     policy, critic = policy_engine.module, critic_engine.module
     kl_controller = make_kl_controller(config)
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     order: list[str] = []
-    history = []
-    for step in range(1, config.steps + 1):
+    history: list[dict[str, float]] = []
+    start = 0
+    if checkpointer is not None and (state := checkpointer.restore({"policy": policy, "critic": critic})):
+        policy_engine.load_state_dict(state["policy_engine"])
+        critic_engine.load_state_dict(state["critic_engine"])
+        set_rng_state(state["rng"], generator, rng)
+        start, order, history, kl_controller.value = state["step"], state["order"], state["history"], state["kl_coef"]
+    for step in range(start + 1, config.steps + 1):
         # 1. rollout
         while len(order) < config.rollout_batch_size:
             order += rng.sample(prompts, len(prompts))
@@ -221,9 +245,20 @@ def train_ppo(
         # 4. adapt the KL coefficient and report
         gold = gold_fn(batch_prompts, rollout.samples.texts) if gold_fn else None
         metrics = rollout_metrics(rollout, kl, rewards, returns, gold, kl_controller.value) | update
+        check_divergence(metrics, config, step)
         kl_controller.update(metrics["kl"], config.rollout_batch_size)
         metrics = {f"ppo/{k}": v for k, v in metrics.items()}
         history.append(metrics)
         if on_metrics:
             on_metrics(metrics, step)
+        if checkpoint_due(checkpointer, step, config.steps):
+            state = {
+                "policy_engine": policy_engine.state_dict(),
+                "critic_engine": critic_engine.state_dict(),
+                "rng": rng_state(generator, rng),
+                "order": order,
+                "history": history,
+                "kl_coef": kl_controller.value,
+            }
+            checkpointer.save(step, {"policy": policy, "critic": critic}, state)
     return PPOResult(config.steps, history, kl_controller.value)

@@ -13,9 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_core.checkpoint import Checkpointer, check_finite, checkpoint_due
 from rlhf_core.engine import Engine
 from rlhf_core.losses import bradley_terry_loss
-from rlhf_core.modeling import encode_prompt_responses, reward_scores, shuffled_batches
+from rlhf_core.modeling import batch_schedule, encode_prompt_responses, reward_scores
 from rlhf_core.preferences import PreferencePair
 
 MetricsCallback = Callable[[dict[str, float], int], None]
@@ -37,6 +38,9 @@ class RewardConfig(BaseModel):
     evals_per_epoch: int = Field(2, ge=1, description="Validation checks per epoch.")
     patience: int = Field(2, ge=1, description="Validation checks without improvement before stopping early.")
     max_length: int = Field(48, ge=4, description="Prompt + response tokens kept.")
+    checkpoint_every: int = Field(
+        50, ge=0, description="Save a resumable checkpoint every this many optimizer steps; 0: never."
+    )
 
 
 def split_pairs(pairs: list[PreferencePair], val_fraction: float, seed: int) -> tuple[list, list]:
@@ -113,28 +117,30 @@ def train_reward_model(
     config: RewardConfig,
     seed: int,
     on_metrics: MetricsCallback | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> RewardResult:
-    """Minimize the Bradley-Terry loss; keep the weights with the best validation accuracy."""
+    """Minimize the Bradley-Terry loss; keep the weights with the best validation accuracy. With a
+    checkpointer it saves every ``checkpointer.every`` steps and continues from its latest checkpoint."""
     model = engine.module
-    generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = -(-len(train_pairs) // config.batch_size)
-    eval_every = max(1, steps_per_epoch // config.evals_per_epoch)
-    best, best_state, checks_since_best, step, losses = None, None, 0, 0, []
-    for _ in range(config.max_epochs):
-        if checks_since_best >= config.patience:
-            break
-        for index in shuffled_batches(len(train_pairs), config.batch_size, generator):
-            model.train()
-            chosen, rejected = pair_rewards(
-                model, tokenizer, [train_pairs[i] for i in index.tolist()], config.max_length
-            )
-            loss = bradley_terry_loss(chosen, rejected)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-            step += 1
-            if step % eval_every:
-                continue
+    schedule = batch_schedule(len(train_pairs), config.batch_size, config.max_epochs, seed)
+    eval_every = max(1, len(schedule) // config.max_epochs // config.evals_per_epoch)
+    best, best_model, checks_since_best, start, losses = None, None, 0, 0, []
+    if checkpointer is not None and (state := checkpointer.restore({"model": model, "best": copy.deepcopy(model)})):
+        engine.load_state_dict(state["engine"])
+        start, losses, best, checks_since_best = state["step"], state["losses"], state["best"], state["checks"]
+        best_model = state["modules"].get("best")
+    step = start
+    for step in range(start + 1, len(schedule) + 1):
+        model.train()
+        chosen, rejected = pair_rewards(
+            model, tokenizer, [train_pairs[i] for i in schedule[step - 1].tolist()], config.max_length
+        )
+        loss = bradley_terry_loss(chosen, rejected)
+        check_finite("reward", step, loss=loss.item())
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+        if step % eval_every == 0:
             model.eval()
             val = preference_accuracy(model, tokenizer, val_pairs, config.max_length)
             if on_metrics:
@@ -148,13 +154,17 @@ def train_reward_model(
                     step,
                 )
             if best is None or val["accuracy"] > best["accuracy"]:
-                best, best_state, checks_since_best = val, copy.deepcopy(model.state_dict()), 0
+                best, best_model, checks_since_best = val, copy.deepcopy(model), 0
             else:
                 checks_since_best += 1
             if checks_since_best >= config.patience:
                 break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+        if checkpoint_due(checkpointer, step, len(schedule)):
+            modules = {"model": model} | ({"best": best_model} if best_model is not None else {})
+            state = {"engine": engine.state_dict(), "losses": losses, "best": best, "checks": checks_since_best}
+            checkpointer.save(step, modules, state)
+    if best_model is not None:
+        model.load_state_dict(best_model.state_dict())
     else:
         best = preference_accuracy(model.eval(), tokenizer, val_pairs, config.max_length)
     model.eval()

@@ -6,14 +6,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_core.checkpoint import Checkpointer, check_finite, checkpoint_due
 from rlhf_core.engine import Engine
 from rlhf_core.losses import masked_mean, selective_log_softmax
-from rlhf_core.modeling import EncodedPairs, encode_prompt_responses, position_ids_from_mask, shuffled_batches
+from rlhf_core.modeling import EncodedPairs, batch_schedule, encode_prompt_responses, position_ids_from_mask
 
 MetricsCallback = Callable[[dict[str, float], int], None]
 
@@ -30,6 +30,9 @@ class SFTConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
     max_length: int = Field(48, ge=4, description="Prompt + response tokens kept; longer responses are truncated.")
     log_every: int = Field(10, ge=1, description="Report metrics every this many optimizer steps.")
+    checkpoint_every: int = Field(
+        100, ge=0, description="Save a resumable checkpoint every this many optimizer steps; 0: never."
+    )
 
 
 def num_training_steps(n_examples: int, batch_size: int, epochs: int) -> int:
@@ -63,32 +66,37 @@ def train_sft(
     config: SFTConfig,
     seed: int,
     on_metrics: MetricsCallback | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> SFTResult:
-    """Fit ``engine.module`` to the demonstrations; returns the first and last logged losses."""
+    """Fit ``engine.module`` to the demonstrations; returns the first and last logged losses. With a
+    checkpointer it saves every ``checkpointer.every`` steps and continues from its latest checkpoint."""
     model = engine.module
+    schedule = batch_schedule(len(demonstrations), config.batch_size, config.epochs, seed)
+    steps_per_epoch = len(schedule) // config.epochs
+    start, losses = 0, []
+    if checkpointer is not None and (state := checkpointer.restore({"model": model})):
+        engine.load_state_dict(state["engine"])
+        start, losses = state["step"], state["losses"]
     model.train()
-    generator = torch.Generator().manual_seed(seed)
-    step, losses, first_loss = 0, [], float("nan")
-    for epoch in range(config.epochs):
-        for index in shuffled_batches(len(demonstrations), config.batch_size, generator):
-            rows = [demonstrations[i] for i in index.tolist()]
-            batch = encode_prompt_responses(tokenizer, [p for p, _ in rows], [r for _, r in rows], config.max_length)
-            loss = sft_loss(model, batch)
-            engine.backward(loss)
-            update = engine.step()
-            losses.append(loss.item())
-            step += 1
-            if step == 1:
-                first_loss = losses[0]
-            if step % config.log_every == 0 and on_metrics:
-                on_metrics(
-                    {
-                        "sft/loss": sum(losses[-config.log_every :]) / config.log_every,
-                        "sft/epoch": epoch,
-                        **{f"sft/{k}": v for k, v in update.items()},
-                    },
-                    step,
-                )
+    for step in range(start + 1, len(schedule) + 1):
+        rows = [demonstrations[i] for i in schedule[step - 1].tolist()]
+        batch = encode_prompt_responses(tokenizer, [p for p, _ in rows], [r for _, r in rows], config.max_length)
+        loss = sft_loss(model, batch)
+        check_finite("sft", step, loss=loss.item())
+        engine.backward(loss)
+        update = engine.step()
+        losses.append(loss.item())
+        if step % config.log_every == 0 and on_metrics:
+            on_metrics(
+                {
+                    "sft/loss": sum(losses[-config.log_every :]) / config.log_every,
+                    "sft/epoch": (step - 1) // steps_per_epoch,
+                    **{f"sft/{k}": v for k, v in update.items()},
+                },
+                step,
+            )
+        if checkpoint_due(checkpointer, step, len(schedule)):
+            checkpointer.save(step, {"model": model}, {"engine": engine.state_dict(), "losses": losses})
     model.eval()
     tail = losses[-config.log_every :]
-    return SFTResult(step, first_loss, sum(tail) / len(tail))
+    return SFTResult(len(schedule), losses[0], sum(tail) / len(tail))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -11,10 +12,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from infra.checkpoints import StoreCheckpointer
 from infra.credentials import open_configured_store
 from infra.storage import (
     ArtifactRef,
@@ -26,6 +28,10 @@ from infra.storage import (
     read_manifest,
     upload_dir,
 )
+from rlhf_core.checkpoint import DivergenceError
+
+if TYPE_CHECKING:
+    from infra.tracking import RunLogger
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 NOT_IN_CACHE_KEY = frozenset({"context"})
@@ -121,7 +127,7 @@ def should_retry(task: Any, task_run: Any, state: Any) -> bool:
     error = state.data if isinstance(state.data, BaseException) else None
     if isinstance(error, TransientStorageError | ConnectionError | TimeoutError):
         return True
-    return not isinstance(error, ValueError | TypeError | KeyError | StorageError)
+    return not isinstance(error, ValueError | TypeError | KeyError | StorageError | DivergenceError)
 
 
 def artifact_key(context: RunContext, folder: str, name: str, inputs: dict[str, Any]) -> str:
@@ -186,27 +192,63 @@ def phase_task(name: str) -> Callable:
     )
 
 
+class PhaseLog:
+    """A phase's metrics callback: its MLflow child run (``run``, None without tracking) and progress hooks."""
+
+    def __init__(self, label: str, total_steps: int, run: RunLogger | None = None) -> None:
+        self.label, self.total_steps, self.run = label, total_steps, run
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        if self.run is not None:
+            self.run.log_metrics(metrics, step)
+        for hook in PROGRESS_HOOKS:
+            hook(self.label, step, self.total_steps)
+
+
 @contextmanager
-def tracked(
-    context: RunContext, run_name: str, params: dict[str, Any], total_steps: int = 0
-) -> Iterator[MetricsCallback]:
+def tracked(context: RunContext, run_name: str, params: dict[str, Any], total_steps: int = 0) -> Iterator[PhaseLog]:
     """A metrics callback for one phase: an MLflow child run of the pipeline run (when tracking is on),
     plus progress for whoever listens (the CLI's progress bars)."""
     from infra.tracking import Tracker
 
-    def progress(step: int) -> None:
-        for hook in PROGRESS_HOOKS:
-            hook(run_name, step, total_steps)
-
     if context.tracking is None:
-        yield lambda metrics, step: progress(step)
+        yield PhaseLog(run_name, total_steps)
         return
     tracking = context.tracking
     tracker = Tracker(tracking.tracking_uri, tracking.experiment)
     with tracker.run(run_name, params=params, parent_run_id=tracking.parent_run_id) as run:
+        yield PhaseLog(run_name, total_steps, run)
 
-        def log(metrics: dict[str, float], step: int) -> None:
-            run.log_metrics(metrics, step)
-            progress(step)
 
-        yield log
+def phase_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a task or flow run (shown in its UI), else the ``rlhf`` logger."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("rlhf")
+
+
+@contextmanager
+def checkpointing(context: RunContext, key: str, log: PhaseLog, every: int) -> Iterator[StoreCheckpointer]:
+    """Resumable checkpoints of the phase whose artifact goes to ``key``. A restore is logged, tagged on the
+    MLflow run and carries over the step metrics the interrupted attempt logged up to that step, so the
+    history has no gap and no duplicate. Cleared once the phase finished; kept, and named, on a divergence."""
+    run = log.run
+
+    def on_resume(step: int, metadata: dict[str, Any]) -> None:
+        phase_logger().warning(f"{log.label}: resuming from checkpoint step {step} ({checkpointer.latest_uri})")
+        if run is not None:
+            run.set_tags({"rlhf.resumed_from_step": step})
+            if (previous := metadata.get("mlflow_run_id")) and previous != run.run_id:
+                run.copy_history(previous, step)
+
+    metadata = {"mlflow_run_id": run.run_id if run else None}
+    checkpointer = StoreCheckpointer(context.store, key, every, metadata, on_resume)
+    try:
+        yield checkpointer
+    except DivergenceError as e:
+        raise DivergenceError(f"{e}; the last good checkpoint is kept: {checkpointer.latest_uri or 'none yet'}") from e
+    checkpointer.clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.engine import TorchEngine
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
 from rlhf_core.ppo import PPOConfig, train_ppo
@@ -13,6 +14,7 @@ from tasks.common import (
     PhaseOutput,
     RunContext,
     artifact_key,
+    checkpointing,
     existing_output,
     fetch,
     phase_task,
@@ -32,6 +34,7 @@ def run_ppo(
     seed: int,
     on_metrics: MetricsCallback | None = None,
     trust_remote_code: bool = False,
+    checkpointer: Checkpointer | None = None,
 ) -> dict[str, float]:
     """PPO from ``policy_dir`` with the SFT model as frozen reference and a critic started from the reward
     model; saves the new policy to ``out_dir`` and returns the last step's metrics."""
@@ -54,6 +57,7 @@ def run_ppo(
         seed,
         data_judge(data_dir),
         on_metrics,
+        checkpointer,
     )
     policy.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -81,6 +85,7 @@ def ppo_task(
     }
     with (
         tracked(context, f"iteration-{iteration}/ppo", {"ppo": config.model_dump()}, config.steps) as log,
+        checkpointing(context, key, log, config.checkpoint_every) as checkpointer,
         tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as tmp,
     ):
         metrics = run_ppo(
@@ -93,6 +98,7 @@ def ppo_task(
             seed,
             log,
             context.trust_remote_code,
+            checkpointer,
         )
         parents = {"policy": policy.ref.uri, "reference": sft.ref.uri, "reward_model": reward.ref.uri}
         return publish(

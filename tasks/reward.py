@@ -5,6 +5,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import torch
+
+from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.engine import TorchEngine
 from rlhf_core.modeling import load_scorer, load_tokenizer
 from rlhf_core.reward import RewardConfig, normalize_reward_model, split_pairs, train_reward_model
@@ -14,6 +17,7 @@ from tasks.common import (
     PhaseOutput,
     RunContext,
     artifact_key,
+    checkpointing,
     existing_output,
     fetch,
     phase_task,
@@ -31,16 +35,18 @@ def run_reward(
     seed: int,
     on_metrics: MetricsCallback | None = None,
     trust_remote_code: bool = False,
+    checkpointer: Checkpointer | None = None,
 ) -> dict[str, float]:
     """Train a reward model from ``init_dir``'s backbone on all pairs in ``preference_dirs``; normalize it
     on the responses of the last one (the current policy's samples); save it to ``out_dir``."""
     tokenizer = load_tokenizer(init_dir, trust_remote_code)
+    torch.manual_seed(seed)  # the fresh scalar head: the same seed gives the same reward model
     model = load_scorer(init_dir, trust_remote_code)
     pairs = [pair for d in preference_dirs for pair in read_pairs(d)]
     train, val = split_pairs(pairs, config.val_fraction, seed)
     total = num_training_steps(len(train), config.batch_size, config.max_epochs)
     engine = TorchEngine(model, config.lr, total, config.warmup_steps, config.weight_decay, config.max_grad_norm)
-    result = train_reward_model(engine, tokenizer, train, val, config, seed, on_metrics)
+    result = train_reward_model(engine, tokenizer, train, val, config, seed, on_metrics, checkpointer)
     latest = read_pairs(preference_dirs[-1])
     norm = normalize_reward_model(
         model,
@@ -80,9 +86,12 @@ def reward_task(
     preference_dirs = [fetch(context, p) for p in preferences]
     with (
         tracked(context, f"iteration-{iteration}/reward", {"reward": config.model_dump()}) as log,
+        checkpointing(context, key, log, config.checkpoint_every) as checkpointer,
         tempfile.TemporaryDirectory(prefix="rlhf-rm-") as tmp,
     ):
-        metrics = run_reward(sft_dir, preference_dirs, Path(tmp), config, seed, log, context.trust_remote_code)
+        metrics = run_reward(
+            sft_dir, preference_dirs, Path(tmp), config, seed, log, context.trust_remote_code, checkpointer
+        )
         log(metrics, iteration)
         parents = {"init": sft.ref.uri, "preferences": [p.ref.uri for p in preferences]}
         return publish(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.engine import TorchEngine
 from rlhf_core.modeling import load_policy, load_tokenizer
 from rlhf_core.sft import SFTConfig, num_training_steps, train_sft
@@ -13,6 +14,7 @@ from tasks.common import (
     PhaseOutput,
     RunContext,
     artifact_key,
+    checkpointing,
     existing_output,
     fetch,
     phase_task,
@@ -30,6 +32,7 @@ def run_sft(
     seed: int,
     on_metrics: MetricsCallback | None = None,
     trust_remote_code: bool = False,
+    checkpointer: Checkpointer | None = None,
 ) -> dict[str, float]:
     """Load the base model, fine-tune it, save it with its tokenizer to ``out_dir``."""
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
@@ -37,7 +40,7 @@ def run_sft(
     demonstrations = read_demonstrations(data_dir)
     total = num_training_steps(len(demonstrations), config.batch_size, config.epochs)
     engine = TorchEngine(model, config.lr, total, config.warmup_steps, config.weight_decay, config.max_grad_norm)
-    result = train_sft(engine, tokenizer, demonstrations, config, seed, on_metrics)
+    result = train_sft(engine, tokenizer, demonstrations, config, seed, on_metrics, checkpointer)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return {"sft/first_loss": result.first_loss, "sft/final_loss": result.final_loss, "sft/steps": result.steps}
@@ -53,9 +56,11 @@ def sft_task(context: RunContext, data: PhaseOutput, config: SFTConfig, seed: in
     n_steps = num_training_steps(len(read_demonstrations(data_dir)), config.batch_size, config.epochs)
     with (
         tracked(context, "sft", {"sft": config.model_dump(), "seed": seed}, n_steps) as log,
+        checkpointing(context, key, log, config.checkpoint_every) as checkpointer,
         tempfile.TemporaryDirectory(prefix="rlhf-sft-") as tmp,
     ):
-        metrics = run_sft(data_dir / "base_model", data_dir, Path(tmp), config, seed, log, context.trust_remote_code)
+        base_dir = data_dir / "base_model"
+        metrics = run_sft(base_dir, data_dir, Path(tmp), config, seed, log, context.trust_remote_code, checkpointer)
         return publish(
             context,
             key,

@@ -4,6 +4,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from rlhf_core import world
+from rlhf_core.engine import TorchEngine
+from rlhf_core.modeling import load_policy, load_tokenizer
+from rlhf_core.sft import SFTConfig, train_sft
+
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
@@ -66,3 +71,28 @@ def pipeline_env(tmp_path_factory) -> dict[str, str]:
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
     return env
+
+
+TINY_WORLD = world.WorldConfig(n_demonstrations=600, hidden_size=32, num_layers=2, num_heads=2)
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("base")
+    tokenizer = world.build_tokenizer()
+    world.build_model(tokenizer, TINY_WORLD, seed=0).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def sft_dir(base_dir, tmp_path_factory):
+    """A briefly fine-tuned policy, shared by the later phases' tests."""
+    tokenizer, model = load_tokenizer(base_dir), load_policy(base_dir)
+    w = world.make_world(0, TINY_WORLD)
+    config = SFTConfig(epochs=3, batch_size=32, lr=1e-2, warmup_steps=2)
+    train_sft(TorchEngine(model, config.lr, 60, 2), tokenizer, w.demonstrations, config, seed=0)
+    directory = tmp_path_factory.mktemp("sft")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

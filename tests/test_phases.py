@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import TINY_WORLD
 
 from rlhf_core import world
 from rlhf_core.engine import TorchEngine
@@ -22,29 +23,7 @@ from rlhf_core.preferences import PreferenceConfig, PreferencePair, collect_pref
 from rlhf_core.reward import RewardConfig, normalize_reward_model, score_texts, split_pairs, train_reward_model
 from rlhf_core.sft import SFTConfig, sft_loss, train_sft
 
-TINY = world.WorldConfig(n_demonstrations=600, hidden_size=32, num_layers=2, num_heads=2)
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("base")
-    tokenizer = world.build_tokenizer()
-    world.build_model(tokenizer, TINY, seed=0).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def sft_dir(base_dir, tmp_path_factory):
-    """A briefly fine-tuned policy, shared by the later phases' tests."""
-    tokenizer, model = load_tokenizer(base_dir), load_policy(base_dir)
-    w = world.make_world(0, TINY)
-    config = SFTConfig(epochs=3, batch_size=32, lr=1e-2, warmup_steps=2)
-    train_sft(TorchEngine(model, config.lr, 60, 2), tokenizer, w.demonstrations, config, seed=0)
-    directory = tmp_path_factory.mktemp("sft")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+TINY = TINY_WORLD
 
 
 def weights_changed(before: dict, model: torch.nn.Module) -> bool:
