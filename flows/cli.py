@@ -90,10 +90,12 @@ def run(
     if not verbose:
         quiet_libraries()
     from flows.pipeline import check_inputs, rlhf_pipeline
+    from infra.storage import StorageError
+    from rlhf_core.checkpoint import DivergenceError
 
     try:
         check_inputs(pipeline_config)
-    except ValueError as e:  # DatasetError included: the file, row and column at fault
+    except (ValueError, StorageError) as e:  # DatasetError included: the file, row and column at fault
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
     from tasks.common import PROGRESS_HOOKS
@@ -111,6 +113,9 @@ def run(
         PROGRESS_HOOKS.append(on_progress)
         try:
             summary = rlhf_pipeline(pipeline_config)
+        except (StorageError, DivergenceError) as e:  # said in full already; the traceback adds nothing
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(1) from e
         finally:
             PROGRESS_HOOKS.remove(on_progress)
             for bar in bars.values():

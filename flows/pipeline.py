@@ -111,9 +111,12 @@ def log_iteration(parent: RunLogger, context: RunContext, summary: dict[str, flo
 
 
 def check_inputs(config: PipelineConfig) -> None:
-    """Read and check every user-supplied input (files, judge, base model's tokenizer) before anything is
-    written; DatasetError or ValueError names the file, row and column, or the config field."""
+    """Read and check every user-supplied input (files, judge, base model's tokenizer) and reach the object
+    store before anything is written: DatasetError or ValueError names the file, row and column, or the config
+    field; StorageError the bucket and what to check (a missing bucket or denied access fails here, at once)."""
     check_data(config.data, config.seed, config.trust_remote_code, config.max_tokens)
+    store = open_configured_store(config.storage.uri, config.storage.aws_credentials_block)
+    store.exists(f"{config.storage.prefix}/.probe")
 
 
 def open_lineage(config: PipelineConfig) -> Lineage | None:

@@ -1,0 +1,70 @@
+"""Storage faults: over an S3 endpoint that fails a share of requests (503, 500, dropped connections), every
+upload and download still completes, and a whole pipeline run finishes with every artifact whole; a
+permanent error (no such bucket) fails the run at once with a message naming the bucket."""
+
+import os
+import time
+
+import boto3
+import pytest
+from faulty_s3 import FaultyS3
+from test_flow import rlhf_run, summary
+
+from infra.storage import download_dir, open_store, upload_dir
+
+
+def aws_env(endpoint: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    return env | {"AWS_ENDPOINT_URL": endpoint}
+
+
+def test_uploads_and_downloads_survive_a_third_of_requests_failing(s3_endpoint, s3_bucket, tmp_path, monkeypatch):
+    with FaultyS3(s3_endpoint, fault_rate=0.3) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        store = open_store(f"s3://{s3_bucket}/faulty")
+        for i in range(10):
+            src = tmp_path / f"src-{i}"
+            src.mkdir()
+            (src / "weights.bin").write_bytes(os.urandom(200_000))
+            (src / "config.json").write_text(f'{{"i": {i}}}')
+            ref = upload_dir(store, src, f"artifact-{i}", {"i": i})
+            assert download_dir(store, ref.key, tmp_path / f"dst-{i}") == {"i": i}  # digests verified
+            assert (tmp_path / f"dst-{i}" / "weights.bin").read_bytes() == (src / "weights.bin").read_bytes()
+    assert proxy.counts["forwarded"] > 50
+    assert sum(proxy.counts[k] for k in ("503", "500", "reset")) > 20
+
+
+@pytest.mark.slow
+def test_the_pipeline_completes_over_a_flaky_s3_with_every_artifact_whole(
+    s3_endpoint, s3_bucket, pipeline_env, tmp_path
+):
+    with FaultyS3(s3_endpoint, fault_rate=0.2, seed=1) as proxy:
+        env = pipeline_env | aws_env(proxy.url)
+        rlhf_run(env, tmp_path, "iterations=1", f"storage.uri=s3://{s3_bucket}/rlhf")
+    faults = sum(proxy.counts[k] for k in ("503", "500", "reset"))
+    assert faults > 20, proxy.counts
+    assert summary(tmp_path)["iterations"][0]["iteration"] == 1
+    # every artifact is sealed and every file matches its manifest (read straight from moto, no faults)
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    keys = [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
+        for o in page.get("Contents", [])
+    ]
+    manifests = [k.removesuffix("/MANIFEST.json") for k in keys if k.endswith("/MANIFEST.json")]
+    assert len(manifests) == 6
+    store = open_store(f"s3://{s3_bucket}")
+    for key in manifests:
+        download_dir(store, key, tmp_path / "check" / key)
+    sealed = {m + "/" for m in manifests}
+    assert all(any(k.startswith(prefix) for prefix in sealed) for k in keys)  # no stray, unsealed objects
+
+
+def test_a_missing_bucket_fails_the_run_at_once_naming_it(s3_endpoint, pipeline_env, tmp_path):
+    env = pipeline_env | aws_env(s3_endpoint)
+    start = time.monotonic()
+    proc = rlhf_run(env, tmp_path, "storage.uri=s3://no-such-bucket-here/rlhf", check=False)
+    assert proc.returncode == 2
+    assert "S3 bucket 'no-such-bucket-here' does not exist" in proc.stdout.replace("\n", " ")
+    assert time.monotonic() - start < 60  # checked before the run starts, not retried
+    assert not (tmp_path / "rlhf-mlflow").exists()
