@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip==25.3
 	# torch alone first, pinned: this resolves to the CPU wheel, never a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,scale]"
 	touch $(STAMP)
 
 run: $(STAMP)

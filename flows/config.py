@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from infra.deepspeed_engine import DeepSpeedConfig
 from infra.lineage import check_lineage_name
 from rlhf_core.evaluate import EvalConfig
 from rlhf_core.ppo import PPOConfig
@@ -101,6 +102,11 @@ class PipelineConfig(BaseModel):
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward-model training.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO with a KL penalty.")
     evaluation: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    deepspeed: DeepSpeedConfig | None = Field(
+        None,
+        description="Train SFT, the reward model and PPO with DeepSpeed ZeRO (e.g. {zero_stage: 3, precision: "
+        "bf16}); null: plain torch. Needs the 'scale' extra (pip install -e '.[scale]').",
+    )
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object storage.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     trust_remote_code: bool = Field(

@@ -66,11 +66,26 @@ def iteration_flow(
         preferences_task, states, f"{label}/preferences", data=data, policy=policy, config=config.preferences, **common
     )
     preferences = [*preferences, new_preferences]
+    common_training = {**common, "deepspeed": config.deepspeed}
     reward = run_phase(
-        reward_task, states, f"{label}/reward", sft=sft, preferences=preferences, config=config.reward, **common
+        reward_task,
+        states,
+        f"{label}/reward",
+        sft=sft,
+        preferences=preferences,
+        config=config.reward,
+        **common_training,
     )
     policy = run_phase(
-        ppo_task, states, f"{label}/ppo", data=data, policy=policy, sft=sft, reward=reward, config=config.ppo, **common
+        ppo_task,
+        states,
+        f"{label}/ppo",
+        data=data,
+        policy=policy,
+        sft=sft,
+        reward=reward,
+        config=config.ppo,
+        **common_training,
     )
     evaluation = run_phase(
         evaluate_task,
@@ -168,7 +183,16 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
                 inputs_digest=local_inputs_digest(config.data),
                 max_tokens=config.max_tokens,
             )
-            sft = run_phase(sft_task, states, "sft", context=context, data=data, config=config.sft, seed=config.seed)
+            sft = run_phase(
+                sft_task,
+                states,
+                "sft",
+                context=context,
+                data=data,
+                config=config.sft,
+                seed=config.seed,
+                deepspeed=config.deepspeed,
+            )
             human = data.metrics.get("data/human_preferences", 0) > 0  # the data artifact holds them
             policy, preferences, done = sft, [data] if human else [], 0
         else:

@@ -1,7 +1,7 @@
 """Resumable checkpoints of a training phase in the object store (rlhf_core's ``Checkpointer``).
 
 A phase whose artifact goes to ``<key>`` keeps its checkpoints under ``<key>.checkpoints/step-<n>/``: one
-safetensors file per module and ``state.pt`` (optimizer, scheduler, RNG states, data position), sealed by a
+safetensors file of weights per model and ``state.pt`` (optimizer, scheduler, RNG states, data position), sealed by a
 manifest like every artifact, so a checkpoint cut off by a crash is never taken for a complete one. Only the
 newest complete checkpoint is kept; the phase deletes them all once its artifact is published.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
-from torch import nn
+from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from infra.storage import ObjectStore, download_dir, is_complete, upload_dir
 
@@ -66,28 +66,24 @@ class StoreCheckpointer:
         steps = self._complete_steps()
         return self.store.full_uri(self._key(steps[-1])) if steps else None
 
-    def restore(self, modules: Mapping[str, nn.Module]) -> dict[str, Any] | None:
+    def restore(self) -> dict[str, Any] | None:
         steps = self._complete_steps()
         if not steps:
             return None
         key = self._key(steps[-1])
         with tempfile.TemporaryDirectory(prefix="rlhf-ckpt-") as tmp:
             metadata = download_dir(self.store, key, Path(tmp))
-            loaded = {}
-            for name, module in modules.items():
-                if (Path(tmp) / f"{name}.safetensors").exists():
-                    load_model(module, Path(tmp) / f"{name}.safetensors")
-                    loaded[name] = module
+            weights = {path.stem: load_file(path) for path in Path(tmp).glob("*.safetensors")}
             state = torch.load(Path(tmp) / STATE_FILE, weights_only=True)
-        state |= {"step": steps[-1], "modules": loaded}
+        state |= {"step": steps[-1], "weights": weights}
         if self.on_resume is not None:
             self.on_resume(steps[-1], metadata)
         return state
 
-    def save(self, step: int, modules: Mapping[str, nn.Module], state: dict[str, Any]) -> None:
+    def save(self, step: int, weights: Mapping[str, dict[str, Tensor]], state: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="rlhf-ckpt-") as tmp:
-            for name, module in modules.items():
-                save_model(module, str(Path(tmp) / f"{name}.safetensors"))
+            for name, tensors in weights.items():
+                save_file({k: v.contiguous() for k, v in tensors.items()}, Path(tmp) / f"{name}.safetensors")
             torch.save(state, Path(tmp) / STATE_FILE)
             upload_dir(self.store, Path(tmp), self._key(step), {**self.metadata, "step": step})
         for older in self._steps():

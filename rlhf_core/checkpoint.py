@@ -1,9 +1,9 @@
 """Resumable training loops: what a loop hands to a checkpointer, and the numerical checks that stop it.
 
-A loop saves every ``checkpointer.every`` steps the weights of its modules and a ``state`` dict of plain
-values and tensors (optimizer and scheduler state, RNG states, counters, the data position), and on start
-asks for the latest complete checkpoint. Where checkpoints live is the caller's business (``infra/``); the
-state must load with ``torch.load(..., weights_only=True)``.
+A loop saves every ``checkpointer.every`` steps named weights (state dicts, from ``Engine.full_state_dict``)
+and a ``state`` dict of plain values and tensors (optimizer and scheduler state, RNG states, counters, the
+data position), and on start asks for the latest complete checkpoint. Where checkpoints live is the caller's
+business (``infra/``); the state must load with ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor
 
 
 class DivergenceError(RuntimeError):
@@ -24,12 +24,12 @@ class DivergenceError(RuntimeError):
 class Checkpointer(Protocol):
     every: int  # save every this many steps; 0 never saves
 
-    def restore(self, modules: Mapping[str, nn.Module]) -> dict[str, Any] | None:
-        """Load the latest complete checkpoint's weights into those of ``modules`` it holds and return its
-        state (with ``"step"``, and ``"modules"``: those of ``modules`` it loaded), or None when there is none."""
+    def restore(self) -> dict[str, Any] | None:
+        """The latest complete checkpoint's state, with ``"step"`` and ``"weights"`` (name -> state dict),
+        or None when there is none."""
         ...
 
-    def save(self, step: int, modules: Mapping[str, nn.Module], state: dict[str, Any]) -> None: ...
+    def save(self, step: int, weights: Mapping[str, dict[str, Tensor]], state: dict[str, Any]) -> None: ...
 
 
 def checkpoint_due(checkpointer: Checkpointer | None, step: int, total: int) -> bool:

@@ -23,6 +23,29 @@ class Engine(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """Every weight of ``module``, whole and detached (gathered, where an engine shards them): what to save
+        or to snapshot. No two entries share storage."""
+        ...
+
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+
+def optimizer_and_scheduler(
+    module: nn.Module, lr: float, total_steps: int, warmup_steps: int, weight_decay: float, min_lr_ratio: float
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters, with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
 
 class TorchEngine:
     """AdamW with linear warmup then cosine decay, and gradient-norm clipping."""
@@ -39,16 +62,9 @@ class TorchEngine:
     ) -> None:
         self.module = module
         self.max_grad_norm = max_grad_norm
-        params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-        def lr_lambda(step: int) -> float:
-            if step < warmup_steps:
-                return (step + 1) / warmup_steps
-            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-            return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self.optimizer, self.scheduler = optimizer_and_scheduler(
+            module, lr, total_steps, warmup_steps, weight_decay, min_lr_ratio
+        )
 
     def backward(self, loss: Tensor) -> None:
         loss.backward()
@@ -67,3 +83,9 @@ class TorchEngine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.module.load_state_dict(state)

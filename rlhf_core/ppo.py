@@ -220,7 +220,9 @@ def train_ppo(
     order: list[str] = []
     history: list[dict[str, float]] = []
     start = 0
-    if checkpointer is not None and (state := checkpointer.restore({"policy": policy, "critic": critic})):
+    if checkpointer is not None and (state := checkpointer.restore()):
+        policy_engine.load_full_state_dict(state["weights"]["policy"])
+        critic_engine.load_full_state_dict(state["weights"]["critic"])
         policy_engine.load_state_dict(state["policy_engine"])
         critic_engine.load_state_dict(state["critic_engine"])
         set_rng_state(state["rng"], generator, rng)
@@ -260,5 +262,6 @@ def train_ppo(
                 "history": history,
                 "kl_coef": kl_controller.value,
             }
-            checkpointer.save(step, {"policy": policy, "critic": critic}, state)
+            weights = {"policy": policy_engine.full_state_dict(), "critic": critic_engine.full_state_dict()}
+            checkpointer.save(step, weights, state)
     return PPOResult(config.steps, history, kl_controller.value)

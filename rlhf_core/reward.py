@@ -3,7 +3,6 @@ labeler preferences, early-stopped on validation accuracy, and normalized on pol
 
 from __future__ import annotations
 
-import copy
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,11 +123,12 @@ def train_reward_model(
     model = engine.module
     schedule = batch_schedule(len(train_pairs), config.batch_size, config.max_epochs, seed)
     eval_every = max(1, len(schedule) // config.max_epochs // config.evals_per_epoch)
-    best, best_model, checks_since_best, start, losses = None, None, 0, 0, []
-    if checkpointer is not None and (state := checkpointer.restore({"model": model, "best": copy.deepcopy(model)})):
+    best, best_weights, checks_since_best, start, losses = None, None, 0, 0, []
+    if checkpointer is not None and (state := checkpointer.restore()):
+        engine.load_full_state_dict(state["weights"]["model"])
         engine.load_state_dict(state["engine"])
         start, losses, best, checks_since_best = state["step"], state["losses"], state["best"], state["checks"]
-        best_model = state["modules"].get("best")
+        best_weights = state["weights"].get("best")
     step = start
     for step in range(start + 1, len(schedule) + 1):
         model.train()
@@ -154,17 +154,17 @@ def train_reward_model(
                     step,
                 )
             if best is None or val["accuracy"] > best["accuracy"]:
-                best, best_model, checks_since_best = val, copy.deepcopy(model), 0
+                best, best_weights, checks_since_best = val, engine.full_state_dict(), 0
             else:
                 checks_since_best += 1
             if checks_since_best >= config.patience:
                 break
         if checkpoint_due(checkpointer, step, len(schedule)):
-            modules = {"model": model} | ({"best": best_model} if best_model is not None else {})
+            weights = {"model": engine.full_state_dict()} | ({"best": best_weights} if best_weights is not None else {})
             state = {"engine": engine.state_dict(), "losses": losses, "best": best, "checks": checks_since_best}
-            checkpointer.save(step, modules, state)
-    if best_model is not None:
-        model.load_state_dict(best_model.state_dict())
+            checkpointer.save(step, weights, state)
+    if best_weights is not None:
+        engine.load_full_state_dict(best_weights)
     else:
         best = preference_accuracy(model.eval(), tokenizer, val_pairs, config.max_length)
     model.eval()

@@ -74,7 +74,8 @@ def train_sft(
     schedule = batch_schedule(len(demonstrations), config.batch_size, config.epochs, seed)
     steps_per_epoch = len(schedule) // config.epochs
     start, losses = 0, []
-    if checkpointer is not None and (state := checkpointer.restore({"model": model})):
+    if checkpointer is not None and (state := checkpointer.restore()):
+        engine.load_full_state_dict(state["weights"]["model"])
         engine.load_state_dict(state["engine"])
         start, losses = state["step"], state["losses"]
     model.train()
@@ -96,7 +97,9 @@ def train_sft(
                 step,
             )
         if checkpoint_due(checkpointer, step, len(schedule)):
-            checkpointer.save(step, {"model": model}, {"engine": engine.state_dict(), "losses": losses})
+            checkpointer.save(
+                step, {"model": engine.full_state_dict()}, {"engine": engine.state_dict(), "losses": losses}
+            )
     model.eval()
     tail = losses[-config.log_every :]
     return SFTResult(len(schedule), losses[0], sum(tail) / len(tail))

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from infra.checkpoints import StoreCheckpointer
 from infra.credentials import open_configured_store
+from infra.deepspeed_engine import DeepSpeedConfig
 from infra.storage import (
     ArtifactRef,
     ObjectStore,
@@ -29,6 +30,7 @@ from infra.storage import (
     upload_dir,
 )
 from rlhf_core.checkpoint import DivergenceError
+from rlhf_core.engine import Engine, TorchEngine
 
 if TYPE_CHECKING:
     from infra.tracking import RunLogger
@@ -190,6 +192,33 @@ def phase_task(name: str) -> Callable:
         cache_key_fn=phase_cache_key,
         persist_result=True,
     )
+
+
+def make_engine(
+    module: Any,
+    deepspeed: DeepSpeedConfig | None,
+    micro_batch_size: int,
+    lr: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    min_lr_ratio: float = 0.1,
+) -> Engine:
+    """Plain torch, or DeepSpeed ZeRO when the pipeline config names a stage: the loops do not know which."""
+    schedule = {"warmup_steps": warmup_steps, "weight_decay": weight_decay, "min_lr_ratio": min_lr_ratio}
+    if deepspeed is None:
+        return TorchEngine(module, lr, total_steps, max_grad_norm=max_grad_norm, **schedule)
+    from infra.deepspeed_engine import DeepSpeedEngine
+
+    return DeepSpeedEngine(
+        module, deepspeed, lr, total_steps, max_grad_norm=max_grad_norm, micro_batch_size=micro_batch_size, **schedule
+    )
+
+
+def checkpoint_every(every: int, deepspeed: DeepSpeedConfig | None) -> int:
+    """Resumable checkpoints are written under plain torch only (DeepSpeed's sharded optimizer state is not)."""
+    return every if deepspeed is None else 0
 
 
 class PhaseLog:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from infra.deepspeed_engine import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
-from rlhf_core.engine import TorchEngine
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
 from rlhf_core.ppo import PPOConfig, train_ppo
 from tasks.common import (
@@ -14,9 +14,11 @@ from tasks.common import (
     PhaseOutput,
     RunContext,
     artifact_key,
+    checkpoint_every,
     checkpointing,
     existing_output,
     fetch,
+    make_engine,
     phase_task,
     publish,
     tracked,
@@ -35,6 +37,7 @@ def run_ppo(
     on_metrics: MetricsCallback | None = None,
     trust_remote_code: bool = False,
     checkpointer: Checkpointer | None = None,
+    deepspeed: DeepSpeedConfig | None = None,
 ) -> dict[str, float]:
     """PPO from ``policy_dir`` with the SFT model as frozen reference and a critic started from the reward
     model; saves the new policy to ``out_dir`` and returns the last step's metrics."""
@@ -44,8 +47,11 @@ def run_ppo(
     reward_model = load_scorer(reward_dir, trust_remote_code).eval().requires_grad_(False)
     critic = load_scorer(reward_dir, trust_remote_code)
     updates = config.steps * config.epochs * -(-config.rollout_batch_size // config.minibatch_size)
-    policy_engine = TorchEngine(policy, config.lr, updates, 0, 0.0, config.max_grad_norm, min_lr_ratio=1.0)
-    critic_engine = TorchEngine(critic, config.critic_lr, updates, 0, 0.0, config.max_grad_norm, min_lr_ratio=1.0)
+    micro, clip = config.minibatch_size, config.max_grad_norm
+    policy_engine = make_engine(policy, deepspeed, micro, config.lr, updates, max_grad_norm=clip, min_lr_ratio=1.0)
+    critic_engine = make_engine(
+        critic, deepspeed, micro, config.critic_lr, updates, max_grad_norm=clip, min_lr_ratio=1.0
+    )
     result = train_ppo(
         policy_engine,
         critic_engine,
@@ -59,7 +65,7 @@ def run_ppo(
         on_metrics,
         checkpointer,
     )
-    policy.save_pretrained(out_dir)
+    policy.save_pretrained(out_dir, state_dict=policy_engine.full_state_dict())
     tokenizer.save_pretrained(out_dir)
     return result.history[-1]
 
@@ -74,8 +80,10 @@ def ppo_task(
     config: PPOConfig,
     seed: int,
     iteration: int,
+    deepspeed: DeepSpeedConfig | None = None,
 ) -> PhaseOutput:
     inputs = {"data": data, "policy": policy, "sft": sft, "reward": reward, "config": config, "seed": seed}
+    inputs["deepspeed"] = deepspeed
     key = artifact_key(context, f"iteration-{iteration:03d}", "policy", inputs)
     if done := existing_output(context, key):
         return done
@@ -85,7 +93,7 @@ def ppo_task(
     }
     with (
         tracked(context, f"iteration-{iteration}/ppo", {"ppo": config.model_dump()}, config.steps) as log,
-        checkpointing(context, key, log, config.checkpoint_every) as checkpointer,
+        checkpointing(context, key, log, checkpoint_every(config.checkpoint_every, deepspeed)) as checkpointer,
         tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as tmp,
     ):
         metrics = run_ppo(
@@ -99,6 +107,7 @@ def ppo_task(
             log,
             context.trust_remote_code,
             checkpointer,
+            deepspeed,
         )
         parents = {"policy": policy.ref.uri, "reference": sft.ref.uri, "reward_model": reward.ref.uri}
         return publish(

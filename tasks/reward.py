@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
+from infra.deepspeed_engine import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
-from rlhf_core.engine import TorchEngine
 from rlhf_core.modeling import load_scorer, load_tokenizer
 from rlhf_core.reward import RewardConfig, normalize_reward_model, split_pairs, train_reward_model
 from rlhf_core.sft import num_training_steps
@@ -17,9 +17,11 @@ from tasks.common import (
     PhaseOutput,
     RunContext,
     artifact_key,
+    checkpoint_every,
     checkpointing,
     existing_output,
     fetch,
+    make_engine,
     phase_task,
     publish,
     tracked,
@@ -36,6 +38,7 @@ def run_reward(
     on_metrics: MetricsCallback | None = None,
     trust_remote_code: bool = False,
     checkpointer: Checkpointer | None = None,
+    deepspeed: DeepSpeedConfig | None = None,
 ) -> dict[str, float]:
     """Train a reward model from ``init_dir``'s backbone on all pairs in ``preference_dirs``; normalize it
     on the responses of the last one (the current policy's samples); save it to ``out_dir``."""
@@ -45,7 +48,16 @@ def run_reward(
     pairs = [pair for d in preference_dirs for pair in read_pairs(d)]
     train, val = split_pairs(pairs, config.val_fraction, seed)
     total = num_training_steps(len(train), config.batch_size, config.max_epochs)
-    engine = TorchEngine(model, config.lr, total, config.warmup_steps, config.weight_decay, config.max_grad_norm)
+    engine = make_engine(
+        model,
+        deepspeed,
+        config.batch_size,
+        config.lr,
+        total,
+        config.warmup_steps,
+        config.weight_decay,
+        config.max_grad_norm,
+    )
     result = train_reward_model(engine, tokenizer, train, val, config, seed, on_metrics, checkpointer)
     latest = read_pairs(preference_dirs[-1])
     norm = normalize_reward_model(
@@ -55,7 +67,7 @@ def run_reward(
         [p.chosen for p in latest] + [p.rejected for p in latest],
         config.max_length,
     )
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, state_dict=engine.full_state_dict())
     tokenizer.save_pretrained(out_dir)
     return {
         "reward/val_accuracy": result.val_accuracy,
@@ -77,8 +89,9 @@ def reward_task(
     config: RewardConfig,
     seed: int,
     iteration: int,
+    deepspeed: DeepSpeedConfig | None = None,
 ) -> PhaseOutput:
-    inputs = {"sft": sft, "preferences": preferences, "config": config, "seed": seed}
+    inputs = {"sft": sft, "preferences": preferences, "config": config, "seed": seed, "deepspeed": deepspeed}
     key = artifact_key(context, f"iteration-{iteration:03d}", "reward_model", inputs)
     if done := existing_output(context, key):
         return done
@@ -86,11 +99,11 @@ def reward_task(
     preference_dirs = [fetch(context, p) for p in preferences]
     with (
         tracked(context, f"iteration-{iteration}/reward", {"reward": config.model_dump()}) as log,
-        checkpointing(context, key, log, config.checkpoint_every) as checkpointer,
+        checkpointing(context, key, log, checkpoint_every(config.checkpoint_every, deepspeed)) as checkpointer,
         tempfile.TemporaryDirectory(prefix="rlhf-rm-") as tmp,
     ):
         metrics = run_reward(
-            sft_dir, preference_dirs, Path(tmp), config, seed, log, context.trust_remote_code, checkpointer
+            sft_dir, preference_dirs, Path(tmp), config, seed, log, context.trust_remote_code, checkpointer, deepspeed
         )
         log(metrics, iteration)
         parents = {"init": sft.ref.uri, "preferences": [p.ref.uri for p in preferences]}

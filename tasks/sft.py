@@ -5,8 +5,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from infra.deepspeed_engine import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
-from rlhf_core.engine import TorchEngine
 from rlhf_core.modeling import load_policy, load_tokenizer
 from rlhf_core.sft import SFTConfig, num_training_steps, train_sft
 from tasks.common import (
@@ -14,9 +14,11 @@ from tasks.common import (
     PhaseOutput,
     RunContext,
     artifact_key,
+    checkpoint_every,
     checkpointing,
     existing_output,
     fetch,
+    make_engine,
     phase_task,
     publish,
     tracked,
@@ -33,22 +35,34 @@ def run_sft(
     on_metrics: MetricsCallback | None = None,
     trust_remote_code: bool = False,
     checkpointer: Checkpointer | None = None,
+    deepspeed: DeepSpeedConfig | None = None,
 ) -> dict[str, float]:
     """Load the base model, fine-tune it, save it with its tokenizer to ``out_dir``."""
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
     model = load_policy(base_dir, trust_remote_code)
     demonstrations = read_demonstrations(data_dir)
     total = num_training_steps(len(demonstrations), config.batch_size, config.epochs)
-    engine = TorchEngine(model, config.lr, total, config.warmup_steps, config.weight_decay, config.max_grad_norm)
+    engine = make_engine(
+        model,
+        deepspeed,
+        config.batch_size,
+        config.lr,
+        total,
+        config.warmup_steps,
+        config.weight_decay,
+        config.max_grad_norm,
+    )
     result = train_sft(engine, tokenizer, demonstrations, config, seed, on_metrics, checkpointer)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, state_dict=engine.full_state_dict())
     tokenizer.save_pretrained(out_dir)
     return {"sft/first_loss": result.first_loss, "sft/final_loss": result.final_loss, "sft/steps": result.steps}
 
 
 @phase_task("sft")
-def sft_task(context: RunContext, data: PhaseOutput, config: SFTConfig, seed: int) -> PhaseOutput:
-    inputs = {"data": data, "config": config, "seed": seed}
+def sft_task(
+    context: RunContext, data: PhaseOutput, config: SFTConfig, seed: int, deepspeed: DeepSpeedConfig | None = None
+) -> PhaseOutput:
+    inputs = {"data": data, "config": config, "seed": seed, "deepspeed": deepspeed}
     key = artifact_key(context, "sft", "policy", inputs)
     if done := existing_output(context, key):
         return done
@@ -56,11 +70,13 @@ def sft_task(context: RunContext, data: PhaseOutput, config: SFTConfig, seed: in
     n_steps = num_training_steps(len(read_demonstrations(data_dir)), config.batch_size, config.epochs)
     with (
         tracked(context, "sft", {"sft": config.model_dump(), "seed": seed}, n_steps) as log,
-        checkpointing(context, key, log, config.checkpoint_every) as checkpointer,
+        checkpointing(context, key, log, checkpoint_every(config.checkpoint_every, deepspeed)) as checkpointer,
         tempfile.TemporaryDirectory(prefix="rlhf-sft-") as tmp,
     ):
         base_dir = data_dir / "base_model"
-        metrics = run_sft(base_dir, data_dir, Path(tmp), config, seed, log, context.trust_remote_code, checkpointer)
+        metrics = run_sft(
+            base_dir, data_dir, Path(tmp), config, seed, log, context.trust_remote_code, checkpointer, deepspeed
+        )
         return publish(
             context,
             key,

@@ -1,0 +1,134 @@
+"""DeepSpeed ZeRO behind rlhf_core's ``Engine``: the same loops train under plain torch or ZeRO stage 0-3,
+with the DeepSpeed config built here, in Python, from the phase's settings (no JSON template to drift).
+
+``deepspeed`` is imported only when an engine is built, so nothing else pays for it (or needs it installed).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from rlhf_core.engine import optimizer_and_scheduler
+
+
+class DeepSpeedConfig(BaseModel):
+    """Train every phase with DeepSpeed ZeRO instead of plain torch."""
+
+    model_config = ConfigDict(extra="forbid")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also weights."
+    )
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO-Offload, stage >= 1).")
+    offload_params: bool = Field(False, description="Keep weights in CPU memory between uses (ZeRO-Infinity, stage 3).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Training precision; bf16 and fp16 need hardware that has them (fp16 adds loss scaling)."
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self) -> DeepSpeedConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3: only stage 3 shards the weights")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        return self
+
+
+def deepspeed_config(config: DeepSpeedConfig, micro_batch_size: int, max_grad_norm: float | None) -> dict[str, Any]:
+    """The DeepSpeed JSON config for one engine. The optimizer and schedule are ours (client objects), so the
+    config holds only what DeepSpeed itself does: sharding, offload, precision, clipping."""
+    zero: dict[str, Any] = {"stage": config.zero_stage}
+    if config.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if config.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": max_grad_norm or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": config.precision == "bf16"},
+        "fp16": {"enabled": config.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW, the same optimizer as the plain-torch path
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def ensure_process_group_env() -> None:
+    """A single process outside any launcher still needs the rendezvous variables (else DeepSpeed asks for MPI)."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+class DeepSpeedEngine:
+    """``rlhf_core.engine.Engine`` over ``deepspeed.initialize``: AdamW with warmup and cosine decay as in
+    TorchEngine, with ZeRO sharding, offload and mixed precision from ``config``."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        config: DeepSpeedConfig,
+        lr: float,
+        total_steps: int,
+        warmup_steps: int = 0,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = 1.0,
+        min_lr_ratio: float = 0.1,
+        micro_batch_size: int = 1,
+    ) -> None:
+        import deepspeed
+
+        ensure_process_group_env()
+        optimizer, scheduler = optimizer_and_scheduler(
+            module, lr, total_steps, warmup_steps, weight_decay, min_lr_ratio
+        )
+        self.config = config
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(config, micro_batch_size, max_grad_norm),
+        )
+        self.module = self.engine.module
+
+    def backward(self, loss: Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> dict[str, float]:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": self.scheduler.get_last_lr()[0]}
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError("resumable checkpoints are not supported under DeepSpeed yet")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError("resumable checkpoints are not supported under DeepSpeed yet")
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """Every weight, whole and in fp32 (gathered from the ranks' shards under ZeRO-3), for save_pretrained."""
+        import deepspeed
+
+        params = list(self.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=self.config.zero_stage == 3):
+            return {k: v.detach().to(torch.float32).clone() for k, v in self.module.state_dict().items()}
+
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Set every weight of the module (the fp32 master copy is left as is: use it after training only)."""
+        import deepspeed
+
+        params = list(self.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=self.config.zero_stage == 3):
+            dtype = next(self.module.parameters()).dtype
+            self.module.load_state_dict({k: v.to(dtype) for k, v in state.items()})
