@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from infra.deepspeed_engine import DeepSpeedConfig
 from infra.lineage import check_lineage_name
@@ -119,6 +119,12 @@ class PipelineConfig(BaseModel):
     @classmethod
     def _safe_lineage(cls, lineage: str | None) -> str | None:
         return None if lineage is None else check_lineage_name(lineage)
+
+    @model_validator(mode="after")
+    def _lora_on_torch_only(self) -> PipelineConfig:
+        if self.deepspeed is not None and self.ppo.lora is not None:
+            raise ValueError("ppo.lora with deepspeed is not supported yet: set one of them to null")
+        return self
 
     @property
     def max_tokens(self) -> int:

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf_core.checkpoint import Checkpointer, DivergenceError, check_finite, checkpoint_due, rng_state, set_rng_state
 from rlhf_core.engine import Engine
 from rlhf_core.kl_control import AdaptiveKLController, FixedKLController, KLController
+from rlhf_core.lora import LoRAConfig
 from rlhf_core.losses import (
     compute_gae,
     explained_variance,
@@ -66,6 +67,9 @@ class PPOConfig(BaseModel):
     kl_horizon: int = Field(10000, ge=1, description="Horizon of the adaptive KL controller, in samples.")
     max_kl: float | None = Field(
         50.0, gt=0, description="Stop PPO with an error once the KL to the reference passes this (nats per response)."
+    )
+    lora: LoRAConfig | None = Field(
+        None, description="Train the policy as LoRA adapters, the reference being the same model with them off."
     )
     checkpoint_every: int = Field(10, ge=0, description="Save a resumable checkpoint every this many steps; 0: never.")
     target_kl: float | None = Field(

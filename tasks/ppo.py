@@ -5,8 +5,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from torch import nn
+
 from infra.deepspeed_engine import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
+from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, LoRAConfig, add_lora, load_lora
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
 from rlhf_core.ppo import PPOConfig, train_ppo
 from tasks.common import (
@@ -26,6 +29,22 @@ from tasks.common import (
 from tasks.data import data_judge, read_prompts
 
 
+def load_policy_and_reference(
+    policy_dir: Path, sft_dir: Path, lora: LoRAConfig | None, trust_remote_code: bool = False
+) -> tuple[nn.Module, nn.Module]:
+    """The policy to train and its frozen SFT reference. With LoRA, the policy is the SFT model with adapters
+    (new, or the previous iteration's from ``policy_dir/adapter``) and the reference that model with them off;
+    a policy that is neither (trained in full earlier) gets fresh adapters and a separate reference."""
+    if lora is None or (policy_dir != sft_dir and not (policy_dir / ADAPTER_DIR).is_dir()):
+        policy = load_policy(policy_dir, trust_remote_code)
+        reference = load_policy(sft_dir, trust_remote_code).eval().requires_grad_(False)
+        return (policy if lora is None else add_lora(policy, lora)), reference
+    base = load_policy(sft_dir, trust_remote_code)
+    adapters = policy_dir / ADAPTER_DIR
+    policy = load_lora(base, adapters) if adapters.is_dir() else add_lora(base, lora)
+    return policy, AdaptersDisabled(policy)
+
+
 def run_ppo(
     policy_dir: Path,
     sft_dir: Path,
@@ -42,8 +61,7 @@ def run_ppo(
     """PPO from ``policy_dir`` with the SFT model as frozen reference and a critic started from the reward
     model; saves the new policy to ``out_dir`` and returns the last step's metrics."""
     tokenizer = load_tokenizer(policy_dir, trust_remote_code)
-    policy = load_policy(policy_dir, trust_remote_code)
-    reference = load_policy(sft_dir, trust_remote_code).eval().requires_grad_(False)
+    policy, reference = load_policy_and_reference(policy_dir, sft_dir, config.lora, trust_remote_code)
     reward_model = load_scorer(reward_dir, trust_remote_code).eval().requires_grad_(False)
     critic = load_scorer(reward_dir, trust_remote_code)
     updates = config.steps * config.epochs * -(-config.rollout_batch_size // config.minibatch_size)
@@ -65,7 +83,11 @@ def run_ppo(
         on_metrics,
         checkpointer,
     )
-    policy.save_pretrained(out_dir, state_dict=policy_engine.full_state_dict())
+    if config.lora is None:
+        policy.save_pretrained(out_dir, state_dict=policy_engine.full_state_dict())
+    else:  # the adapters, and the merged model every other phase loads as any causal LM
+        policy.save_pretrained(out_dir / ADAPTER_DIR)
+        policy.merge_and_unload().save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return result.history[-1]
 

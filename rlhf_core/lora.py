@@ -1,0 +1,62 @@
+"""LoRA policies (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") through peft.
+
+The policy trains low-rank adapters on frozen base weights, and PPO's frozen reference is the same model with
+its adapters switched off, so one copy of the base weights serves both (and the optimizer holds state for the
+adapters only). ``peft`` is imported only when a LoRA policy is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+ADAPTER_DIR = "adapter"
+
+
+class LoRAConfig(BaseModel):
+    """Low-rank adapters on the policy."""
+
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(8, ge=1, description="Rank of each adapter.")
+    alpha: float = Field(16.0, gt=0, description="Scale of the adapters' output (alpha / r multiplies it).")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Layers that get adapters: 'all-linear' or a list of module names."
+    )
+
+
+def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """``model`` with fresh adapters (the base weights frozen, dropout off)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=0.0,
+        target_modules=config.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def load_lora(base: nn.Module, adapter_dir: Path) -> nn.Module:
+    """``base`` with the trainable adapters saved in ``adapter_dir``."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+
+
+class AdaptersDisabled(nn.Module):
+    """A LoRA policy seen with its adapters off: its base model, shared rather than copied. Holds the policy
+    outside its own submodules, so ``eval()`` or ``requires_grad_()`` here never reach the policy."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self._policy = [policy]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        policy = self._policy[0]
+        with policy.disable_adapter():
+            return policy(*args, **kwargs)
