@@ -129,4 +129,4 @@ def kl_shaped_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) 
     last token (Ziegler et al. 2019; Ouyang et al. 2022, eq. 2). scores: (B,), kl, mask: (B, T) -> (B, T)."""
     rewards = -kl_coef * kl * mask
     last = (mask.sum(1).long() - 1).clamp(min=0)
-    return rewards.index_put((torch.arange(len(scores)), last), scores, accumulate=True)
+    return rewards.index_put((torch.arange(len(scores), device=scores.device), last), scores, accumulate=True)

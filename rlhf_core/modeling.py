@@ -40,12 +40,17 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     return tokenizer
 
 
+def default_device() -> torch.device:
+    """The first GPU where there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_policy(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A causal LM from safetensors weights only, dropout off."""
+    """A causal LM from safetensors weights only, dropout off, on :func:`default_device`."""
     model = AutoModelForCausalLM.from_pretrained(
         str(path), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
     )
-    return disable_dropout(model)
+    return disable_dropout(model).to(default_device())
 
 
 def load_scorer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
@@ -56,7 +61,7 @@ def load_scorer(path: str | Path, trust_remote_code: bool = False) -> PreTrained
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
-    return disable_dropout(model)
+    return disable_dropout(model).to(default_device())
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -64,8 +69,10 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> tuple[Tensor, Tensor]:
-    """Left-padded prompt ids and attention mask, (B, P) each."""
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """Left-padded prompt ids and attention mask, (B, P) each, on ``device``."""
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     width = max(map(len, ids))
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -73,7 +80,7 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> tu
     for i, row in enumerate(ids):
         input_ids[i, width - len(row) :] = torch.tensor(row)
         mask[i, width - len(row) :] = 1
-    return input_ids, mask
+    return input_ids.to(device), mask.to(device)
 
 
 @dataclass
@@ -87,10 +94,14 @@ class EncodedPairs:
 
 
 def encode_prompt_responses(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
+    max_length: int,
+    device: torch.device | str = "cpu",
 ) -> EncodedPairs:
     """Tokenize prompt and response separately and join them with EOS appended, truncating the response
-    so the whole fits in ``max_length``."""
+    so the whole fits in ``max_length``; the tensors on ``device``."""
     rows, prompt_lengths = [], []
     for prompt, response in zip(prompts, responses, strict=True):
         prompt_ids = tokenizer(prompt)["input_ids"]
@@ -107,7 +118,7 @@ def encode_prompt_responses(
     response_mask = attention_mask.clone()
     for i, n in enumerate(prompt_lengths):
         response_mask[i, :n] = 0
-    return EncodedPairs(input_ids, attention_mask, response_mask)
+    return EncodedPairs(input_ids.to(device), attention_mask.to(device), response_mask.to(device))
 
 
 def truncate_after_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor]:
@@ -143,7 +154,7 @@ def sample_responses(
 ) -> Samples:
     """Batched sampling with left padding and the KV cache, from the full distribution (no top-k or
     top-p: the log-probs PPO recomputes must be those of the distribution sampled from)."""
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, model.device)
     out = model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,

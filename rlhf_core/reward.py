@@ -63,17 +63,17 @@ def score_texts(
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
             enc = encode_prompt_responses(
-                tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], max_length
+                tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], max_length, model.device
             )
             scores.append(reward_scores(model, enc.input_ids, enc.attention_mask))
-    return torch.cat(scores) if scores else torch.zeros(0)
+    return torch.cat(scores).cpu() if scores else torch.zeros(0)
 
 
 def pair_rewards(model, tokenizer, pairs: list[PreferencePair], max_length: int) -> tuple[Tensor, Tensor]:
     """Rewards of chosen and rejected responses, in one forward pass. -> (B,), (B,)."""
     prompts = [p.prompt for p in pairs]
     enc = encode_prompt_responses(
-        tokenizer, prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], max_length
+        tokenizer, prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], max_length, model.device
     )
     rewards = reward_scores(model, enc.input_ids, enc.attention_mask)
     return rewards[: len(pairs)], rewards[len(pairs) :]
@@ -88,7 +88,7 @@ def preference_accuracy(model, tokenizer, pairs: list[PreferencePair], max_lengt
             c, r = pair_rewards(model, tokenizer, pairs[i : i + 256], max_length)
             chosen.append(c)
             rejected.append(r)
-    margin = torch.cat(chosen) - torch.cat(rejected)
+    margin = (torch.cat(chosen) - torch.cat(rejected)).cpu()
     gold_margin = torch.tensor([p.chosen_gold - p.rejected_gold for p in pairs])
     decided = gold_margin != 0
     gold_agree = ((margin > 0) == (gold_margin > 0))[decided].float()

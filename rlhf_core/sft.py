@@ -81,7 +81,8 @@ def train_sft(
     model.train()
     for step in range(start + 1, len(schedule) + 1):
         rows = [demonstrations[i] for i in schedule[step - 1].tolist()]
-        batch = encode_prompt_responses(tokenizer, [p for p, _ in rows], [r for _, r in rows], config.max_length)
+        prompts, responses = [p for p, _ in rows], [r for _, r in rows]
+        batch = encode_prompt_responses(tokenizer, prompts, responses, config.max_length, model.device)
         loss = sft_loss(model, batch)
         check_finite("sft", step, loss=loss.item())
         engine.backward(loss)
