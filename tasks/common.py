@@ -216,6 +216,21 @@ def make_engine(
     )
 
 
+def phase_engine(module: Any, config: Any, total_steps: int, deepspeed: DeepSpeedConfig | None) -> Engine:
+    """:func:`make_engine` from a phase config with ``batch_size``, ``lr``, ``warmup_steps``, ``weight_decay``
+    and ``max_grad_norm`` (SFT, reward model)."""
+    return make_engine(
+        module,
+        deepspeed,
+        config.batch_size,
+        config.lr,
+        total_steps,
+        config.warmup_steps,
+        config.weight_decay,
+        config.max_grad_norm,
+    )
+
+
 def checkpoint_every(every: int, deepspeed: DeepSpeedConfig | None) -> int:
     """Resumable checkpoints are written under plain torch only (DeepSpeed's sharded optimizer state is not)."""
     return every if deepspeed is None else 0

@@ -21,7 +21,7 @@ from tasks.common import (
     checkpointing,
     existing_output,
     fetch,
-    make_engine,
+    phase_engine,
     phase_task,
     publish,
     tracked,
@@ -48,16 +48,7 @@ def run_reward(
     pairs = [pair for d in preference_dirs for pair in read_pairs(d)]
     train, val = split_pairs(pairs, config.val_fraction, seed)
     total = num_training_steps(len(train), config.batch_size, config.max_epochs)
-    engine = make_engine(
-        model,
-        deepspeed,
-        config.batch_size,
-        config.lr,
-        total,
-        config.warmup_steps,
-        config.weight_decay,
-        config.max_grad_norm,
-    )
+    engine = phase_engine(model, config, total, deepspeed)
     result = train_reward_model(engine, tokenizer, train, val, config, seed, on_metrics, checkpointer)
     latest = read_pairs(preference_dirs[-1])
     norm = normalize_reward_model(

@@ -18,7 +18,7 @@ from tasks.common import (
     checkpointing,
     existing_output,
     fetch,
-    make_engine,
+    phase_engine,
     phase_task,
     publish,
     tracked,
@@ -42,16 +42,7 @@ def run_sft(
     model = load_policy(base_dir, trust_remote_code)
     demonstrations = read_demonstrations(data_dir)
     total = num_training_steps(len(demonstrations), config.batch_size, config.epochs)
-    engine = make_engine(
-        model,
-        deepspeed,
-        config.batch_size,
-        config.lr,
-        total,
-        config.warmup_steps,
-        config.weight_decay,
-        config.max_grad_norm,
-    )
+    engine = phase_engine(model, config, total, deepspeed)
     result = train_sft(engine, tokenizer, demonstrations, config, seed, on_metrics, checkpointer)
     model.save_pretrained(out_dir, state_dict=engine.full_state_dict())
     tokenizer.save_pretrained(out_dir)
