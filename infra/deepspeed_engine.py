@@ -26,6 +26,12 @@ class DeepSpeedConfig(BaseModel):
     )
     offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO-Offload, stage >= 1).")
     offload_params: bool = Field(False, description="Keep weights in CPU memory between uses (ZeRO-Infinity, stage 3).")
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Run SFT as this many data-parallel processes (torchrun, started by the phase's task); the "
+        "reward model and PPO still run in one process.",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Training precision; bf16 and fp16 need hardware that has them (fp16 adds loss scaling)."
     )
@@ -101,9 +107,16 @@ class DeepSpeedEngine:
             config=deepspeed_config(config, micro_batch_size, max_grad_norm),
         )
         self.module = self.engine.module
+        self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
     def backward(self, loss: Tensor) -> None:
-        self.engine.backward(loss)
+        # DeepSpeed averages gradients over ranks; the loss is this rank's share of a sum, so scale it back
+        self.engine.backward(loss * self.world_size)
+
+    def sum_across_ranks(self, value: Tensor) -> Tensor:
+        total = value.detach().clone()
+        torch.distributed.all_reduce(total)
+        return total
 
     def step(self) -> dict[str, float]:
         self.engine.step()

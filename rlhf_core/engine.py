@@ -11,11 +11,19 @@ from torch import Tensor, nn
 
 
 class Engine(Protocol):
-    """The optimizer side of a training loop: ``backward`` then ``step`` once per minibatch."""
+    """The optimizer side of a training loop: ``backward`` then ``step`` once per minibatch.
+
+    Under data parallelism each of ``world_size`` processes (``rank``) holds a share of the batch, and
+    ``backward`` takes this rank's share of the batch loss: the shares sum to the loss of the whole batch.
+    """
 
     module: nn.Module
+    rank: int
+    world_size: int
 
     def backward(self, loss: Tensor) -> None: ...
+
+    def sum_across_ranks(self, value: Tensor) -> Tensor: ...
 
     def step(self) -> dict[str, float]: ...
 
@@ -66,8 +74,13 @@ class TorchEngine:
             module, lr, total_steps, warmup_steps, weight_decay, min_lr_ratio
         )
 
+    rank, world_size = 0, 1
+
     def backward(self, loss: Tensor) -> None:
         loss.backward()
+
+    def sum_across_ranks(self, value: Tensor) -> Tensor:
+        return value
 
     def step(self) -> dict[str, float]:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]

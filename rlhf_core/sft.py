@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.checkpoint import Checkpointer, check_finite, checkpoint_due
 from rlhf_core.engine import Engine
-from rlhf_core.losses import masked_mean, selective_log_softmax
+from rlhf_core.losses import masked_mean, masked_sum, selective_log_softmax
 from rlhf_core.modeling import EncodedPairs, batch_schedule, encode_prompt_responses, position_ids_from_mask
 
 MetricsCallback = Callable[[dict[str, float], int], None]
@@ -40,8 +40,9 @@ def num_training_steps(n_examples: int, batch_size: int, epochs: int) -> int:
     return epochs * math.ceil(n_examples / batch_size)
 
 
-def sft_loss(model: PreTrainedModel, batch: EncodedPairs) -> Tensor:
-    """Mean next-token negative log-likelihood over response tokens (EOS included). -> scalar."""
+def sft_loss(model: PreTrainedModel, batch: EncodedPairs, num_tokens: int | None = None) -> Tensor:
+    """Next-token negative log-likelihood over response tokens (EOS included), summed and divided by
+    ``num_tokens`` (default: this batch's response tokens, i.e. the mean). -> scalar."""
     logits = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -49,7 +50,9 @@ def sft_loss(model: PreTrainedModel, batch: EncodedPairs) -> Tensor:
         use_cache=False,
     ).logits[:, :-1]
     nll = -selective_log_softmax(logits.float(), batch.input_ids[:, 1:])
-    return masked_mean(nll, batch.response_mask[:, 1:])
+    if num_tokens is None:
+        return masked_mean(nll, batch.response_mask[:, 1:])
+    return masked_sum(nll, batch.response_mask[:, 1:]) / num_tokens
 
 
 @dataclass
@@ -57,6 +60,31 @@ class SFTResult:
     steps: int
     first_loss: float
     final_loss: float
+
+
+def shard_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    demonstrations: list[tuple[str, str]],
+    index: Tensor,
+    config: SFTConfig,
+    engine: Engine,
+) -> tuple[EncodedPairs, int, float]:
+    """This rank's rows of a batch, the response tokens of the whole batch (so the ranks' losses sum to the
+    batch's mean) and a weight: 0 for a rank left without rows by a short last batch, which still takes part
+    in the step with a copy of the first row."""
+    rows = [demonstrations[i] for i in index.tolist()]
+    device = engine.module.device
+    if engine.world_size == 1:
+        batch = encode_prompt_responses(
+            tokenizer, [p for p, _ in rows], [r for _, r in rows], config.max_length, device
+        )
+        return batch, int(batch.response_mask[:, 1:].sum()), 1.0
+    full = encode_prompt_responses(tokenizer, [p for p, _ in rows], [r for _, r in rows], config.max_length)
+    mine = [rows[i] for i in range(engine.rank, len(rows), engine.world_size)]
+    weight = 1.0 if mine else 0.0
+    mine = mine or rows[:1]
+    batch = encode_prompt_responses(tokenizer, [p for p, _ in mine], [r for _, r in mine], config.max_length, device)
+    return batch, int(full.response_mask[:, 1:].sum()), weight
 
 
 def train_sft(
@@ -80,14 +108,12 @@ def train_sft(
         start, losses = state["step"], state["losses"]
     model.train()
     for step in range(start + 1, len(schedule) + 1):
-        rows = [demonstrations[i] for i in schedule[step - 1].tolist()]
-        prompts, responses = [p for p, _ in rows], [r for _, r in rows]
-        batch = encode_prompt_responses(tokenizer, prompts, responses, config.max_length, model.device)
-        loss = sft_loss(model, batch)
-        check_finite("sft", step, loss=loss.item())
-        engine.backward(loss)
+        batch, num_tokens, weight = shard_batch(tokenizer, demonstrations, schedule[step - 1], config, engine)
+        share = sft_loss(model, batch, num_tokens) * weight
+        check_finite("sft", step, loss=share.item())
+        engine.backward(share)
         update = engine.step()
-        losses.append(loss.item())
+        losses.append(engine.sum_across_ranks(share).item())
         if step % config.log_every == 0 and on_metrics:
             on_metrics(
                 {

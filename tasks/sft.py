@@ -24,6 +24,7 @@ from tasks.common import (
     tracked,
 )
 from tasks.data import read_demonstrations
+from tasks.launch import launch_sft
 
 
 def run_sft(
@@ -44,8 +45,10 @@ def run_sft(
     total = num_training_steps(len(demonstrations), config.batch_size, config.epochs)
     engine = phase_engine(model, config, total, deepspeed)
     result = train_sft(engine, tokenizer, demonstrations, config, seed, on_metrics, checkpointer)
-    model.save_pretrained(out_dir, state_dict=engine.full_state_dict())
-    tokenizer.save_pretrained(out_dir)
+    weights = engine.full_state_dict()  # every rank takes part in gathering; rank 0 writes
+    if engine.rank == 0:
+        model.save_pretrained(out_dir, state_dict=weights)
+        tokenizer.save_pretrained(out_dir)
     return {"sft/first_loss": result.first_loss, "sft/final_loss": result.final_loss, "sft/steps": result.steps}
 
 
@@ -65,9 +68,12 @@ def sft_task(
         tempfile.TemporaryDirectory(prefix="rlhf-sft-") as tmp,
     ):
         base_dir = data_dir / "base_model"
-        metrics = run_sft(
-            base_dir, data_dir, Path(tmp), config, seed, log, context.trust_remote_code, checkpointer, deepspeed
-        )
+        if deepspeed is not None and deepspeed.num_processes > 1:
+            metrics = launch_sft(base_dir, data_dir, Path(tmp), config, seed, deepspeed, log, context.trust_remote_code)
+        else:
+            metrics = run_sft(
+                base_dir, data_dir, Path(tmp), config, seed, log, context.trust_remote_code, checkpointer, deepspeed
+            )
         return publish(
             context,
             key,

@@ -10,6 +10,7 @@ from flows.config import load_config
 from infra.deepspeed_engine import DeepSpeedConfig, deepspeed_config
 from rlhf_core.modeling import load_policy, load_scorer
 from tasks.data import write_data
+from tasks.launch import launch_sft
 from tasks.ppo import run_ppo
 from tasks.preferences import run_preferences
 from tasks.reward import run_reward
@@ -85,3 +86,24 @@ def test_every_phase_under_zero_matches_plain_torch(stage, phase_inputs, tmp_pat
     ours = history(ppo, out=tmp_path / "ppo-zero", deepspeed=zero)
     assert_same_history(ours, plain, ["ppo/kl", "ppo/reward", "ppo/policy_loss", "ppo/value_loss"], atol=1e-3)
     assert_same_weights(load_policy(tmp_path / "ppo-zero"), load_policy(tmp_path / "ppo-torch"), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_sft_as_two_processes_matches_one(phase_inputs, tmp_path):
+    base, data = phase_inputs / "data" / "base_model", phase_inputs / "data"
+    single = run_sft(base, data, tmp_path / "one", CONFIG.sft, 0)
+    two = launch_sft(base, data, tmp_path / "two", CONFIG.sft, 0, DeepSpeedConfig(zero_stage=2, num_processes=2))
+    for key in ("sft/first_loss", "sft/final_loss", "sft/steps"):
+        assert two[key] == pytest.approx(single[key], abs=1e-4), key
+    assert_same_weights(load_policy(tmp_path / "two"), load_policy(tmp_path / "one"), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_failing_rank_fails_the_phase_with_its_output(phase_inputs, tmp_path):
+    base = phase_inputs / "data" / "base_model"
+    zero = DeepSpeedConfig(zero_stage=2, num_processes=2)
+    with pytest.raises(
+        RuntimeError, match=r"sft: a rank of 2 failed \(torchrun exit 1\): .*Error: .*demonstrations.parquet"
+    ):
+        launch_sft(base, tmp_path / "no-data", tmp_path / "out", CONFIG.sft, 0, zero)
+    assert not (tmp_path / "out").exists()
