@@ -28,7 +28,7 @@ from rlhf_core.losses import bradley_terry_loss
 from rlhf_core.modeling import disable_dropout, encode_prompt_responses
 from rlhf_core.ppo import PPOConfig, train_ppo
 from rlhf_core.preferences import PreferencePair
-from rlhf_core.reward import pair_rewards
+from rlhf_core.reward import RewardFunction, pair_rewards
 from rlhf_core.sft import sft_loss
 
 
@@ -133,9 +133,8 @@ def main() -> None:
     lengths: list[float] = []
 
     def ppo_step() -> int:
-        result = train_ppo(
-            engine, critic_engine, reference, reward_model, tokenizer, prompts, config, rng.randrange(2**31)
-        )
+        reward_fn, seed = RewardFunction(reward_model), rng.randrange(2**31)
+        result = train_ppo(engine, critic_engine, reference, reward_fn, tokenizer, prompts, config, seed)
         lengths.append(result.history[-1]["ppo/response_length"])
         prompt_tokens = 12  # a toy prompt is about a dozen tokens
         return int(args.batch * (prompt_tokens + lengths[-1]))

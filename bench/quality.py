@@ -17,7 +17,7 @@ from pathlib import Path
 import transformers
 
 from flows.config import PipelineConfig, load_config
-from tasks.data import write_data
+from tasks.data import reward_init_dir, write_data
 from tasks.evaluate import run_evaluation
 from tasks.ppo import run_ppo
 from tasks.preferences import run_preferences
@@ -53,7 +53,7 @@ def run_seed(config: PipelineConfig, root: Path) -> list[dict[str, float]]:
         iteration_seed = seed * 1000 + k
         preference_dirs.append(it / "preferences")
         pref = run_preferences(policy, data, preference_dirs[-1], config.preferences, iteration_seed)
-        rm = run_reward(sft, preference_dirs, it / "reward", config.reward, iteration_seed)
+        rm = run_reward(reward_init_dir(data, sft), preference_dirs, it / "reward", config.reward, iteration_seed)
         run_ppo(policy, sft, it / "reward", data, it / "policy", config.ppo, iteration_seed)
         policy = it / "policy"
         (it / "evaluation").mkdir()

@@ -71,6 +71,7 @@ def iteration_flow(
         reward_task,
         states,
         f"{label}/reward",
+        data=data,
         sft=sft,
         preferences=preferences,
         config=config.reward,

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.losses import masked_mean, masked_sum
-from rlhf_core.modeling import Samples, response_logprobs, reward_scores, sample_responses
+from rlhf_core.modeling import Samples, response_logprobs, sample_responses
+from rlhf_core.reward import RewardFunction
 
 GoldScorer = Callable[[list[str], list[str]], list[float]]
 
@@ -49,7 +50,7 @@ def _sample(model, tokenizer, prompts, config: EvalConfig) -> list[Samples]:
 def evaluate_policy(
     policy: PreTrainedModel,
     sft_model: PreTrainedModel,
-    reward_model: PreTrainedModel | None,
+    reward_fn: RewardFunction | None,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     gold_fn: GoldScorer | None,
@@ -76,8 +77,8 @@ def evaluate_policy(
         entropy.append(masked_mean(ent, mask, dim=1))
         length.append(mask.sum(1).float())
         has_eos.append(s.has_eos.float())
-        if reward_model is not None:
-            reward.append(reward_scores(reward_model, s.query_responses, s.attention_mask))
+        if reward_fn is not None:
+            reward.append(reward_fn(s))
     metrics = {
         "kl": torch.cat(kl).mean().item(),
         "entropy": torch.cat(entropy).mean().item(),

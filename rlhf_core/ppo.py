@@ -4,7 +4,8 @@ PPO" (Huang et al. 2024) where it applies.
 The critic is a separate model initialized from the reward model, not a head on the policy: its job is
 to predict reward-model returns, which the reward model's features already encode (Ouyang et al. 2022
 initialize it the same way), the value loss cannot disturb the policy's language-model features, and
-the policy stays a plain causal LM that saves and loads as one.
+the policy stays a plain causal LM that saves and loads as one. A reward model with a tokenizer of its own
+cannot read the policy's tokens, so there the critic starts from the SFT backbone with a fresh head.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from rlhf_core.losses import (
     policy_loss,
     value_loss,
 )
-from rlhf_core.modeling import Samples, response_logprobs, reward_scores, sample_responses, token_scores
+from rlhf_core.modeling import Samples, response_logprobs, sample_responses, token_scores
+from rlhf_core.reward import RewardFunction
 
 MetricsCallback = Callable[[dict[str, float], int], None]
 GoldScorer = Callable[[list[str], list[str]], list[float]]
@@ -98,7 +100,7 @@ class Rollout:
 
 @torch.no_grad()
 def collect_rollout(
-    policy, critic, reference, reward_model, tokenizer, prompts: list[str], config: PPOConfig
+    policy, critic, reference, reward_fn: RewardFunction, tokenizer, prompts: list[str], config: PPOConfig
 ) -> Rollout:
     """Sample responses, then score them with every model: policy and reference log-probs, critic
     values, and the reward model's score (less the missing-EOS penalty)."""
@@ -107,7 +109,7 @@ def collect_rollout(
     logprobs, entropy = response_logprobs(policy, qr, mask, ctx, config.temperature, with_entropy=True)
     ref_logprobs, _ = response_logprobs(reference, qr, mask, ctx, config.temperature)
     values = token_scores(critic, qr, mask)[:, ctx - 1 : -1]
-    rm_scores = reward_scores(reward_model, qr, mask)
+    rm_scores = reward_fn(samples)
     scores = rm_scores - config.missing_eos_penalty * (~samples.has_eos).float()
     return Rollout(samples, logprobs, ref_logprobs, values, entropy, scores, rm_scores)
 
@@ -204,7 +206,7 @@ def train_ppo(
     policy_engine: Engine,
     critic_engine: Engine,
     reference: PreTrainedModel,
-    reward_model: PreTrainedModel,
+    reward_fn: RewardFunction,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     config: PPOConfig,
@@ -238,7 +240,7 @@ def train_ppo(
         batch_prompts, order = order[: config.rollout_batch_size], order[config.rollout_batch_size :]
         policy.eval()
         critic.eval()
-        rollout = collect_rollout(policy, critic, reference, reward_model, tokenizer, batch_prompts, config)
+        rollout = collect_rollout(policy, critic, reference, reward_fn, tokenizer, batch_prompts, config)
         # 2. rewards and advantages
         mask = rollout.samples.response_mask
         kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * mask

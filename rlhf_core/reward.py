@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,7 +16,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf_core.checkpoint import Checkpointer, check_finite, checkpoint_due
 from rlhf_core.engine import Engine
 from rlhf_core.losses import bradley_terry_loss
-from rlhf_core.modeling import batch_schedule, encode_prompt_responses, reward_scores
+from rlhf_core.modeling import (
+    Samples,
+    batch_schedule,
+    encode_prompt_responses,
+    load_scorer,
+    load_tokenizer,
+    reward_scores,
+)
 from rlhf_core.preferences import PreferencePair
 
 MetricsCallback = Callable[[dict[str, float], int], None]
@@ -181,9 +189,47 @@ def train_reward_model(
 
 def normalize_reward_model(model, tokenizer, prompts: list[str], responses: list[str], max_length: int) -> dict:
     """Set the output gain and bias (stored in the model config) so that these responses, samples of
-    the current policy, score mean 0 and standard deviation 1."""
+    the current policy, score mean 0 and standard deviation 1; store ``max_length`` beside them, the
+    truncation :class:`RewardFunction` re-tokenizes with."""
     model.config.reward_gain, model.config.reward_bias = 1.0, 0.0
+    model.config.reward_max_length = max_length
     raw = score_texts(model, tokenizer, prompts, responses, max_length)
     gain = 1.0 / max(raw.std().item(), 1e-6)
     model.config.reward_gain, model.config.reward_bias = gain, -raw.mean().item() * gain
     return {"reward_gain": model.config.reward_gain, "reward_bias": model.config.reward_bias}
+
+
+def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """Whether two tokenizers map text to the same ids, so one's token ids can be fed to the other's model."""
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+
+
+@dataclass
+class RewardFunction:
+    """The reward model as PPO and evaluation call it on policy samples. With ``tokenizer`` None it shares the
+    policy's vocabulary and reads the sampled token ids; otherwise it is a separate model with its own
+    tokenizer, and the decoded prompt and response are re-tokenized for it (EOS appended, as in training)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase | None = None
+
+    @torch.no_grad()
+    def __call__(self, samples: Samples) -> Tensor:
+        """Normalized reward of each sample. -> (B,) on the samples' device."""
+        if self.tokenizer is None:
+            return reward_scores(self.model, samples.query_responses, samples.attention_mask)
+        max_length = getattr(self.model.config, "reward_max_length", None) or self.tokenizer.model_max_length
+        scores = score_texts(self.model, self.tokenizer, samples.prompts, samples.texts, max_length)
+        return scores.to(samples.query_responses.device)
+
+
+def load_reward_function(
+    reward_dir: str | Path, policy_tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool = False
+) -> RewardFunction:
+    """A frozen reward model from the folder ``reward_dir``, re-tokenizing only when it holds a tokenizer that is
+    not the policy's (a folder without one reads the policy's token ids)."""
+    model = load_scorer(reward_dir, trust_remote_code).eval().requires_grad_(False)
+    if not (Path(reward_dir) / "tokenizer_config.json").is_file():
+        return RewardFunction(model)
+    tokenizer = load_tokenizer(reward_dir, trust_remote_code)
+    return RewardFunction(model, None if same_vocabulary(tokenizer, policy_tokenizer) else tokenizer)

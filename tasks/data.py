@@ -27,6 +27,7 @@ SPLITS = ("sft", "preference", "ppo", "eval")
 USER_SPLITS = SPLITS[1:]  # the SFT split is the demonstrations' prompts
 JUDGE_FILE = "judge.json"
 PAIRS_FILE = "preferences.parquet"  # preference pairs, human or collected
+REWARD_BASE_DIR = "reward_base_model"  # a separate reward-model backbone, when data.reward_model names one
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
@@ -41,6 +42,12 @@ class DataConfig(BaseModel):
         None,
         description="Start from this causal LM (hub id or local save_pretrained folder, any architecture) instead "
         "of the toy world's tiny Llama; its own tokenizer is used. Null: build the tiny Llama.",
+    )
+    reward_model: str | None = Field(
+        None,
+        description="Start the reward model from this model instead of the SFT model (hub id or local "
+        "save_pretrained folder, any architecture) with its own tokenizer: text is re-tokenized for it, and PPO's "
+        "critic then starts from the SFT model. Null: the reward model and the critic start from the SFT model.",
     )
     prompts: str | None = Field(
         None,
@@ -122,13 +129,15 @@ def save_base_model(directory: Path, seed: int, config: WorldConfig) -> Path:
     return directory
 
 
-def copy_base_model(directory: Path, name_or_path: str, trust_remote_code: bool = False) -> Path:
-    """Any causal LM and its tokenizer, re-saved as a safetensors ``save_pretrained`` folder."""
+def copy_base_model(
+    directory: Path, name_or_path: str, trust_remote_code: bool = False, field: str = "data.base_model"
+) -> Path:
+    """Any causal LM and its tokenizer, re-saved as a safetensors ``save_pretrained`` folder; errors name ``field``."""
     try:
         tokenizer = load_tokenizer(name_or_path, trust_remote_code)
         model = load_policy(name_or_path, trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ValueError(f"data.base_model={name_or_path!r}: cannot load a causal LM and tokenizer from it: {e}") from e
+        raise ValueError(f"{field}={name_or_path!r}: cannot load a causal LM and tokenizer from it: {e}") from e
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -227,14 +236,19 @@ def read_user_data(config: DataConfig, tokenizer, max_tokens: int | None) -> Dat
     return Dataset(prompts, demonstrations, preferences)
 
 
+def model_tokenizer(name_or_path: str, field: str, trust_remote_code: bool = False):
+    """The tokenizer of a named model, without loading its weights; errors name the config ``field``."""
+    try:
+        return load_tokenizer(name_or_path, trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{field}={name_or_path!r}: cannot load its tokenizer: {e}") from e
+
+
 def base_tokenizer(config: DataConfig, trust_remote_code: bool = False):
     """The tokenizer the base model will have, without loading its weights."""
     if config.base_model is None:
         return world.build_tokenizer()
-    try:
-        return load_tokenizer(config.base_model, trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"data.base_model={config.base_model!r}: cannot load its tokenizer: {e}") from e
+    return model_tokenizer(config.base_model, "data.base_model", trust_remote_code)
 
 
 def check_data(
@@ -243,6 +257,8 @@ def check_data(
     """Everything the data phase will write, read and checked first: run it before anything is written."""
     if config.gold_reward is not None:
         load_gold_scorer(config.gold_reward)
+    if config.reward_model is not None:
+        model_tokenizer(config.reward_model, "data.reward_model", trust_remote_code)
     dataset = read_user_data(config, base_tokenizer(config, trust_remote_code), max_tokens)
     if config.prompts is None:
         generated = world.make_world(seed, config.world)
@@ -256,12 +272,14 @@ def write_data(
     out_dir: Path, seed: int, config: DataConfig, trust_remote_code: bool = False, max_tokens: int | None = None
 ) -> dict[str, float]:
     """Check, then write into ``out_dir``: base_model/, prompts.parquet, demonstrations.parquet, the judge's name
-    and, when given, the human preferences."""
+    and, when given, the reward model's backbone and the human preferences."""
     dataset = check_data(config, seed, trust_remote_code, max_tokens)
     if config.base_model is None:
         save_base_model(out_dir / "base_model", seed, config.world)
     else:
         copy_base_model(out_dir / "base_model", config.base_model, trust_remote_code)
+    if config.reward_model is not None:
+        copy_base_model(out_dir / REWARD_BASE_DIR, config.reward_model, trust_remote_code, "data.reward_model")
     prompt_rows = [{"split": s, "prompt": p} for s in SPLITS for p in dataset.prompts[s]]
     write_rows(out_dir / "prompts.parquet", prompt_rows)
     write_rows(out_dir / "demonstrations.parquet", [{"prompt": p, "response": r} for p, r in dataset.demonstrations])
@@ -275,6 +293,12 @@ def write_data(
     }
 
 
+def reward_init_dir(data_dir: Path, sft_dir: Path) -> Path:
+    """Where the reward model starts: the separate backbone the data phase saved, else the SFT model."""
+    separate = data_dir / REWARD_BASE_DIR
+    return separate if separate.is_dir() else sft_dir
+
+
 def read_prompts(data_dir: Path, split: str) -> list[str]:
     return [row["prompt"] for row in read_rows(data_dir / "prompts.parquet") if row["split"] == split]
 
@@ -284,11 +308,13 @@ def read_demonstrations(data_dir: Path) -> list[tuple[str, str]]:
 
 
 def local_inputs_digest(config: DataConfig) -> str | None:
-    """Digest of the local things the data phase reads (a base-model folder, the user's files, the judge's
+    """Digest of the local things the data phase reads (base- and reward-model folders, the user's files, the judge's
     source), so editing any of them in place invalidates the cache. None when there are none."""
-    parts = []
-    if config.base_model is not None and Path(config.base_model).is_dir():
-        parts.append(f"base_model={folder_digest(Path(config.base_model))}")
+    parts = [
+        f"{name}={folder_digest(Path(model))}"
+        for name, model in (("base_model", config.base_model), ("reward_model", config.reward_model))
+        if model is not None and Path(model).is_dir()
+    ]
     for name, path in config.user_files.items():
         content = hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).is_file() else "missing"
         parts.append(f"{name}={content}")

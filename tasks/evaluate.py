@@ -8,7 +8,8 @@ from pathlib import Path
 
 from infra.datasets import write_rows
 from rlhf_core.evaluate import EvalConfig, evaluate_policy
-from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
+from rlhf_core.modeling import load_policy, load_tokenizer
+from rlhf_core.reward import load_reward_function
 from tasks.common import PhaseOutput, RunContext, artifact_key, existing_output, fetch, phase_task, publish, tracked
 from tasks.data import data_judge, read_prompts
 
@@ -29,9 +30,9 @@ def run_evaluation(
     tokenizer = load_tokenizer(policy_dir, trust_remote_code)
     policy = load_policy(policy_dir, trust_remote_code).eval()
     sft = load_policy(sft_dir, trust_remote_code).eval()
-    reward_model = load_scorer(reward_dir, trust_remote_code).eval() if reward_dir else None
+    reward_fn = load_reward_function(reward_dir, tokenizer, trust_remote_code) if reward_dir else None
     metrics, rows = evaluate_policy(
-        policy, sft, reward_model, tokenizer, read_prompts(data_dir, "eval"), data_judge(data_dir), config, seed
+        policy, sft, reward_fn, tokenizer, read_prompts(data_dir, "eval"), data_judge(data_dir), config, seed
     )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_rows(out_dir / SAMPLES_FILE, rows)

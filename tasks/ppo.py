@@ -12,6 +12,7 @@ from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, LoRAConfig, add_lora, load_lora
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
 from rlhf_core.ppo import PPOConfig, train_ppo
+from rlhf_core.reward import load_reward_function
 from tasks.common import (
     MetricsCallback,
     PhaseOutput,
@@ -59,11 +60,12 @@ def run_ppo(
     deepspeed: DeepSpeedConfig | None = None,
 ) -> dict[str, float]:
     """PPO from ``policy_dir`` with the SFT model as frozen reference and a critic started from the reward
-    model; saves the new policy to ``out_dir`` and returns the last step's metrics."""
+    model (from the SFT model when the reward model has a tokenizer of its own); saves the new policy to
+    ``out_dir`` and returns the last step's metrics."""
     tokenizer = load_tokenizer(policy_dir, trust_remote_code)
     policy, reference = load_policy_and_reference(policy_dir, sft_dir, config.lora, trust_remote_code)
-    reward_model = load_scorer(reward_dir, trust_remote_code).eval().requires_grad_(False)
-    critic = load_scorer(reward_dir, trust_remote_code)
+    reward_fn = load_reward_function(reward_dir, tokenizer, trust_remote_code)
+    critic = load_scorer(reward_dir if reward_fn.tokenizer is None else sft_dir, trust_remote_code)
     updates = config.steps * config.epochs * -(-config.rollout_batch_size // config.minibatch_size)
     micro, clip = config.minibatch_size, config.max_grad_norm
     policy_engine = make_engine(policy, deepspeed, micro, config.lr, updates, max_grad_norm=clip, min_lr_ratio=1.0)
@@ -74,7 +76,7 @@ def run_ppo(
         policy_engine,
         critic_engine,
         reference,
-        reward_model,
+        reward_fn,
         tokenizer,
         read_prompts(data_dir, "ppo"),
         config,

@@ -26,6 +26,7 @@ from tasks.common import (
     publish,
     tracked,
 )
+from tasks.data import reward_init_dir
 from tasks.preferences import read_pairs
 
 
@@ -75,6 +76,7 @@ def run_reward(
 @phase_task("train-reward-model")
 def reward_task(
     context: RunContext,
+    data: PhaseOutput,
     sft: PhaseOutput,
     preferences: list[PhaseOutput],
     config: RewardConfig,
@@ -82,11 +84,14 @@ def reward_task(
     iteration: int,
     deepspeed: DeepSpeedConfig | None = None,
 ) -> PhaseOutput:
-    inputs = {"sft": sft, "preferences": preferences, "config": config, "seed": seed, "deepspeed": deepspeed}
+    inputs = {"data": data, "sft": sft, "preferences": preferences, "config": config, "seed": seed}
+    inputs["deepspeed"] = deepspeed
     key = artifact_key(context, f"iteration-{iteration:03d}", "reward_model", inputs)
     if done := existing_output(context, key):
         return done
     sft_dir = fetch(context, sft)
+    init_dir = reward_init_dir(fetch(context, data), sft_dir)
+    init = sft if init_dir == sft_dir else data
     preference_dirs = [fetch(context, p) for p in preferences]
     with (
         tracked(context, f"iteration-{iteration}/reward", {"reward": config.model_dump()}) as log,
@@ -94,10 +99,10 @@ def reward_task(
         tempfile.TemporaryDirectory(prefix="rlhf-rm-") as tmp,
     ):
         metrics = run_reward(
-            sft_dir, preference_dirs, Path(tmp), config, seed, log, context.trust_remote_code, checkpointer, deepspeed
+            init_dir, preference_dirs, Path(tmp), config, seed, log, context.trust_remote_code, checkpointer, deepspeed
         )
         log(metrics, iteration)
-        parents = {"init": sft.ref.uri, "preferences": [p.ref.uri for p in preferences]}
+        parents = {"init": init.ref.uri, "preferences": [p.ref.uri for p in preferences]}
         return publish(
             context,
             key,

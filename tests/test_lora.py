@@ -13,6 +13,7 @@ from rlhf_core.engine import TorchEngine
 from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, LoRAConfig, add_lora
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
 from rlhf_core.ppo import PPOConfig, train_ppo
+from rlhf_core.reward import RewardFunction
 from tasks.data import write_data
 from tasks.ppo import load_policy_and_reference, run_ppo
 
@@ -38,7 +39,7 @@ def test_lora_ppo_holds_less_memory_and_raises_the_gold_reward(sft_dir):
         torch.manual_seed(0)
         engine, critic = TorchEngine(policy, config.lr, 100), load_scorer(sft_dir)
         critic_engine = TorchEngine(critic, config.critic_lr, 100)
-        args = (reference, reward_model, tokenizer, prompts, config, 0, world.gold_rewards)
+        args = (reference, RewardFunction(reward_model), tokenizer, prompts, config, 0, world.gold_rewards)
         result = train_ppo(engine, critic_engine, *args)
         return result.history, held_bytes(policy, reference, optimizers=(engine.optimizer,))
 

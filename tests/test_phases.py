@@ -20,7 +20,14 @@ from rlhf_core.modeling import (
 )
 from rlhf_core.ppo import PPOConfig, train_ppo
 from rlhf_core.preferences import PreferenceConfig, PreferencePair, collect_preferences
-from rlhf_core.reward import RewardConfig, normalize_reward_model, score_texts, split_pairs, train_reward_model
+from rlhf_core.reward import (
+    RewardConfig,
+    RewardFunction,
+    normalize_reward_model,
+    score_texts,
+    split_pairs,
+    train_reward_model,
+)
 from rlhf_core.sft import SFTConfig, sft_loss, train_sft
 
 TINY = TINY_WORLD
@@ -166,7 +173,7 @@ def test_ppo_raises_the_reward_it_optimizes(sft_dir):
     )
     engine = TorchEngine(policy, config.lr, 100)
     critic_engine = TorchEngine(critic, config.critic_lr, 100)
-    result = train_ppo(engine, critic_engine, reference, reward_model, tokenizer, prompts, config, seed=0)
+    result = train_ppo(engine, critic_engine, reference, RewardFunction(reward_model), tokenizer, prompts, config, 0)
     history = result.history
     assert weights_changed(before, policy)
     first, last = history[0], history[-1]
@@ -201,7 +208,7 @@ def test_target_kl_stops_an_update_early(sft_dir):
         TorchEngine(policy, config.lr, 100),
         TorchEngine(critic, config.critic_lr, 100),
         reference,
-        reward_model,
+        RewardFunction(reward_model),
         tokenizer,
         world.make_world(0, TINY).ppo_prompts[:16],
         config,

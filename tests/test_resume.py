@@ -24,7 +24,7 @@ from rlhf_core.engine import TorchEngine
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
 from rlhf_core.ppo import PPOConfig, train_ppo
 from rlhf_core.preferences import PreferencePair
-from rlhf_core.reward import RewardConfig, split_pairs, train_reward_model
+from rlhf_core.reward import RewardConfig, RewardFunction, split_pairs, train_reward_model
 from rlhf_core.sft import SFTConfig, train_sft
 from tasks.common import PhaseLog, RunContext, checkpointing, should_retry
 
@@ -120,7 +120,7 @@ def ppo_setup(sft_dir):
         result = train_ppo(
             *engines,
             reference,
-            reward_model,
+            RewardFunction(reward_model),
             tokenizer,
             prompts,
             config,
