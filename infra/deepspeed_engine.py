@@ -67,6 +67,35 @@ def deepspeed_config(config: DeepSpeedConfig, micro_batch_size: int, max_grad_no
     }
 
 
+def inference_config(config: DeepSpeedConfig) -> dict[str, Any]:
+    """The DeepSpeed config of a frozen model: ZeRO-3 sharding (and parameter offload) and precision, no optimizer."""
+    zero: dict[str, Any] = {"stage": 3}
+    if config.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # required by DeepSpeed; inference takes any batch
+        "zero_optimization": zero,
+        "bf16": {"enabled": config.precision == "bf16"},
+        "fp16": {"enabled": config.precision == "fp16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def inference_module(module: nn.Module, config: DeepSpeedConfig | None) -> nn.Module:
+    """A frozen model (PPO's reference and reward model) that only runs forward. Under ZeRO-3 its weights are
+    sharded over the ranks like the trained models' and gathered module by module in each forward (a DeepSpeed
+    engine with no optimizer; its hooks sit on the module returned, so callers use it as a plain model).
+    Below stage 3 there is nothing to shard: the module comes back as it is."""
+    if config is None or config.zero_stage != 3:
+        return module
+    import deepspeed
+
+    ensure_process_group_env()
+    engine, *_ = deepspeed.initialize(model=module, config=inference_config(config))
+    return engine.module.eval()
+
+
 def ensure_process_group_env() -> None:
     """A single process outside any launcher still needs the rendezvous variables (else DeepSpeed asks for MPI)."""
     if "RANK" in os.environ:

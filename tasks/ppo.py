@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from infra.deepspeed_engine import DeepSpeedConfig
+from infra.deepspeed_engine import DeepSpeedConfig, inference_module
 from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, LoRAConfig, add_lora, load_lora
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
@@ -66,6 +66,9 @@ def run_ppo(
     policy, reference = load_policy_and_reference(policy_dir, sft_dir, config.lora, trust_remote_code)
     reward_fn = load_reward_function(reward_dir, tokenizer, trust_remote_code)
     critic = load_scorer(reward_dir if reward_fn.tokenizer is None else sft_dir, trust_remote_code)
+    if config.lora is None:  # with LoRA the reference is the policy itself, adapters off
+        reference = inference_module(reference, deepspeed)
+    reward_fn.model = inference_module(reward_fn.model, deepspeed)
     updates = config.steps * config.epochs * -(-config.rollout_batch_size // config.minibatch_size)
     micro, clip = config.minibatch_size, config.max_grad_norm
     policy_engine = make_engine(policy, deepspeed, micro, config.lr, updates, max_grad_norm=clip, min_lr_ratio=1.0)

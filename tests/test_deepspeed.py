@@ -7,7 +7,7 @@ import torch
 from test_flow import TINY
 
 from flows.config import load_config
-from infra.deepspeed_engine import DeepSpeedConfig, deepspeed_config
+from infra.deepspeed_engine import DeepSpeedConfig, deepspeed_config, inference_module
 from rlhf_core.modeling import load_policy, load_scorer
 from tasks.data import write_data
 from tasks.launch import launch_sft
@@ -107,3 +107,14 @@ def test_a_failing_rank_fails_the_phase_with_its_output(phase_inputs, tmp_path):
     ):
         launch_sft(base, tmp_path / "no-data", tmp_path / "out", CONFIG.sft, 0, zero)
     assert not (tmp_path / "out").exists()
+
+
+def test_frozen_models_are_sharded_for_inference_under_zero3(phase_inputs):
+    sft = phase_inputs / "sft"
+    plain = load_policy(sft).eval()
+    assert inference_module(plain, DeepSpeedConfig(zero_stage=2)) is plain  # nothing to shard below stage 3
+    sharded = inference_module(load_policy(sft), DeepSpeedConfig(zero_stage=3))
+    assert all(hasattr(p, "ds_id") for p in sharded.parameters())  # ZeRO-3 owns every weight
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5, rtol=0)
