@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from infra.deepspeed_engine import DeepSpeedConfig, inference_module
@@ -65,6 +66,7 @@ def run_ppo(
     tokenizer = load_tokenizer(policy_dir, trust_remote_code)
     policy, reference = load_policy_and_reference(policy_dir, sft_dir, config.lora, trust_remote_code)
     reward_fn = load_reward_function(reward_dir, tokenizer, trust_remote_code)
+    torch.manual_seed(seed)  # a critic started from the SFT model gets a fresh head: the same seed, the same critic
     critic = load_scorer(reward_dir if reward_fn.tokenizer is None else sft_dir, trust_remote_code)
     if config.lora is None:  # with LoRA the reference is the policy itself, adapters off
         reference = inference_module(reference, deepspeed)

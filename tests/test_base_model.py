@@ -22,10 +22,8 @@ from tasks.reward import run_reward
 from tasks.sft import run_sft
 
 
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("gpt2")
-    tokenizer = world.build_tokenizer()
+def save_tiny_gpt2(directory, tokenizer):
+    """A freshly initialized one-layer GPT-2 over ``tokenizer``, saved with it."""
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_embd=32,
@@ -40,6 +38,11 @@ def gpt2_dir(tmp_path_factory):
     GPT2LMHeadModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), world.build_tokenizer())
 
 
 def test_every_phase_runs_on_a_gpt2_base_model(gpt2_dir, tmp_path):
@@ -89,21 +92,13 @@ def gpt2_reward_dir(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    directory = tmp_path_factory.mktemp("gpt2-rm")
     words = [*reversed(world.vocabulary()), "<s>", "</s>", "[PAD]", "[UNK]"]
     core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="[PAD]", unk_token="[UNK]"
     )
-    config = GPT2Config(
-        vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2-rm"), tokenizer)
 
 
 def test_a_separate_reward_model_with_its_own_tokenizer(gpt2_reward_dir, tmp_path):
