@@ -25,7 +25,7 @@ import torch
 
 from infra.checkpoints import StoreCheckpointer
 from infra.storage import LocalStore, folder_digest
-from rlhf_core.modeling import load_scorer
+from rlhf_core.modeling import load_scorer, load_tokenizer
 from rlhf_core.ppo import PPOConfig
 from tasks.data import DataConfig, write_data
 from tasks.ppo import run_ppo
@@ -47,6 +47,7 @@ def main() -> None:
         base = root / "data" / "base_model"
         torch.manual_seed(0)
         load_scorer(base).save_pretrained(root / "rm")
+        load_tokenizer(base).save_pretrained(root / "rm")  # a reward artifact holds its tokenizer
         store = LocalStore(root / "store")
 
         def ppo(name: str, checkpointer: StoreCheckpointer | None, on_metrics=None) -> float:

@@ -68,18 +68,10 @@ def deepspeed_config(config: DeepSpeedConfig, micro_batch_size: int, max_grad_no
 
 
 def inference_config(config: DeepSpeedConfig) -> dict[str, Any]:
-    """The DeepSpeed config of a frozen model: ZeRO-3 sharding (and parameter offload) and precision, no optimizer."""
-    zero: dict[str, Any] = {"stage": 3}
-    if config.offload_params:
-        zero["offload_param"] = {"device": "cpu"}
-    return {
-        "train_micro_batch_size_per_gpu": 1,  # required by DeepSpeed; inference takes any batch
-        "zero_optimization": zero,
-        "bf16": {"enabled": config.precision == "bf16"},
-        "fp16": {"enabled": config.precision == "fp16"},
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
+    """The DeepSpeed config of a frozen model: the training config's ZeRO-3 sharding, parameter offload and
+    precision; no optimizer state to offload, and a micro batch DeepSpeed requires but inference ignores."""
+    frozen = config.model_copy(update={"zero_stage": 3, "offload_optimizer": False})
+    return deepspeed_config(frozen, micro_batch_size=1, max_grad_norm=None)
 
 
 def inference_module(module: nn.Module, config: DeepSpeedConfig | None) -> nn.Module:

@@ -226,10 +226,8 @@ class RewardFunction:
 def load_reward_function(
     reward_dir: str | Path, policy_tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool = False
 ) -> RewardFunction:
-    """A frozen reward model from the folder ``reward_dir``, re-tokenizing only when it holds a tokenizer that is
-    not the policy's (a folder without one reads the policy's token ids)."""
+    """A frozen reward model and its tokenizer from ``reward_dir``, re-tokenizing only when that tokenizer is not
+    the policy's."""
     model = load_scorer(reward_dir, trust_remote_code).eval().requires_grad_(False)
-    if not (Path(reward_dir) / "tokenizer_config.json").is_file():
-        return RewardFunction(model)
     tokenizer = load_tokenizer(reward_dir, trust_remote_code)
     return RewardFunction(model, None if same_vocabulary(tokenizer, policy_tokenizer) else tokenizer)

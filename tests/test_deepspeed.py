@@ -7,7 +7,7 @@ import torch
 from test_flow import TINY
 
 from flows.config import load_config
-from infra.deepspeed_engine import DeepSpeedConfig, deepspeed_config, inference_module
+from infra.deepspeed_engine import DeepSpeedConfig, deepspeed_config, inference_config, inference_module
 from rlhf_core.modeling import load_policy, load_scorer
 from tasks.data import write_data
 from tasks.launch import launch_sft
@@ -52,6 +52,8 @@ def test_the_zero_config_comes_from_ours():
     assert config["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu"}}
     assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_clipping"]) == (16, 1.0)
+    frozen = inference_config(DeepSpeedConfig(zero_stage=2, offload_optimizer=True, precision="bf16"))
+    assert frozen["zero_optimization"] == {"stage": 3} and frozen["bf16"] == {"enabled": True}  # no optimizer offload
     with pytest.raises(ValueError, match="offload_params needs zero_stage 3"):
         DeepSpeedConfig(zero_stage=2, offload_params=True)
 

@@ -59,6 +59,7 @@ def test_lora_adapters_carry_over_iterations_and_merge(tmp_path):
     write_data(data, 0, config.data)
     torch.manual_seed(0)
     load_scorer(sft).save_pretrained(tmp_path / "rm")
+    load_tokenizer(sft).save_pretrained(tmp_path / "rm")  # a reward artifact holds its tokenizer
     run_ppo(sft, sft, tmp_path / "rm", data, tmp_path / "iter-1", config.ppo, 1)
     assert (tmp_path / "iter-1" / ADAPTER_DIR / "adapter_model.safetensors").exists()
     # the next iteration continues the same adapters on the SFT weights, the reference still being SFT
