@@ -72,11 +72,11 @@ class GoldRewardConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     on_topic: float = Field(1.0, description="Reward per distinct on-topic content word.")
-    polite: float = Field(1.5, description="Total politeness reward approached with diminishing returns.")
-    rude: float = Field(-2.0, description="Reward per rude word (negative).")
+    polite: float = Field(3.0, description="Total politeness reward approached with diminishing returns.")
+    rude: float = Field(-3.0, description="Reward per rude word (negative).")
     off_topic: float = Field(-1.0, description="Reward per content word of another topic (negative).")
     repetition: float = Field(-0.75, description="Reward per repeated non-filler word (negative).")
-    length: float = Field(-0.5, description="Reward per word beyond the length tolerance (negative).")
+    length: float = Field(-1.0, description="Reward per word beyond the length tolerance (negative).")
     length_tolerance: int = Field(2, ge=0, description="Words of slack around the instruction's ideal length.")
 
 
@@ -97,29 +97,38 @@ def parse_prompt(text: str) -> Prompt:
     return Prompt(text, topic, STYLES[style])
 
 
-def gold_reward(prompt: str, response: str, config: GoldRewardConfig | None = None) -> float:
-    """The hidden ground truth that simulated labelers and evaluation judge with."""
+def gold_components(prompt: str, response: str, config: GoldRewardConfig | None = None) -> dict[str, float]:
+    """The gold reward attribute by attribute (they sum to :func:`gold_reward`), to show what a policy changed."""
     cfg = config or GoldRewardConfig()
     meta = parse_prompt(prompt)
     words = response.split()
     seen: set[str] = set()
-    n_polite = score = 0.0
+    counts = dict.fromkeys(("on_topic", "off_topic", "rude", "repetition"), 0)
+    n_polite = 0
     for word in words:
         repeated = word in seen and word not in FILLER
         seen.add(word)
         if repeated:
-            score += cfg.repetition
+            counts["repetition"] += 1
         elif word in POLITE:
             n_polite += 1
         elif _TOPIC_OF_WORD.get(word) == meta.topic:
-            score += cfg.on_topic
+            counts["on_topic"] += 1
         elif word in _TOPIC_OF_WORD:
-            score += cfg.off_topic
+            counts["off_topic"] += 1
         if word in RUDE:
-            score += cfg.rude
-    score += cfg.polite * (1.0 - 0.5**n_polite)
+            counts["rude"] += 1
     excess = max(0, abs(len(words) - meta.target_length) - cfg.length_tolerance)
-    return score + cfg.length * excess
+    return {
+        **{name: getattr(cfg, name) * n for name, n in counts.items()},
+        "polite": cfg.polite * (1.0 - 0.5**n_polite),
+        "length": cfg.length * excess,
+    }
+
+
+def gold_reward(prompt: str, response: str, config: GoldRewardConfig | None = None) -> float:
+    """The hidden ground truth that simulated labelers and evaluation judge with."""
+    return sum(gold_components(prompt, response, config).values())
 
 
 def gold_rewards(prompts: list[str], responses: list[str]) -> list[float]:

@@ -25,10 +25,10 @@ def held_bytes(*modules: torch.nn.Module, optimizers: tuple[torch.optim.Optimize
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def test_lora_ppo_holds_less_memory_and_raises_the_gold_reward(sft_dir):
+def test_lora_ppo_holds_less_memory_and_learns_its_reward(sft_dir):
     tokenizer = load_tokenizer(sft_dir)
     reward_model, prompts = load_scorer(sft_dir).eval(), world.make_world(0, TINY_WORLD).ppo_prompts[:32]
-    # a reward the policy can find quickly: finish the response (the toy gold reward likes the right length too)
+    # a reward the policy can find quickly: finish the response
     torch.nn.init.zeros_(reward_model.score.weight)
     config = PPOConfig(
         steps=20, rollout_batch_size=16, minibatch_size=8, epochs=2, lr=2e-2, max_new_tokens=12, kl_coef=0.01,
@@ -48,8 +48,8 @@ def test_lora_ppo_holds_less_memory_and_raises_the_gold_reward(sft_dir):
     lora, lora_bytes = ppo(lora_policy, AdaptersDisabled(lora_policy))
     # full: policy + reference + two AdamW moments = 4 copies; LoRA: one copy plus small adapters
     assert lora_bytes < 0.4 * full_bytes, (lora_bytes, full_bytes)
-    gold = [h["ppo/gold_reward"] for h in lora]
-    assert sum(gold[-5:]) / 5 > sum(gold[:5]) / 5 + 0.5, gold
+    eos = [h["ppo/eos_rate"] for h in lora]  # what this reward pays for
+    assert sum(eos[-5:]) / 5 > max(0.95, sum(eos[:5]) / 5 + 0.1), eos
     assert lora[-1]["ppo/kl"] > 0  # the reference (adapters off) is not the policy
 
 

@@ -27,7 +27,8 @@ def test_prompt_splits_are_disjoint_and_cover_topics_and_styles():
 def test_gold_reward_trades_attributes_off():
     prompt = "explain briefly ocean :"  # ideal length 5
     good = world.gold_reward(prompt, "sure water waves salt tide")
-    assert good == pytest.approx(0.75 + 4.0)
+    weights = world.GoldRewardConfig()
+    assert good == pytest.approx(weights.polite * 0.5 + 4 * weights.on_topic)
     assert world.gold_reward(prompt, "sure water waves salt tide") > world.gold_reward(prompt, "water waves")
     assert world.gold_reward(prompt, "sure water waves salt stupid") < good  # rudeness
     assert world.gold_reward(prompt, "sure water waves salt lava") < good  # off-topic
@@ -37,6 +38,24 @@ def test_gold_reward_trades_attributes_off():
     polite = [world.gold_reward(prompt, " ".join(world.POLITE[:n])) for n in range(4)]
     gains = [b - a for a, b in zip(polite, polite[1:], strict=False)]
     assert gains[0] > gains[1] > gains[2] > 0  # diminishing returns
+
+
+def test_gold_components_name_each_attribute_and_sum_to_the_gold_reward():
+    prompt = "describe ocean :"  # ideal length 13: six words fall 5 short, beyond the tolerance of 2
+    response = "sure water water lava ugh glad"
+    weights = world.GoldRewardConfig()
+    parts = world.gold_components(prompt, response)
+    assert parts == pytest.approx(
+        {
+            "on_topic": weights.on_topic,
+            "off_topic": weights.off_topic,
+            "rude": weights.rude,
+            "repetition": weights.repetition,
+            "polite": weights.polite * 0.75,
+            "length": weights.length * 5,
+        }
+    )
+    assert sum(parts.values()) == pytest.approx(world.gold_reward(prompt, response))
 
 
 def test_unknown_prompt_is_a_clear_error():
