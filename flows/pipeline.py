@@ -55,9 +55,11 @@ def iteration_flow(
     policy: PhaseOutput,
     preferences: list[PhaseOutput],
     iteration: int,
+    reward: PhaseOutput | None = None,
 ) -> dict[str, Any]:
-    """One RLHF iteration: preferences from the current policy, a reward model on all preferences so far,
-    PPO from the current policy against the SFT reference, and evaluation."""
+    """One RLHF iteration: preferences from the current policy, a reward model on all preferences so far
+    (continuing from ``reward``, the last iteration's, with ``reward.warm_start``), PPO from the current policy
+    against the SFT reference, and evaluation."""
     seed = config.seed * 1000 + iteration
     common = {"context": context, "seed": seed, "iteration": iteration}
     label = f"iteration-{iteration}"
@@ -74,6 +76,7 @@ def iteration_flow(
         data=data,
         sft=sft,
         preferences=preferences,
+        previous=reward,
         config=config.reward,
         **common_training,
     )
@@ -196,18 +199,20 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
             )
             human = data.metrics.get("data/human_preferences", 0) > 0  # the data artifact holds them
             policy, preferences, done = sft, [data] if human else [], 0
+            reward = None
         else:
             data, sft, policy = (PhaseOutput.model_validate(o) for o in (resumed.data, resumed.sft, resumed.policy))
             preferences = [PhaseOutput.model_validate(o) for o in resumed.preferences]
+            reward = PhaseOutput.model_validate(resumed.reward) if resumed.reward else None
             states |= {"data": "Reused", "sft": "Reused"}
             done = resumed.iteration
             print(f"lineage {config.lineage}: continuing after iteration {done} (flow run {resumed.flow_run_id})")
         history: list[dict[str, float]] = []
         sft_gold = None
         for iteration in range(done + 1, done + config.iterations + 1):
-            outputs = iteration_flow(config, context, data, sft, policy, preferences, iteration)
+            outputs = iteration_flow(config, context, data, sft, policy, preferences, iteration, reward)
             states |= outputs["states"]
-            policy, preferences = outputs["policy"], outputs["preferences"]
+            policy, preferences, reward = outputs["policy"], outputs["preferences"], outputs["reward"]
             summary = iteration_summary(iteration, outputs)
             sft_gold = outputs["evaluation"].metrics["eval/sft_gold_reward"]
             log_iteration(parent, context, summary, outputs["evaluation"])
@@ -231,6 +236,7 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
                     sft=sft.model_dump(),
                     policy=policy.model_dump(),
                     preferences=[p.model_dump() for p in preferences],
+                    reward=reward.model_dump() if reward is not None else None,
                     flow_run_id=flow_run_id,
                     mlflow_run_id=parent.run_id,
                 )

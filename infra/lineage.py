@@ -74,13 +74,18 @@ class LineagePointer(BaseModel):
     sft: dict[str, Any] = Field(description="The SFT model: the KL reference and reward-model initialization.")
     policy: dict[str, Any] = Field(description="The latest policy, where the next iteration starts from.")
     preferences: list[dict[str, Any]] = Field(description="Every preference dataset so far, oldest first.")
+    reward: dict[str, Any] | None = Field(
+        None, description="The latest reward model, where the next one starts from with reward.warm_start."
+    )
     flow_run_id: str = Field("", description="The Prefect flow run that wrote this pointer.")
     mlflow_run_id: str = Field("", description="The MLflow run of that pipeline run.")
     updated_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
-    @field_validator("data", "sft", "policy")
+    @field_validator("data", "sft", "policy", "reward")
     @classmethod
-    def _has_artifact(cls, output: dict[str, Any]) -> dict[str, Any]:
+    def _has_artifact(cls, output: dict[str, Any] | None) -> dict[str, Any] | None:
+        if output is None:
+            return None
         try:
             ArtifactRef.from_dict(output["artifact"])
         except (KeyError, TypeError) as e:
@@ -94,7 +99,8 @@ class LineagePointer(BaseModel):
 
     def artifacts(self) -> list[ArtifactRef]:
         """Every artifact the lineage depends on."""
-        return [ArtifactRef.from_dict(o["artifact"]) for o in (self.data, self.sft, self.policy, *self.preferences)]
+        outputs = (self.data, self.sft, self.policy, *self.preferences, *([self.reward] if self.reward else []))
+        return [ArtifactRef.from_dict(o["artifact"]) for o in outputs]
 
 
 class LockInfo(BaseModel):

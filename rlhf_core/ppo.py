@@ -62,7 +62,7 @@ class PPOConfig(BaseModel):
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     whiten_advantages: bool = Field(True, description="Normalize advantages to mean 0, std 1 per batch.")
-    kl_coef: float = Field(0.05, ge=0, description="Initial coefficient of the per-token KL penalty.")
+    kl_coef: float = Field(0.15, ge=0, description="Initial coefficient of the per-token KL penalty.")
     kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator in the penalty.")
     adaptive_kl: bool = Field(True, description="Adapt kl_coef toward kl_target (Ziegler et al. 2019); else fixed.")
     kl_target: float = Field(4.0, gt=0, description="Target KL to the reference, in nats per response.")

@@ -33,7 +33,13 @@ class RewardConfig(BaseModel):
     """Bradley-Terry reward-model training."""
 
     model_config = ConfigDict(extra="forbid")
-    max_epochs: int = Field(4, ge=1, description="Most passes over the training pairs (early stopping may end sooner).")
+    warm_start: bool = Field(
+        True,
+        description="Start each iteration's reward model from the previous iteration's (still trained on every "
+        "preference so far) rather than from the base backbone, so it accumulates training across iterations; "
+        "the first iteration starts from the base.",
+    )
+    max_epochs: int = Field(2, ge=1, description="Most passes over the training pairs (early stopping may end sooner).")
     batch_size: int = Field(32, ge=1, description="Preference pairs per optimizer step.")
     lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(10, ge=0, description="Optimizer steps of linear learning-rate warmup.")

@@ -46,6 +46,7 @@ def run_reward(
     tokenizer = load_tokenizer(init_dir, trust_remote_code)
     torch.manual_seed(seed)  # the fresh scalar head: the same seed gives the same reward model
     model = load_scorer(init_dir, trust_remote_code)
+    model.config.reward_gain, model.config.reward_bias = 1.0, 0.0  # a previous reward model trains on raw scores
     pairs = [pair for d in preference_dirs for pair in read_pairs(d)]
     train, val = split_pairs(pairs, config.val_fraction, seed)
     total = num_training_steps(len(train), config.batch_size, config.max_epochs)
@@ -82,16 +83,22 @@ def reward_task(
     config: RewardConfig,
     seed: int,
     iteration: int,
+    previous: PhaseOutput | None = None,
     deepspeed: DeepSpeedConfig | None = None,
 ) -> PhaseOutput:
+    """``previous``: the last iteration's reward model, the starting point when ``config.warm_start``."""
+    previous = previous if config.warm_start else None
     inputs = {"data": data, "sft": sft, "preferences": preferences, "config": config, "seed": seed}
-    inputs["deepspeed"] = deepspeed
+    inputs |= {"previous": previous, "deepspeed": deepspeed}
     key = artifact_key(context, f"iteration-{iteration:03d}", "reward_model", inputs)
     if done := existing_output(context, key):
         return done
     sft_dir = fetch(context, sft)
-    init_dir = reward_init_dir(fetch(context, data), sft_dir)
-    init = sft if init_dir == sft_dir else data
+    if previous is not None:
+        init, init_dir = previous, fetch(context, previous)
+    else:
+        init_dir = reward_init_dir(fetch(context, data), sft_dir)
+        init = sft if init_dir == sft_dir else data
     preference_dirs = [fetch(context, p) for p in preferences]
     with (
         tracked(context, f"iteration-{iteration}/reward", {"reward": config.model_dump()}) as log,

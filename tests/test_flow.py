@@ -113,6 +113,11 @@ def test_end_to_end_run_writes_summary_artifacts_and_tracking(first_run: dict, w
     )
     reward_2 = next(m for k, m in manifests.items() if k.startswith("iteration-002/reward_model"))
     assert len(reward_2["metadata"]["parents"]["preferences"]) == 2  # all preferences so far
+    reward_1 = next(k for k in manifests if k.startswith("iteration-001/reward_model"))
+    assert reward_2["metadata"]["parents"]["init"].endswith(reward_1)  # reward.warm_start: continues the last one
+    assert next(m for k, m in manifests.items() if k == reward_1)["metadata"]["parents"]["init"].endswith(
+        next(k for k in manifests if k.startswith("sft/"))
+    )
     policy_dir = root / next(k for k in manifests if k.startswith("iteration-002/policy"))
     assert (policy_dir / "model.safetensors").exists() and (policy_dir / "tokenizer.json").exists()
     assert (
@@ -122,7 +127,7 @@ def test_end_to_end_run_writes_summary_artifacts_and_tracking(first_run: dict, w
     # MLflow: a parent run, a child run per phase and iteration, step metrics, artifacts
     client = MlflowClient(result["mlflow_tracking_uri"])
     parent = client.get_run(result["mlflow_run_id"])
-    assert parent.data.params["ppo.kl_coef"] == "0.05"
+    assert parent.data.params["ppo.kl_coef"] == "0.15"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.info.run_name for r in children) == sorted(
         ["sft"] + [f"iteration-{k}/{p}" for k in (1, 2) for p in ("preferences", "reward", "ppo", "evaluation")]

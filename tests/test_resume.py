@@ -111,7 +111,9 @@ def ppo_setup(sft_dir):
     tokenizer = load_tokenizer(sft_dir)
     reference, reward_model = load_policy(sft_dir).eval(), load_scorer(sft_dir).eval()
     prompts = world.make_world(0, TINY_WORLD).ppo_prompts[:32]
-    config = PPOConfig(steps=8, rollout_batch_size=8, minibatch_size=4, epochs=2, lr=2e-3, max_new_tokens=10)
+    config = PPOConfig(
+        steps=8, rollout_batch_size=8, minibatch_size=4, epochs=2, lr=2e-3, max_new_tokens=10, kl_coef=0.05
+    )
 
     def run(checkpointer, on_metrics, config=config):
         torch.manual_seed(0)  # the critic's fresh scalar head
@@ -152,7 +154,9 @@ def test_ppo_resumes_with_rngs_prompt_order_and_kl_controller(sft_dir, tmp_path)
 def test_a_kl_blow_up_stops_ppo_and_keeps_the_last_good_checkpoint(sft_dir, tmp_path):
     run = ppo_setup(sft_dir)
     context = RunContext(store_uri=str(tmp_path), prefix="pipelines/test")
-    config = PPOConfig(steps=8, rollout_batch_size=8, minibatch_size=4, epochs=2, lr=2e-3, max_new_tokens=10)
+    config = PPOConfig(
+        steps=8, rollout_batch_size=8, minibatch_size=4, epochs=2, lr=2e-3, max_new_tokens=10, kl_coef=0.05
+    )
     clean = run(None, None, config)[1].history
     # a bound the clean run passes only after step 4, where the checkpoint every 2 steps is
     bound = max(h["ppo/kl"] for h in clean[:4]) + 1e-6

@@ -276,7 +276,7 @@ def _check_service(
         for field in fields.values():  # a section's description may sit on its model's definition
             ref = field.get("$ref", "/").rsplit("/", 1)[-1]
             assert field.get("description") or definitions[ref]["description"], field
-        assert schema["definitions"]["PPOConfig"]["properties"]["kl_coef"]["default"] == 0.05
+        assert schema["definitions"]["PPOConfig"]["properties"]["kl_coef"]["default"] == 0.15
         defaults = dep.parameters["config"]
         assert defaults["lineage"] == LINEAGE and defaults["iterations"] == 1 and defaults["ppo"]["steps"] == 2
         assert defaults["storage"]["uri"] == stack["RLHF_STORAGE_URI"]  # the stack's storage, from the environment
@@ -334,6 +334,7 @@ def _check_service(
     assert pointer is not None and pointer.iteration == 2 and pointer.flow_run_id == str(run2.id)
     assert len(pointer.preferences) == 2 and lineage.holder() is None
     assert "/iteration-002/policy-" in pointer.policy["artifact"]["key"]
+    assert pointer.reward is not None and "/iteration-002/reward_model-" in pointer.reward["artifact"]["key"]
     s3 = boto3.client("s3")
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page["Contents"]]
     artifacts = f"{root}/pipelines/default/"
@@ -342,6 +343,9 @@ def _check_service(
         f"iteration-00{k}/{name}" for k in (1, 2) for name in ("preferences", "reward_model", "policy", "evaluation")
     }
     assert f"{artifacts}lineages/{LINEAGE}/latest.json" in keys
+    reward_2 = next(k for k in keys if "/iteration-002/reward_model-" in k and k.endswith("MANIFEST.json"))
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=reward_2)["Body"].read())
+    assert "/iteration-001/reward_model-" in manifest["metadata"]["parents"]["init"]  # run 2 continued run 1's
 
     # MLflow: one experiment for the lineage, one run per pipeline run, iterations counted on
     client = MlflowClient(stack["MLFLOW_TRACKING_URI"])
