@@ -17,6 +17,7 @@ from pathlib import Path
 import transformers
 
 from flows.config import PipelineConfig, load_config
+from rlhf_core.world import gold_components
 from tasks.data import reward_init_dir, write_data
 from tasks.evaluate import run_evaluation
 from tasks.ppo import run_ppo
@@ -39,6 +40,15 @@ COLUMNS = (
 )
 
 
+def attribute_means(samples: list[dict]) -> str:
+    """Mean gold reward per attribute over the evaluation samples, the policy's beside the SFT model's."""
+    means = {}
+    for who in ("policy", "sft"):
+        parts = [gold_components(row["prompt"], row[who]) for row in samples]
+        means[who] = {name: sum(p[name] for p in parts) / len(parts) for name in parts[0]}
+    return "  ".join(f"{name}={means['policy'][name]:+.2f} ({means['sft'][name]:+.2f})" for name in means["sft"])
+
+
 def run_seed(config: PipelineConfig, root: Path) -> list[dict[str, float]]:
     start = time.perf_counter()
     seed = config.seed
@@ -53,12 +63,15 @@ def run_seed(config: PipelineConfig, root: Path) -> list[dict[str, float]]:
         iteration_seed = seed * 1000 + k
         preference_dirs.append(it / "preferences")
         pref = run_preferences(policy, data, preference_dirs[-1], config.preferences, iteration_seed)
-        rm = run_reward(reward_init_dir(data, sft), preference_dirs, it / "reward", config.reward, iteration_seed)
+        previous = root / f"iteration-{k - 1}" / "reward"
+        init = previous if config.reward.warm_start and k > 1 else reward_init_dir(data, sft)
+        rm = run_reward(init, preference_dirs, it / "reward", config.reward, iteration_seed)
         run_ppo(policy, sft, it / "reward", data, it / "policy", config.ppo, iteration_seed)
         policy = it / "policy"
         (it / "evaluation").mkdir()
-        metrics, _ = run_evaluation(
-            policy, sft, it / "reward", data, it / "evaluation", config.evaluation, iteration_seed
+        every_sample = config.evaluation.model_copy(update={"n_samples_logged": 1 << 30})
+        metrics, samples = run_evaluation(
+            policy, sft, it / "reward", data, it / "evaluation", every_sample, iteration_seed
         )
         rows.append(
             {
@@ -70,6 +83,7 @@ def run_seed(config: PipelineConfig, root: Path) -> list[dict[str, float]]:
             }
         )
         print("  " + "  ".join(f"{c}={rows[-1][c]:.3f}" for c in COLUMNS), flush=True)
+        print(f"    gold by attribute, policy (SFT): {attribute_means(samples)}", flush=True)
     rows[-1]["total_s"] = time.perf_counter() - start
     return rows
 
