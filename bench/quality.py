@@ -18,11 +18,11 @@ import transformers
 
 from flows.config import PipelineConfig, load_config
 from rlhf_core.world import gold_components
-from tasks.data import reward_init_dir, write_data
+from tasks.data import write_data
 from tasks.evaluate import run_evaluation
 from tasks.ppo import run_ppo
 from tasks.preferences import run_preferences
-from tasks.reward import run_reward
+from tasks.reward import reward_start, run_reward
 from tasks.sft import run_sft
 
 COLUMNS = (
@@ -63,8 +63,8 @@ def run_seed(config: PipelineConfig, root: Path) -> list[dict[str, float]]:
         iteration_seed = seed * 1000 + k
         preference_dirs.append(it / "preferences")
         pref = run_preferences(policy, data, preference_dirs[-1], config.preferences, iteration_seed)
-        previous = root / f"iteration-{k - 1}" / "reward"
-        init = previous if config.reward.warm_start and k > 1 else reward_init_dir(data, sft)
+        previous = root / f"iteration-{k - 1}" / "reward" if k > 1 else None
+        init = reward_start(previous, data, sft, config.reward)
         rm = run_reward(init, preference_dirs, it / "reward", config.reward, iteration_seed)
         run_ppo(policy, sft, it / "reward", data, it / "policy", config.ppo, iteration_seed)
         policy = it / "policy"

@@ -44,7 +44,7 @@ def run_reward(
     """Train a reward model from ``init_dir``'s backbone on all pairs in ``preference_dirs``; normalize it
     on the responses of the last one (the current policy's samples); save it to ``out_dir``."""
     tokenizer = load_tokenizer(init_dir, trust_remote_code)
-    torch.manual_seed(seed)  # the fresh scalar head: the same seed gives the same reward model
+    torch.manual_seed(seed)  # a fresh scalar head (from a backbone): the same seed gives the same reward model
     model = load_scorer(init_dir, trust_remote_code)
     model.config.reward_gain, model.config.reward_bias = 1.0, 0.0  # a previous reward model trains on raw scores
     pairs = [pair for d in preference_dirs for pair in read_pairs(d)]
@@ -74,6 +74,13 @@ def run_reward(
     }
 
 
+def reward_start(previous_dir: Path | None, data_dir: Path, sft_dir: Path, config: RewardConfig) -> Path:
+    """Where a reward model starts: the last iteration's with ``config.warm_start``, else the base backbone."""
+    if config.warm_start and previous_dir is not None:
+        return previous_dir
+    return reward_init_dir(data_dir, sft_dir)
+
+
 @phase_task("train-reward-model")
 def reward_task(
     context: RunContext,
@@ -94,11 +101,9 @@ def reward_task(
     if done := existing_output(context, key):
         return done
     sft_dir = fetch(context, sft)
-    if previous is not None:
-        init, init_dir = previous, fetch(context, previous)
-    else:
-        init_dir = reward_init_dir(fetch(context, data), sft_dir)
-        init = sft if init_dir == sft_dir else data
+    previous_dir = fetch(context, previous) if previous is not None else None
+    init_dir = reward_start(previous_dir, fetch(context, data), sft_dir, config)
+    init = previous if init_dir == previous_dir else sft if init_dir == sft_dir else data
     preference_dirs = [fetch(context, p) for p in preferences]
     with (
         tracked(context, f"iteration-{iteration}/reward", {"reward": config.model_dump()}) as log,
