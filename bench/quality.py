@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import transformers
@@ -49,6 +51,14 @@ def attribute_means(samples: list[dict]) -> str:
     return "  ".join(f"{name}={means['policy'][name]:+.2f} ({means['sft'][name]:+.2f})" for name in means["sft"])
 
 
+@contextmanager
+def timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall time of the block to ``seconds[name]``."""
+    start = time.perf_counter()
+    yield
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+
 def run_seed(config: PipelineConfig, root: Path) -> list[dict[str, float]]:
     start = time.perf_counter()
     seed = config.seed
@@ -62,17 +72,22 @@ def run_seed(config: PipelineConfig, root: Path) -> list[dict[str, float]]:
         it = root / f"iteration-{k}"
         iteration_seed = seed * 1000 + k
         preference_dirs.append(it / "preferences")
-        pref = run_preferences(policy, data, preference_dirs[-1], config.preferences, iteration_seed)
+        phase_s = {}
+        with timed(phase_s, "preferences"):
+            pref = run_preferences(policy, data, preference_dirs[-1], config.preferences, iteration_seed)
         previous = root / f"iteration-{k - 1}" / "reward" if k > 1 else None
-        init = reward_start(previous, data, sft, config.reward)
-        rm = run_reward(init, preference_dirs, it / "reward", config.reward, iteration_seed)
-        run_ppo(policy, sft, it / "reward", data, it / "policy", config.ppo, iteration_seed)
+        with timed(phase_s, "reward"):
+            init = reward_start(previous, data, sft, config.reward)
+            rm = run_reward(init, preference_dirs, it / "reward", config.reward, iteration_seed)
+        with timed(phase_s, "ppo"):
+            run_ppo(policy, sft, it / "reward", data, it / "policy", config.ppo, iteration_seed)
         policy = it / "policy"
         (it / "evaluation").mkdir()
         every_sample = config.evaluation.model_copy(update={"n_samples_logged": 1 << 30})
-        metrics, samples = run_evaluation(
-            policy, sft, it / "reward", data, it / "evaluation", every_sample, iteration_seed
-        )
+        with timed(phase_s, "evaluation"):
+            metrics, samples = run_evaluation(
+                policy, sft, it / "reward", data, it / "evaluation", every_sample, iteration_seed
+            )
         rows.append(
             {
                 "iteration": k,
@@ -84,6 +99,7 @@ def run_seed(config: PipelineConfig, root: Path) -> list[dict[str, float]]:
         )
         print("  " + "  ".join(f"{c}={rows[-1][c]:.3f}" for c in COLUMNS), flush=True)
         print(f"    gold by attribute, policy (SFT): {attribute_means(samples)}", flush=True)
+        print("    seconds by phase: " + "  ".join(f"{name}={s:.0f}" for name, s in phase_s.items()), flush=True)
     rows[-1]["total_s"] = time.perf_counter() - start
     return rows
 
