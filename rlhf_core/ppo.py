@@ -65,8 +65,13 @@ class PPOConfig(BaseModel):
     kl_coef: float = Field(0.15, ge=0, description="Initial coefficient of the per-token KL penalty.")
     kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator in the penalty.")
     adaptive_kl: bool = Field(True, description="Adapt kl_coef toward kl_target (Ziegler et al. 2019); else fixed.")
-    kl_target: float = Field(4.0, gt=0, description="Target KL to the reference, in nats per response.")
-    kl_horizon: int = Field(10000, ge=1, description="Horizon of the adaptive KL controller, in samples.")
+    kl_target: float = Field(3.0, gt=0, description="Target KL to the reference, in nats per response.")
+    kl_horizon: int = Field(
+        500,
+        ge=1,
+        description="Horizon of the adaptive KL controller, in samples. Keep it to a fraction of a phase's "
+        "steps * rollout_batch_size, or the coefficient barely moves.",
+    )
     max_kl: float | None = Field(
         50.0, gt=0, description="Stop PPO with an error once the KL to the reference passes this (nats per response)."
     )

@@ -32,7 +32,7 @@ def test_lora_ppo_holds_less_memory_and_learns_its_reward(sft_dir):
     torch.nn.init.zeros_(reward_model.score.weight)
     config = PPOConfig(
         steps=20, rollout_batch_size=16, minibatch_size=8, epochs=2, lr=2e-2, max_new_tokens=12, kl_coef=0.01,
-        missing_eos_penalty=2.0, target_kl=None,
+        missing_eos_penalty=2.0, target_kl=None, adaptive_kl=False,
     )  # fmt: skip
 
     def ppo(policy, reference):
