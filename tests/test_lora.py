@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import TINY_WORLD
 from test_flow import TINY
+from test_phases import held_out_eos_rate
 
 from flows.config import ConfigError, load_config
 from rlhf_core import world
@@ -31,26 +32,31 @@ def test_lora_ppo_holds_less_memory_and_learns_its_reward(sft_dir):
     # a reward the policy can find quickly: finish the response
     torch.nn.init.zeros_(reward_model.score.weight)
     config = PPOConfig(
-        steps=20, rollout_batch_size=16, minibatch_size=8, epochs=2, lr=2e-2, max_new_tokens=12, kl_coef=0.01,
+        steps=20, rollout_batch_size=16, minibatch_size=8, epochs=2, lr=1e-2, max_new_tokens=8, kl_coef=0.01,
         missing_eos_penalty=2.0, target_kl=None, adaptive_kl=False,
     )  # fmt: skip
 
-    def ppo(policy, reference):
+    def ppo(policy, reference, steps):
         torch.manual_seed(0)
         engine, critic = TorchEngine(policy, config.lr, 100), load_scorer(sft_dir)
         critic_engine = TorchEngine(critic, config.critic_lr, 100)
-        args = (reference, RewardFunction(reward_model), tokenizer, prompts, config, 0, world.gold_rewards)
-        result = train_ppo(engine, critic_engine, *args)
+        args = (reference, RewardFunction(reward_model), tokenizer, prompts, config.model_copy(update={"steps": steps}))
+        result = train_ppo(engine, critic_engine, *args, 0, world.gold_rewards)
         return result.history, held_bytes(policy, reference, optimizers=(engine.optimizer,))
 
-    full, full_bytes = ppo(load_policy(sft_dir), load_policy(sft_dir).eval().requires_grad_(False))
+    # one step builds the full fine-tune's optimizer state
+    _, full_bytes = ppo(load_policy(sft_dir), load_policy(sft_dir).eval().requires_grad_(False), steps=1)
     lora_policy = add_lora(load_policy(sft_dir), LoRAConfig(r=4))
-    lora, lora_bytes = ppo(lora_policy, AdaptersDisabled(lora_policy))
+    lora, lora_bytes = ppo(lora_policy, AdaptersDisabled(lora_policy), steps=config.steps)
     # full: policy + reference + two AdamW moments = 4 copies; LoRA: one copy plus small adapters
     assert lora_bytes < 0.4 * full_bytes, (lora_bytes, full_bytes)
-    eos = [h["ppo/eos_rate"] for h in lora]  # what this reward pays for
-    assert sum(eos[-5:]) / 5 > max(0.95, sum(eos[:5]) / 5 + 0.1), eos
-    assert lora[-1]["ppo/kl"] > 0  # the reference (adapters off) is not the policy
+    # what this reward pays for: finishing. Measured over seeds 0-7 and 1-2 threads, on 256 held-out samples:
+    # 0.35-0.48 end before (adapters off), 0.81-0.96 after, a rise of 0.35-0.57 (noise about 0.04)
+    trained = held_out_eos_rate(lora_policy, tokenizer, config.max_new_tokens)
+    with lora_policy.disable_adapter():
+        reference_rate = held_out_eos_rate(lora_policy, tokenizer, config.max_new_tokens)
+    assert trained > reference_rate + 0.2, (trained, reference_rate)
+    assert sum(h["ppo/kl"] for h in lora[-3:]) > 0  # the reference (adapters off) is not the policy
 
 
 def test_lora_adapters_carry_over_iterations_and_merge(tmp_path):

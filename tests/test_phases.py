@@ -37,6 +37,16 @@ def weights_changed(before: dict, model: torch.nn.Module) -> bool:
     return any(not torch.equal(before[name], p) for name, p in model.state_dict().items())
 
 
+def held_out_eos_rate(model: torch.nn.Module, tokenizer, max_new_tokens: int, n: int = 256) -> float:
+    """The share of ``n`` fresh samples on held-out prompts that end with EOS: a learned quantity measured on
+    enough samples that its noise (a binomial standard deviation of about 0.03 at 256) is far below the
+    effects the tests assert."""
+    prompts = world.make_world(0, TINY).eval_prompts
+    torch.manual_seed(1234)
+    batch = [prompts[i % len(prompts)] for i in range(n)]
+    return sample_responses(model.eval(), tokenizer, batch, max_new_tokens, 1.0).has_eos.float().mean().item()
+
+
 def test_sft_masks_prompt_and_padding_and_appends_eos(base_dir):
     tokenizer = load_tokenizer(base_dir)
     batch = encode_prompt_responses(
@@ -63,7 +73,8 @@ def test_sft_lowers_its_loss(base_dir):
     demos = world.make_world(0, TINY).demonstrations
     result = train_sft(TorchEngine(model, config.lr, 40, 2), tokenizer, demos, config, seed=0)
     assert weights_changed(before, model)
-    assert result.final_loss < result.first_loss - 1.0
+    # measured over seeds 0-7 and 1-2 threads: a drop of 0.72-1.02 nats, with batch-to-batch noise of 0.04-0.08
+    assert result.final_loss < result.first_loss - 0.4
 
 
 def test_truncate_after_eos():
@@ -107,10 +118,11 @@ def test_preferences_labels_and_agreement(sft_dir):
     tokenizer, model = load_tokenizer(sft_dir), load_policy(sft_dir).eval()
     prompts = world.make_world(0, TINY).preference_prompts[:16]
     pairs, stats = collect_preferences(
-        model, tokenizer, prompts, world.gold_rewards, PreferenceConfig(n_pairs=200, max_new_tokens=16), seed=0
+        model, tokenizer, prompts, world.gold_rewards, PreferenceConfig(n_pairs=800, max_new_tokens=16), seed=0
     )
-    assert len(pairs) + stats["dropped_identical"] == 200
+    assert len(pairs) + stats["dropped_identical"] == 800
     assert all(p.chosen != p.rejected for p in pairs)
+    # measured over seeds 0-7: agreement 0.686-0.705 (200 pairs gave 0.672-0.746), gold accuracy 0.77-0.80
     assert stats["labeler_agreement"] == pytest.approx(0.7, abs=0.07)
     assert stats["label_gold_accuracy"] > 0.6
     assert {p.labeler for p in pairs} == {lab.name for lab in PreferenceConfig().labelers}
@@ -166,7 +178,7 @@ def test_ppo_raises_the_reward_it_optimizes(sft_dir):
         minibatch_size=8,
         epochs=2,
         lr=2e-3,
-        max_new_tokens=12,
+        max_new_tokens=8,
         kl_coef=0.01,
         missing_eos_penalty=2.0,
         target_kl=None,
@@ -176,10 +188,11 @@ def test_ppo_raises_the_reward_it_optimizes(sft_dir):
     result = train_ppo(engine, critic_engine, reference, RewardFunction(reward_model), tokenizer, prompts, config, 0)
     history = result.history
     assert weights_changed(before, policy)
-    first, last = history[0], history[-1]
-    assert last["ppo/eos_rate"] > first["ppo/eos_rate"]  # the only reward is avoiding the missing-EOS penalty
-    assert last["ppo/score"] > first["ppo/score"]
-    assert last["ppo/kl"] > 0
+    # the only reward is avoiding the missing-EOS penalty, so the policy learns to finish. Measured over seeds 0-7
+    # and 1-2 threads: 0.32-0.45 of held-out samples end before, 0.98-1.0 after (a rise of 0.53-0.68)
+    assert held_out_eos_rate(policy, tokenizer, 8) > held_out_eos_rate(reference, tokenizer, 8) + 0.2
+    first = history[0]
+    assert sum(h["ppo/kl"] for h in history[-3:]) > 0
     expected = {
         "kl",
         "reward",

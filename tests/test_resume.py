@@ -154,12 +154,15 @@ def test_ppo_resumes_with_rngs_prompt_order_and_kl_controller(sft_dir, tmp_path)
 def test_a_kl_blow_up_stops_ppo_and_keeps_the_last_good_checkpoint(sft_dir, tmp_path):
     run = ppo_setup(sft_dir)
     context = RunContext(store_uri=str(tmp_path), prefix="pipelines/test")
+    # no KL penalty and a high learning rate: the KL to the reference runs away from the first update on
     config = PPOConfig(
-        steps=8, rollout_batch_size=8, minibatch_size=4, epochs=2, lr=2e-3, max_new_tokens=10, kl_coef=0.05
+        steps=8, rollout_batch_size=8, minibatch_size=4, epochs=2, lr=1e-2, max_new_tokens=10, kl_coef=0.0
     )
     clean = run(None, None, config)[1].history
-    # a bound the clean run passes only after step 4, where the checkpoint every 2 steps is
-    bound = max(h["ppo/kl"] for h in clean[:4]) + 1e-6
+    # a bound the clean run passes only after step 2, where the first checkpoint (every 2 steps) is. Measured over
+    # seeds 0-7: the largest KL of steps 3-8 lies 1.2-3.0 nats above the largest of steps 1-2, so 0.5 above it is
+    # passed in every run
+    bound = max(h["ppo/kl"] for h in clean[:2]) + 0.5
     first_past = next(i for i, h in enumerate(clean, start=1) if h["ppo/kl"] > bound)
     config = config.model_copy(update={"max_kl": bound})
     last_good = (first_past - 1) // 2 * 2
