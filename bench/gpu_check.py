@@ -24,9 +24,10 @@ from transformers import AutoModelForSequenceClassification
 
 from infra.deepspeed_engine import DeepSpeedConfig, DeepSpeedEngine
 from rlhf_core import world
+from rlhf_core.engine import Optimization
 from rlhf_core.losses import bradley_terry_loss
 from rlhf_core.modeling import disable_dropout, encode_prompt_responses
-from rlhf_core.ppo import PPOConfig, train_ppo
+from rlhf_core.ppo import PPOConfig, PPOModels, train_ppo
 from rlhf_core.preferences import PreferencePair
 from rlhf_core.reward import RewardFunction, pair_rewards
 from rlhf_core.sft import sft_loss
@@ -52,7 +53,7 @@ def timed(step: Callable[[], int], device: torch.device) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
-def report(name: str, seconds: float, tokens: int, flops: float, args: argparse.Namespace, device) -> None:
+def report(name: str, seconds: float, tokens: int, flops: float, *, args: argparse.Namespace, device) -> None:
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     mfu = flops / seconds / (args.peak_tflops * 1e12)
     print(f"{name:<8} {seconds:8.2f} s  {tokens / seconds:10.0f} tokens/s  peak {peak:6.1f} GiB  MFU {mfu:6.1%}")
@@ -89,17 +90,18 @@ def main() -> None:
     zero = DeepSpeedConfig(zero_stage=args.zero_stage, precision=args.precision)
     rows = synthetic_rows(4 * args.batch, args.seq - 16, rng)
 
-    engine = DeepSpeedEngine(policy, zero, 1e-5, 100, micro_batch_size=args.batch)
+    optimization = Optimization(lr=1e-5, total_steps=100)
+    engine = DeepSpeedEngine(policy, zero, optimization, micro_batch_size=args.batch)
 
     def sft_step() -> int:
         batch_rows = rng.sample(rows, args.batch)
-        batch = encode_prompt_responses(tokenizer, *map(list, zip(*batch_rows, strict=True)), args.seq, device)
+        batch = encode_prompt_responses(tokenizer, *map(list, zip(*batch_rows, strict=True)), args.seq, device=device)
         engine.backward(sft_loss(engine.module, batch))
         engine.step()
         return int(batch.attention_mask.sum())
 
     seconds, tokens = timed(sft_step, device)
-    report("sft", seconds, tokens, 6 * n_params * tokens, args, device)
+    report("sft", seconds, tokens, 6 * n_params * tokens, args=args, device=device)
 
     scorer_config = copy.deepcopy(policy.config)
     scorer_config.num_labels = 1
@@ -108,7 +110,7 @@ def main() -> None:
         return disable_dropout(AutoModelForSequenceClassification.from_config(scorer_config)).to(device)
 
     scorer = new_scorer()
-    rm_engine = DeepSpeedEngine(scorer, zero, 1e-5, 100, micro_batch_size=2 * args.batch)
+    rm_engine = DeepSpeedEngine(scorer, zero, optimization, micro_batch_size=2 * args.batch)
     pairs = [PreferencePair(p, r, r[::-1], "bench", 0.0, 0.0) for p, r in rows]
 
     def reward_step() -> int:
@@ -118,13 +120,13 @@ def main() -> None:
         return 2 * args.batch * args.seq
 
     seconds, tokens = timed(reward_step, device)
-    report("reward", seconds, tokens, 6 * n_params * tokens, args, device)
+    report("reward", seconds, tokens, 6 * n_params * tokens, args=args, device=device)
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     reference = disable_dropout(world.build_model(tokenizer, shape, seed=0)).to(device, dtype).eval()
     reward_model = new_scorer().to(dtype).eval()
     critic = new_scorer()
-    critic_engine = DeepSpeedEngine(critic, zero, 1e-5, 100, micro_batch_size=args.batch)
+    critic_engine = DeepSpeedEngine(critic, zero, optimization, micro_batch_size=args.batch)
     config = PPOConfig(
         steps=1, rollout_batch_size=args.batch, minibatch_size=args.batch, epochs=1, max_new_tokens=args.seq // 2,
         max_kl=None,
@@ -134,15 +136,16 @@ def main() -> None:
 
     def ppo_step() -> int:
         reward_fn, seed = RewardFunction(reward_model), rng.randrange(2**31)
-        result = train_ppo(engine, critic_engine, reference, reward_fn, tokenizer, prompts, config, seed)
-        lengths.append(result.history[-1]["ppo/response_length"])
+        models = PPOModels(engine, critic_engine, reference, reward_fn)
+        result = train_ppo(models, tokenizer, prompts, config, seed=seed)
+        lengths.append(result.history[-1]["response_length"])
         prompt_tokens = 12  # a toy prompt is about a dozen tokens
         return int(args.batch * (prompt_tokens + lengths[-1]))
 
     seconds, tokens = timed(ppo_step, device)
     generated = args.batch * lengths[-1]
     flops = n_params * (2 * generated + 4 * 2 * tokens + 2 * 6 * tokens * config.epochs)
-    report("ppo", seconds, tokens, flops, args, device)
+    report("ppo", seconds, tokens, flops, args=args, device=device)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 import transformers
 
 from flows.config import PipelineConfig, load_config
+from infra.artifacts import BASE_MODEL_DIR, PhaseInputs
 from rlhf_core.world import gold_components
 from tasks.data import write_data
 from tasks.evaluate import run_evaluation
@@ -64,7 +65,7 @@ def run_seed(config: PipelineConfig, root: Path) -> list[dict[str, float]]:
     seed = config.seed
     data, sft = root / "data", root / "sft"
     write_data(data, seed, config.data)
-    run_sft(data / "base_model", data, sft, config.sft, seed)
+    run_sft(data / BASE_MODEL_DIR, data, sft, config=config.sft, seed=seed)
     print(f"  data + SFT: {time.perf_counter() - start:.0f} s", flush=True)
     policy, preference_dirs, rows = sft, [], []
     for k in range(1, config.iterations + 1):
@@ -74,26 +75,27 @@ def run_seed(config: PipelineConfig, root: Path) -> list[dict[str, float]]:
         preference_dirs.append(it / "preferences")
         phase_s = {}
         with timed(phase_s, "preferences"):
-            pref = run_preferences(policy, data, preference_dirs[-1], config.preferences, iteration_seed)
+            inputs = PhaseInputs(data=data, policy=policy)
+            pref = run_preferences(inputs, preference_dirs[-1], config=config.preferences, seed=iteration_seed)
         previous = root / f"iteration-{k - 1}" / "reward" if k > 1 else None
         with timed(phase_s, "reward"):
             init = reward_start(previous, data, sft, config.reward)
-            rm = run_reward(init, preference_dirs, it / "reward", config.reward, iteration_seed)
+            rm = run_reward(init, preference_dirs, it / "reward", config=config.reward, seed=iteration_seed)
         with timed(phase_s, "ppo"):
-            run_ppo(policy, sft, it / "reward", data, it / "policy", config.ppo, iteration_seed)
+            inputs = PhaseInputs(data=data, policy=policy, sft=sft, reward=it / "reward")
+            run_ppo(inputs, it / "policy", config=config.ppo, seed=iteration_seed)
+        inputs = PhaseInputs(data=data, policy=it / "policy", sft=sft, reward=it / "reward")
         policy = it / "policy"
         (it / "evaluation").mkdir()
         every_sample = config.evaluation.model_copy(update={"n_samples_logged": 1 << 30})
         with timed(phase_s, "evaluation"):
-            metrics, samples = run_evaluation(
-                policy, sft, it / "reward", data, it / "evaluation", every_sample, iteration_seed
-            )
+            metrics, samples = run_evaluation(inputs, it / "evaluation", config=every_sample, seed=iteration_seed)
         rows.append(
             {
                 "iteration": k,
                 **metrics,
-                "rm_val_accuracy": rm["reward/val_accuracy"],
-                "labeler_agreement": pref["preferences/labeler_agreement"],
+                "rm_val_accuracy": rm["val_accuracy"],
+                "labeler_agreement": pref["labeler_agreement"],
                 "wall_s": time.perf_counter() - t0,
             }
         )

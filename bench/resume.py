@@ -23,11 +23,13 @@ from pathlib import Path
 
 import torch
 
+from infra.artifacts import PhaseInputs
 from infra.checkpoints import StoreCheckpointer
 from infra.storage import LocalStore, folder_digest
+from rlhf_core.data import DataConfig
 from rlhf_core.modeling import load_scorer, load_tokenizer
 from rlhf_core.ppo import PPOConfig
-from tasks.data import DataConfig, write_data
+from tasks.data import write_data
 from tasks.ppo import run_ppo
 
 
@@ -52,7 +54,8 @@ def main() -> None:
 
         def ppo(name: str, checkpointer: StoreCheckpointer | None, on_metrics=None) -> float:
             start = time.perf_counter()
-            run_ppo(base, base, root / "rm", root / "data", root / name, config, 0, on_metrics, False, checkpointer)
+            inputs = PhaseInputs(data=root / "data", policy=base, sft=base, reward=root / "rm")
+            run_ppo(inputs, root / name, config=config, seed=0, on_metrics=on_metrics, checkpointer=checkpointer)
             return time.perf_counter() - start
 
         plain = ppo("plain", None)

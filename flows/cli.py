@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 import yaml
 from pydantic import BaseModel
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from infra.stack import stack_app
+from flows.console import console, fail
+from flows.stack_cli import stack_app
 
 if TYPE_CHECKING:
     from flows.config import PipelineConfig
@@ -23,7 +23,6 @@ app = typer.Typer(help="The InstructGPT RLHF recipe as a Prefect workflow tracke
 app.add_typer(stack_app, name="stack")
 lineage_app = typer.Typer(help="Inspect a lineage or break its stale lock.", no_args_is_help=True)
 app.add_typer(lineage_app, name="lineage")
-console = Console()
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 OverridesOpt = Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value.")]
 
@@ -35,8 +34,7 @@ def load_or_exit(config: Path | None, overrides: list[str]) -> PipelineConfig:
     try:
         return load_config(config, overrides)
     except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
+        fail(e, 2)
 
 
 @app.callback()
@@ -96,8 +94,7 @@ def run(
     try:
         check_inputs(pipeline_config)
     except (ValueError, StorageError) as e:  # DatasetError included: the file, row and column at fault
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
+        fail(e, 2)
     from tasks.common import PROGRESS_HOOKS
 
     with Progress(
@@ -114,8 +111,7 @@ def run(
         try:
             summary = rlhf_pipeline(pipeline_config)
         except (StorageError, DivergenceError) as e:  # said in full already; the traceback adds nothing
-            console.print(f"[red]error:[/red] {e}")
-            raise typer.Exit(1) from e
+            fail(e, 1)
         finally:
             PROGRESS_HOOKS.remove(on_progress)
             for bar in bars.values():
@@ -132,6 +128,7 @@ def run(
 
 @app.command()
 def serve(
+    *,
     config: ConfigOpt = None,
     overrides: OverridesOpt = None,
     name: Annotated[str | None, typer.Option(help="Deployment name (default: the lineage, else 'rlhf').")] = None,
@@ -163,8 +160,7 @@ def serve(
         )
         serve_deployments(deployment)
     except DeploymentError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
+        fail(e, 2)
 
 
 def _lineage(name: str, config: Path | None, overrides: list[str] | None) -> Lineage:
@@ -176,8 +172,7 @@ def _lineage(name: str, config: Path | None, overrides: list[str] | None) -> Lin
     try:
         return Lineage(open_configured_store(storage.uri, storage.aws_credentials_block), storage.prefix, name)
     except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
+        fail(e, 2)
 
 
 @lineage_app.command("show")

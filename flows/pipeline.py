@@ -2,7 +2,7 @@
 
 Each iteration is its own subflow run (``iteration-k``) in the Prefect UI; each phase is a cached,
 retried task whose artifact lives in object storage. MLflow gets a parent run for the pipeline run
-and a child run per phase and iteration.
+and a child run per phase and iteration (``infra/catalog.py`` lists everything logged).
 """
 
 from __future__ import annotations
@@ -13,27 +13,49 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from pydantic import BaseModel
 
 from flows.config import PipelineConfig
+from infra import catalog
+from infra.artifacts import SAMPLES_FILE
 from infra.credentials import open_configured_store
 from infra.datasets import read_rows
 from infra.lineage import Lineage, LineagePointer
 from infra.storage import is_complete
 from infra.tracking import RunLogger, Tracker, default_tracking_uri, plot_iterations
+from infra.user_data import check_data, local_inputs_digest
 from tasks.common import PhaseOutput, RunContext, TrackingContext, fetch
-from tasks.data import check_data, local_inputs_digest, prepare_data
-from tasks.evaluate import SAMPLES_FILE, evaluate_task
+from tasks.data import prepare_data
+from tasks.evaluate import evaluate_task
 from tasks.ppo import ppo_task
 from tasks.preferences import preferences_task
 from tasks.reward import reward_task
 from tasks.sft import sft_task
 
 DEFAULT_TRACKING_ROOT = Path("./rlhf-mlflow")
-SUMMARY_KEYS = ("win_rate_vs_sft", "gold_reward", "reward", "kl", "entropy", "response_length")
-PLOT_KEYS = ["win_rate_vs_sft", "gold_reward", "reward", "kl", "entropy", "response_length"]
 
 
-def run_phase(phase: Any, states: dict[str, str], label: str, **kwargs: Any) -> PhaseOutput:
+class PipelineState(BaseModel):
+    """Where a pipeline stands between iterations: what the next iteration starts from."""
+
+    data: PhaseOutput
+    sft: PhaseOutput  # the KL reference, and where reward models start without a backbone of their own
+    policy: PhaseOutput
+    preferences: list[PhaseOutput]  # every preference dataset so far, oldest first
+    reward: PhaseOutput | None = None  # the last reward model, where the next one starts (reward.warm_start)
+    iteration: int = 0  # the last completed iteration
+
+
+class IterationResult(BaseModel):
+    """One iteration's outcome: the state after it, its evaluation and preferences, and how each phase ran."""
+
+    state: PipelineState
+    evaluation: PhaseOutput
+    new_preferences: PhaseOutput
+    phases: dict[str, str]  # label -> Completed, Cached, ...
+
+
+def run_phase(phase: Any, phases: dict[str, str], label: str, **kwargs: Any) -> PhaseOutput:
     """Run a phase task and record whether Prefect served it from cache. A cached reference whose
     artifact has since vanished from the store is recomputed rather than trusted."""
     state = phase(**kwargs, return_state=True)
@@ -42,91 +64,68 @@ def run_phase(phase: Any, states: dict[str, str], label: str, **kwargs: Any) -> 
         get_run_logger().warning(f"{label}: cached artifact {output.ref.uri} is gone; recomputing")
         state = phase.with_options(refresh_cache=True)(**kwargs, return_state=True)
         output = state.result()
-    states[label] = state.name
+    phases[label] = state.name
     return output
 
 
 @flow(name="rlhf-iteration", flow_run_name="iteration-{iteration}", log_prints=True)
 def iteration_flow(
-    config: PipelineConfig,
-    context: RunContext,
-    data: PhaseOutput,
-    sft: PhaseOutput,
-    policy: PhaseOutput,
-    preferences: list[PhaseOutput],
-    iteration: int,
-    reward: PhaseOutput | None = None,
-) -> dict[str, Any]:
+    config: PipelineConfig, context: RunContext, state: PipelineState, iteration: int
+) -> IterationResult:
     """One RLHF iteration: preferences from the current policy, a reward model on all preferences so far
-    (continuing from ``reward``, the last iteration's, with ``reward.warm_start``), PPO from the current policy
-    against the SFT reference, and evaluation."""
-    seed = config.seed * 1000 + iteration
-    common = {"context": context, "seed": seed, "iteration": iteration}
-    label = f"iteration-{iteration}"
-    states: dict[str, str] = {}  # a subflow gets copies of its arguments, so it reports states back
+    (continuing from the last one with ``reward.warm_start``), PPO from the current policy against the SFT
+    reference, and evaluation."""
+    common = {"context": context, "seed": config.seed * 1000 + iteration, "iteration": iteration}
+    label, phases = f"iteration-{iteration}", {}  # a subflow gets copies of its arguments: it reports back
     new_preferences = run_phase(
-        preferences_task, states, f"{label}/preferences", data=data, policy=policy, config=config.preferences, **common
+        preferences_task,
+        phases,
+        f"{label}/preferences",
+        data=state.data,
+        policy=state.policy,
+        config=config.preferences,
+        **common,
     )
-    preferences = [*preferences, new_preferences]
-    common_training = {**common, "deepspeed": config.deepspeed}
+    preferences = [*state.preferences, new_preferences]
     reward = run_phase(
         reward_task,
-        states,
+        phases,
         f"{label}/reward",
-        data=data,
-        sft=sft,
+        data=state.data,
+        sft=state.sft,
         preferences=preferences,
-        previous=reward,
+        previous=state.reward,
         config=config.reward,
-        **common_training,
+        deepspeed=config.deepspeed,
+        **common,
     )
     policy = run_phase(
         ppo_task,
-        states,
+        phases,
         f"{label}/ppo",
-        data=data,
-        policy=policy,
-        sft=sft,
+        data=state.data,
+        policy=state.policy,
+        sft=state.sft,
         reward=reward,
         config=config.ppo,
-        **common_training,
+        deepspeed=config.deepspeed,
+        **common,
     )
     evaluation = run_phase(
         evaluate_task,
-        states,
+        phases,
         f"{label}/evaluation",
-        data=data,
+        data=state.data,
         policy=policy,
-        sft=sft,
+        sft=state.sft,
         reward=reward,
         config=config.evaluation,
         **common,
     )
-    return {
-        "preferences": preferences,
-        "reward": reward,
-        "policy": policy,
-        "evaluation": evaluation,
-        "new_preferences": new_preferences,
-        "states": states,
-    }
-
-
-def iteration_summary(iteration: int, outputs: dict[str, Any]) -> dict[str, float]:
-    evaluation = outputs["evaluation"].metrics
-    return {
-        "iteration": iteration,
-        **{key: evaluation[f"eval/{key}"] for key in SUMMARY_KEYS},
-        "rm_val_accuracy": outputs["reward"].metrics["reward/val_accuracy"],
-        "labeler_agreement": outputs["new_preferences"].metrics["preferences/labeler_agreement"],
-    }
-
-
-def log_iteration(parent: RunLogger, context: RunContext, summary: dict[str, float], evaluation: PhaseOutput) -> None:
-    iteration = int(summary["iteration"])
-    parent.log_metrics({f"iteration/{k}": v for k, v in summary.items() if k != "iteration"}, step=iteration)
-    rows = read_rows(fetch(context, evaluation) / SAMPLES_FILE)
-    parent.log_table(rows, f"samples/iteration_{iteration:03d}.json")
+    after = state.model_copy(
+        update={"policy": policy, "preferences": preferences, "reward": reward, "iteration": iteration}
+    )
+    return IterationResult(state=after, evaluation=evaluation, new_preferences=new_preferences, phases=phases)
 
 
 def check_inputs(config: PipelineConfig) -> None:
@@ -145,6 +144,70 @@ def open_lineage(config: PipelineConfig) -> Lineage | None:
     return Lineage(store, config.storage.prefix, config.lineage)
 
 
+def start_or_resume(
+    config: PipelineConfig, context: RunContext, lineage: Lineage | None, phases: dict[str, str]
+) -> PipelineState:
+    """The lineage's state where it has one; else data and SFT, the first iteration starting from the SFT model."""
+    resumed = lineage.read() if lineage else None
+    if resumed is not None:
+        phases |= {"data": "Reused", "sft": "Reused"}
+        print(
+            f"lineage {config.lineage}: continuing after iteration {resumed.iteration} (flow run {resumed.flow_run_id})"
+        )
+        return PipelineState.model_validate(resumed.model_dump(include=set(PipelineState.model_fields)))
+    data = run_phase(
+        prepare_data,
+        phases,
+        "data",
+        context=context,
+        config=config.data,
+        seed=config.seed,
+        inputs_digest=local_inputs_digest(config.data),
+        max_tokens=config.max_tokens,
+    )
+    sft = run_phase(
+        sft_task,
+        phases,
+        "sft",
+        context=context,
+        data=data,
+        config=config.sft,
+        seed=config.seed,
+        deepspeed=config.deepspeed,
+    )
+    human = data.metrics.get(catalog.DATA.key("human_preferences"), 0) > 0  # the data artifact holds them
+    return PipelineState(data=data, sft=sft, policy=sft, preferences=[data] if human else [])
+
+
+def record_iteration(parent: RunLogger, context: RunContext, result: IterationResult) -> dict[str, float]:
+    """The iteration's summary row, logged to the pipeline run with its sample completions."""
+    iteration, evaluation = result.state.iteration, result.evaluation.metrics
+    row = {name: evaluation[catalog.EVALUATION.key(name)] for name in catalog.EVALUATION_SUMMARY}
+    row["rm_val_accuracy"] = result.state.reward.metrics[catalog.REWARD.key("val_accuracy")]
+    row["labeler_agreement"] = result.new_preferences.metrics[catalog.PREFERENCES.key("labeler_agreement")]
+    parent.log_metrics(catalog.ITERATION.namespaced(row), step=iteration)
+    samples = read_rows(fetch(context, result.evaluation) / SAMPLES_FILE)
+    parent.log_table(samples, catalog.SAMPLES_ARTIFACT.format(iteration=iteration))
+    print(f"iteration {iteration}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items()))
+    return {"iteration": iteration, **row}
+
+
+def finish(
+    parent: RunLogger,
+    lineage: Lineage | None,
+    state: PipelineState,
+    history: list[dict[str, float]],
+    *,
+    sft_gold: float,
+) -> None:
+    """Plot the iterations (SFT as iteration 0) and move the lineage's pointer, the run's last write."""
+    sft_row = {"iteration": 0, "gold_reward": sft_gold, "win_rate_vs_sft": 0.5, "kl": 0.0}
+    parent.log_figure(plot_iterations([sft_row, *history], list(catalog.ITERATION.metrics)), catalog.PLOT_ARTIFACT)
+    if lineage is not None:
+        pointer = state.model_dump(mode="json") | {"lineage": lineage.name, "flow_run_id": str(flow_run.get_id() or "")}
+        lineage.advance(LineagePointer.model_validate(pointer | {"mlflow_run_id": parent.run_id}))
+
+
 @flow(name="rlhf-pipeline", log_prints=True)
 def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """SFT, then ``config.iterations`` rounds of preference collection, reward modeling, PPO and evaluation.
@@ -154,15 +217,12 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """
     check_inputs(config)
     tracking_uri = config.tracking.uri or default_tracking_uri(DEFAULT_TRACKING_ROOT)
-    tracker = Tracker(tracking_uri, config.experiment)
-    flow_run_id = str(flow_run.get_id() or "")
-    lineage = open_lineage(config)
+    flow_run_id, lineage = str(flow_run.get_id() or ""), open_lineage(config)
+    tags = {catalog.TAG_FLOW_RUN: flow_run_id, catalog.TAG_LINEAGE: config.lineage or ""}
     with (
         lineage.locked(flow_run_id) if lineage else nullcontext(),
-        tracker.run(
-            f"pipeline-{flow_run.get_name() or 'local'}",
-            params=config.model_dump(mode="json"),
-            tags={"prefect_flow_run_id": flow_run_id, "lineage": config.lineage or ""},
+        Tracker(tracking_uri, config.experiment).run(
+            catalog.pipeline_run_name(flow_run.get_name()), params=config.model_dump(mode="json"), tags=tags
         ) as parent,
     ):
         context = RunContext(
@@ -174,73 +234,16 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
                 tracking_uri=tracking_uri, experiment=config.experiment, parent_run_id=parent.run_id
             ),
         )
-        states: dict[str, str] = {}
-        resumed = lineage.read() if lineage else None
-        if resumed is None:
-            data = run_phase(
-                prepare_data,
-                states,
-                "data",
-                context=context,
-                config=config.data,
-                seed=config.seed,
-                inputs_digest=local_inputs_digest(config.data),
-                max_tokens=config.max_tokens,
-            )
-            sft = run_phase(
-                sft_task,
-                states,
-                "sft",
-                context=context,
-                data=data,
-                config=config.sft,
-                seed=config.seed,
-                deepspeed=config.deepspeed,
-            )
-            human = data.metrics.get("data/human_preferences", 0) > 0  # the data artifact holds them
-            policy, preferences, done = sft, [data] if human else [], 0
-            reward = None
-        else:
-            data, sft, policy = (PhaseOutput.model_validate(o) for o in (resumed.data, resumed.sft, resumed.policy))
-            preferences = [PhaseOutput.model_validate(o) for o in resumed.preferences]
-            reward = PhaseOutput.model_validate(resumed.reward) if resumed.reward else None
-            states |= {"data": "Reused", "sft": "Reused"}
-            done = resumed.iteration
-            print(f"lineage {config.lineage}: continuing after iteration {done} (flow run {resumed.flow_run_id})")
-        history: list[dict[str, float]] = []
-        sft_gold = None
-        for iteration in range(done + 1, done + config.iterations + 1):
-            outputs = iteration_flow(config, context, data, sft, policy, preferences, iteration, reward)
-            states |= outputs["states"]
-            policy, preferences, reward = outputs["policy"], outputs["preferences"], outputs["reward"]
-            summary = iteration_summary(iteration, outputs)
-            sft_gold = outputs["evaluation"].metrics["eval/sft_gold_reward"]
-            log_iteration(parent, context, summary, outputs["evaluation"])
-            history.append(summary)
-            print(
-                f"iteration {iteration}: " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items() if k != "iteration")
-            )
-        parent.log_figure(
-            plot_iterations(
-                [{"iteration": 0, "gold_reward": sft_gold, "win_rate_vs_sft": 0.5, "kl": 0.0}, *history], PLOT_KEYS
-            ),
-            "plots/iterations.png",
-        )
-        parent.log_dict({"phases": states, "final_policy": policy.artifact}, "pipeline.json")
-        if lineage is not None:
-            lineage.advance(
-                LineagePointer(
-                    lineage=lineage.name,
-                    iteration=done + config.iterations,
-                    data=data.model_dump(),
-                    sft=sft.model_dump(),
-                    policy=policy.model_dump(),
-                    preferences=[p.model_dump() for p in preferences],
-                    reward=reward.model_dump() if reward is not None else None,
-                    flow_run_id=flow_run_id,
-                    mlflow_run_id=parent.run_id,
-                )
-            )
+        phases: dict[str, str] = {}
+        state = start_or_resume(config, context, lineage, phases)
+        history, sft_gold = [], float("nan")
+        for iteration in range(state.iteration + 1, state.iteration + config.iterations + 1):
+            result = iteration_flow(config, context, state, iteration)
+            state, phases = result.state, phases | result.phases
+            history.append(record_iteration(parent, context, result))
+            sft_gold = result.evaluation.metrics[catalog.EVALUATION.key("sft_gold_reward")]
+        parent.log_dict({"phases": phases, "final_policy": state.policy.artifact}, catalog.PIPELINE_ARTIFACT)
+        finish(parent, lineage, state, history, sft_gold=sft_gold)
         return {
             "sft": {"gold_reward": sft_gold},
             "iterations": history,
@@ -249,6 +252,6 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
             "mlflow_run_id": parent.run_id,
             "prefect_flow_run_id": flow_run_id,
             "artifacts_uri": context.store.full_uri(config.storage.prefix),
-            "final_policy_uri": policy.ref.uri,
-            "phases": states,
+            "final_policy_uri": state.policy.ref.uri,
+            "phases": phases,
         }

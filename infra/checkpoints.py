@@ -42,6 +42,7 @@ class StoreCheckpointer:
         store: ObjectStore,
         artifact_key: str,
         every: int,
+        *,
         metadata: dict[str, Any] | None = None,
         on_resume: ResumeHook | None = None,
     ) -> None:

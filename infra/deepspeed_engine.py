@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from rlhf_core.engine import optimizer_and_scheduler
+from rlhf_core.engine import Optimization, optimizer_and_scheduler
 
 
 class DeepSpeedConfig(BaseModel):
@@ -106,26 +106,19 @@ class DeepSpeedEngine:
         self,
         module: nn.Module,
         config: DeepSpeedConfig,
-        lr: float,
-        total_steps: int,
-        warmup_steps: int = 0,
-        weight_decay: float = 0.0,
-        max_grad_norm: float | None = 1.0,
-        min_lr_ratio: float = 0.1,
+        optimization: Optimization,
         micro_batch_size: int = 1,
     ) -> None:
         import deepspeed
 
         ensure_process_group_env()
-        optimizer, scheduler = optimizer_and_scheduler(
-            module, lr, total_steps, warmup_steps, weight_decay, min_lr_ratio
-        )
+        optimizer, scheduler = optimizer_and_scheduler(module, optimization)
         self.config = config
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(config, micro_batch_size, max_grad_norm),
+            config=deepspeed_config(config, micro_batch_size, optimization.max_grad_norm),
         )
         self.module = self.engine.module
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()

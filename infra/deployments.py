@@ -37,6 +37,7 @@ def deployment_parameters(flow: Flow[..., Any], config: BaseModel) -> dict[str, 
 def build_deployment(
     flow: Flow[..., Any],
     config: BaseModel,
+    *,
     name: str,
     cron: str | None = None,
     interval: float | None = None,

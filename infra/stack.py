@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -32,18 +31,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import urlsplit
-
-import typer
-from rich.console import Console
-from rich.table import Table
 
 __all__ = [
     "DEFAULT_STATE",
     "Service",
     "StackError",
-    "stack_app",
     "stack_down",
     "stack_env",
     "stack_status",
@@ -74,6 +68,32 @@ class Service:
     pid: int | None
     log: Path
     status: str = "started"  # "started", "already up" or "external"
+
+
+@dataclass
+class _Plan:
+    """A server to start: its command and the environment it adds."""
+
+    name: str
+    port: int
+    cmd: list[str]
+    env: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+
+@dataclass
+class _Stack:
+    """What ``stack_up`` was asked for, resolved: where state lives, the ports, the S3 endpoint and bucket."""
+
+    state_dir: Path
+    ports: dict[str, int]
+    s3_url: str
+    bucket: str
+    moto: bool  # start moto's S3 server (no external endpoint was given)
+    timeout: float
 
 
 # ----------------------------------------------------------------------------------------------- processes
@@ -160,24 +180,29 @@ def _alive_group(pgid: int) -> bool:
     return bool(_group_members(pgid))
 
 
-def _launch(name: str, cmd: list[str], env: dict[str, str], port: int, url: str, state_dir: Path) -> dict[str, Any]:
+def _launch(plan: _Plan, state_dir: Path) -> dict[str, Any]:
     """Start a server in its own session, logging to ``<name>.log``, and write its pid file."""
-    log = state_dir / f"{name}.log"
+    log = state_dir / f"{plan.name}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            plan.cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_child_env(plan.env),
+            start_new_session=True,
         )
     _children[proc.pid] = proc
     stat = _proc_stat(proc.pid)
     record = {
         "pid": proc.pid,
-        "port": port,
-        "url": url,
-        "cmdline": cmd,
+        "port": plan.port,
+        "url": plan.url,
+        "cmdline": plan.cmd,
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "start_ticks": stat[2] if stat else None,
     }
-    _write_json(state_dir / f"{name}.pid", record)
+    _write_json(state_dir / f"{plan.name}.pid", record)
     return record
 
 
@@ -257,25 +282,14 @@ def _bin(script: str) -> str:
 # ------------------------------------------------------------------------------------------------ public API
 
 
-@dataclass
-class _Plan:
-    name: str
-    port: int
-    cmd: list[str]
-    env: dict[str, str]
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-
-def _plans(state_dir: Path, ports: dict[str, int], s3_url: str, bucket: str, moto: bool) -> list[_Plan]:
+def _plans(stack: _Stack) -> list[_Plan]:
+    state_dir, ports, bucket, moto = stack.state_dir, stack.ports, stack.bucket, stack.moto
     prefect_env = {
         "PREFECT_HOME": str(state_dir / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_URL": f"http://{HOST}:{ports['prefect']}/api",
     }
-    mlflow_env = {"MLFLOW_S3_ENDPOINT_URL": s3_url, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    mlflow_env = {"MLFLOW_S3_ENDPOINT_URL": stack.s3_url, "MLFLOW_DISABLE_TELEMETRY": "true"}
     # MLflow's server-side job runner (GenAI judges, trace rollups) spawns ~8 worker processes; off unless asked for.
     mlflow_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     if moto:
@@ -330,6 +344,7 @@ def _check_ports(plans: Iterable[_Plan], running: dict[str, dict[str, Any]]) -> 
 
 def stack_up(
     state_dir: Path = DEFAULT_STATE,
+    *,
     prefect_port: int = 4200,
     mlflow_port: int = 5000,
     s3_port: int = 9000,
@@ -350,11 +365,12 @@ def stack_up(
     running = {name: r for name, r in records.items() if _is_ours(r)}
     ports |= {name: r["port"] for name, r in running.items()}  # a running service keeps its port
     s3_url = f"http://{HOST}:{ports['s3']}" if moto else str(s3_endpoint).rstrip("/")
-    plans = _plans(state_dir, ports, s3_url, bucket, moto)
+    stack = _Stack(state_dir, ports, s3_url, bucket, moto, timeout)
+    plans = _plans(stack)
     _check_ports(plans, running)
     started: dict[str, dict[str, Any]] = {}
     try:
-        services = _start_and_wait(plans, running, started, state_dir, timeout, s3_url, bucket)
+        services = _start_and_wait(stack, plans, running, started)
     except BaseException:
         _stop_groups(started, timeout=10)
         for name in started:
@@ -375,27 +391,21 @@ def stack_up(
 
 
 def _start_and_wait(
-    plans: list[_Plan],
-    running: dict[str, dict[str, Any]],
-    started: dict[str, dict[str, Any]],
-    state_dir: Path,
-    timeout: float,
-    s3_url: str,
-    bucket: str,
+    stack: _Stack, plans: list[_Plan], running: dict[str, dict[str, Any]], started: dict[str, dict[str, Any]]
 ) -> dict[str, Service]:
-    """Launch every missing server at once (they start in parallel), then wait for each in order."""
-    deadline = time.monotonic() + timeout
+    """Launch every missing server at once (they start in parallel), then wait for each in order; ``started``
+    collects what this call started."""
+    deadline = time.monotonic() + stack.timeout
     for plan in plans:
         if plan.name not in running:
-            env = _child_env(plan.env)
-            started[plan.name] = _launch(plan.name, plan.cmd, env, plan.port, plan.url, state_dir)
+            started[plan.name] = _launch(plan, stack.state_dir)
     services = {}
     for plan in plans:
         record = running.get(plan.name) or started[plan.name]
-        log = state_dir / f"{plan.name}.log"
+        log = stack.state_dir / f"{plan.name}.log"
         _wait_healthy(plan.name, record, deadline, log)
         if plan.name == "s3":
-            _ensure_bucket(s3_url, bucket)
+            _ensure_bucket(stack.s3_url, stack.bucket)
         status = "already up" if plan.name in running else "started"
         services[plan.name] = Service(plan.name, record["port"], record["url"], record["pid"], log, status)
     return services
@@ -435,74 +445,3 @@ def stack_env(state_dir: Path = DEFAULT_STATE) -> dict[str, str]:
     if not path.exists():
         raise StackError(f"no stack recorded in {path.parent}; run `rlhf stack up` first")
     return dict(json.loads(path.read_text())["env"])
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-stack_app = typer.Typer(
-    help="A local Prefect server, MLflow server and S3 endpoint for development.", no_args_is_help=True
-)
-console = Console()
-StateOpt = Annotated[Path, typer.Option("--state-dir", help="Folder for pid files, logs and server state.")]
-
-
-def _ui_table(services: dict[str, Service]) -> Table:
-    table = Table(title="RLHF dev stack")
-    for column in ("service", "address", "pid", "state"):
-        table.add_column(column)
-    labels = {"prefect": "Prefect UI", "mlflow": "MLflow UI", "s3": "S3 endpoint"}
-    for name in ORDER:
-        if service := services.get(name):
-            table.add_row(labels[name], service.url, str(service.pid or "-"), service.status)
-    return table
-
-
-@stack_app.command()
-def up(
-    state_dir: StateOpt = DEFAULT_STATE,
-    prefect_port: Annotated[int, typer.Option(help="Prefect server port.")] = 4200,
-    mlflow_port: Annotated[int, typer.Option(help="MLflow server port.")] = 5000,
-    s3_port: Annotated[int, typer.Option(help="Port of the moto S3 server.")] = 9000,
-    s3_endpoint: Annotated[
-        str | None, typer.Option(help="Use this S3 endpoint (MinIO, AWS) instead of starting moto.")
-    ] = None,
-    bucket: Annotated[str, typer.Option(help="Bucket for MLflow artifacts and pipeline storage.")] = "rlhf-artifacts",
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for each service to become healthy.")] = 120,
-) -> None:
-    """Start the stack (services already running are left alone) and print the environment to export."""
-    try:
-        with console.status("starting services..."):
-            services = stack_up(state_dir, prefect_port, mlflow_port, s3_port, s3_endpoint, bucket, timeout)
-    except StackError as e:
-        console.print(str(e), style="red", markup=False)
-        raise typer.Exit(1) from e
-    console.print(_ui_table(services))
-    for key, value in stack_env(state_dir).items():
-        print(f"export {key}={shlex.quote(value)}")
-
-
-@stack_app.command()
-def down(
-    state_dir: StateOpt = DEFAULT_STATE,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait after SIGTERM before SIGKILL.")] = 20,
-) -> None:
-    """Stop the processes that `up` started."""
-    stopped = stack_down(state_dir, timeout)
-    console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
-
-
-@stack_app.command()
-def status(state_dir: StateOpt = DEFAULT_STATE) -> None:
-    """Show each recorded service; exit code 0 only when all are alive and healthy."""
-    report = stack_status(state_dir)
-    table = Table(title="RLHF dev stack")
-    for column in ("service", "pid", "alive", "healthy", "address"):
-        table.add_column(column)
-    for name, row in report.items():
-        table.add_row(name, str(row["pid"]), _mark(row["alive"]), _mark(row["healthy"]), row["url"])
-    console.print(table if report else f"no services recorded in {state_dir}")
-    raise typer.Exit(0 if report and all(row["healthy"] for row in report.values()) else 1)
-
-
-def _mark(ok: bool) -> str:
-    return "[green]yes[/green]" if ok else "[red]no[/red]"

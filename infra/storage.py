@@ -606,15 +606,18 @@ def read_manifest(store: ObjectStore, key: str) -> dict[str, Any] | None:
         raw = store.get_bytes(_join(key, MANIFEST))
     except ObjectNotFoundError:
         return None
+    problem = f"invalid manifest {store.full_uri(_join(key, MANIFEST))}: re-upload the artifact"
     try:
         manifest = json.loads(raw)
         files, metadata = manifest["files"], manifest["metadata"]
-        assert isinstance(files, dict) and isinstance(metadata, dict)
-        assert all(isinstance(f["sha256"], str) and isinstance(f["size"], int) for f in files.values())
-    except (ValueError, KeyError, TypeError, AssertionError) as e:
-        raise IncompleteArtifactError(
-            f"invalid manifest {store.full_uri(_join(key, MANIFEST))}: re-upload the artifact"
-        ) from e
+        well_formed = isinstance(files, dict) and isinstance(metadata, dict)
+        well_formed = well_formed and all(
+            isinstance(f["sha256"], str) and isinstance(f["size"], int) for f in files.values()
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise IncompleteArtifactError(problem) from e
+    if not well_formed:
+        raise IncompleteArtifactError(problem)
     return manifest
 
 

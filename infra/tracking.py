@@ -229,7 +229,8 @@ class Tracker:
                 if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                     raise
                 exp = self.client.get_experiment_by_name(name)
-                assert exp is not None
+                if exp is None:
+                    raise
         if exp.lifecycle_stage == LifecycleStage.DELETED:
             self.client.restore_experiment(exp.experiment_id)
         return exp.experiment_id

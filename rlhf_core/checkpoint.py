@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -21,6 +21,7 @@ class DivergenceError(RuntimeError):
     """Training went numerically wrong (a NaN or infinite loss, KL past its bound): retrying will not help."""
 
 
+@runtime_checkable  # so a launcher can validate a call's arguments against the loop's signature
 class Checkpointer(Protocol):
     every: int  # save every this many steps; 0 never saves
 

@@ -4,6 +4,7 @@ can stand in for plain torch without the loops changing."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -39,40 +40,43 @@ class Engine(Protocol):
     def load_full_state_dict(self, state: dict[str, Tensor]) -> None: ...
 
 
+@dataclass(frozen=True)
+class Optimization:
+    """How a phase optimizes, whatever the engine: AdamW, linear warmup then cosine decay to
+    ``min_lr_ratio * lr`` over ``total_steps``, gradient-norm clipping at ``max_grad_norm`` (None: none)."""
+
+    lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    min_lr_ratio: float = 0.1
+
+
 def optimizer_and_scheduler(
-    module: nn.Module, lr: float, total_steps: int, warmup_steps: int, weight_decay: float, min_lr_ratio: float
+    module: nn.Module, optimization: Optimization
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the trainable parameters, with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+    """AdamW over the trainable parameters, with the warmup and decay ``optimization`` names."""
+    o = optimization
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
     def lr_lambda(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, o.total_steps - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
 
 class TorchEngine:
-    """AdamW with linear warmup then cosine decay, and gradient-norm clipping."""
+    """AdamW with linear warmup then cosine decay, and gradient-norm clipping, in plain torch."""
 
-    def __init__(
-        self,
-        module: nn.Module,
-        lr: float,
-        total_steps: int,
-        warmup_steps: int = 0,
-        weight_decay: float = 0.0,
-        max_grad_norm: float | None = 1.0,
-        min_lr_ratio: float = 0.1,
-    ) -> None:
+    def __init__(self, module: nn.Module, optimization: Optimization) -> None:
         self.module = module
-        self.max_grad_norm = max_grad_norm
-        self.optimizer, self.scheduler = optimizer_and_scheduler(
-            module, lr, total_steps, warmup_steps, weight_decay, min_lr_ratio
-        )
+        self.max_grad_norm = optimization.max_grad_norm
+        self.optimizer, self.scheduler = optimizer_and_scheduler(module, optimization)
 
     rank, world_size = 0, 1
 

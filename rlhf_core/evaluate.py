@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -11,8 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf_core.losses import masked_mean, masked_sum
 from rlhf_core.modeling import Samples, response_logprobs, sample_responses
 from rlhf_core.reward import RewardFunction
-
-GoldScorer = Callable[[list[str], list[str]], list[float]]
+from rlhf_core.types import GoldScorer
 
 
 class EvalConfig(BaseModel):
@@ -40,7 +37,7 @@ def distinct_n(texts: list[str], n: int) -> float:
 def _sample(model, tokenizer, prompts, config: EvalConfig) -> list[Samples]:
     return [
         sample_responses(
-            model, tokenizer, prompts[i : i + config.batch_size], config.max_new_tokens, config.temperature
+            model, tokenizer, prompts[i : i + config.batch_size], config.max_new_tokens, temperature=config.temperature
         )
         for i in range(0, len(prompts), config.batch_size)
     ]
@@ -50,9 +47,10 @@ def _sample(model, tokenizer, prompts, config: EvalConfig) -> list[Samples]:
 def evaluate_policy(
     policy: PreTrainedModel,
     sft_model: PreTrainedModel,
-    reward_fn: RewardFunction | None,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
+    *,
+    reward_fn: RewardFunction | None,
     gold_fn: GoldScorer | None,
     config: EvalConfig,
     seed: int,
@@ -66,16 +64,21 @@ def evaluate_policy(
     sft_texts = [t for s in sft_batches for t in s.texts]
     kl, entropy, length, reward, has_eos = [], [], [], [], []
     for s in policy_batches:
-        mask = s.response_mask
+        response_mask = s.response_mask
         logprobs, ent = response_logprobs(
-            policy, s.query_responses, s.attention_mask, s.context_length, config.temperature, with_entropy=True
+            policy,
+            s.query_responses,
+            s.attention_mask,
+            s.context_length,
+            temperature=config.temperature,
+            with_entropy=True,
         )
         ref_logprobs, _ = response_logprobs(
-            sft_model, s.query_responses, s.attention_mask, s.context_length, config.temperature
+            sft_model, s.query_responses, s.attention_mask, s.context_length, temperature=config.temperature
         )
-        kl.append(masked_sum(logprobs - ref_logprobs, mask, dim=1))
-        entropy.append(masked_mean(ent, mask, dim=1))
-        length.append(mask.sum(1).float())
+        kl.append(masked_sum(logprobs - ref_logprobs, response_mask, dim=1))
+        entropy.append(masked_mean(ent, response_mask, dim=1))
+        length.append(response_mask.sum(1).float())
         has_eos.append(s.has_eos.float())
         if reward_fn is not None:
             reward.append(reward_fn(s))

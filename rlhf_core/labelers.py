@@ -30,10 +30,11 @@ def default_labelers() -> list[LabelerConfig]:
 
 
 def preference_probability(
-    gold_a: float, gold_b: float, length_a: int, length_b: int, labeler: LabelerConfig, noise_scale: float
+    gold: tuple[float, float], length: tuple[int, int], labeler: LabelerConfig, noise_scale: float
 ) -> float:
-    """P(labeler prefers a over b) = sigmoid((utility_a - utility_b) / (temperature * noise_scale))."""
-    margin = gold_a - gold_b + labeler.length_bias * (length_a - length_b)
+    """P(labeler prefers a over b) = sigmoid((utility_a - utility_b) / (temperature * noise_scale)), for the gold
+    rewards and word counts of responses a and b."""
+    margin = gold[0] - gold[1] + labeler.length_bias * (length[0] - length[1])
     z = margin / (labeler.temperature * noise_scale)
     return 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
 
@@ -60,10 +61,7 @@ def calibrate_noise_scale(
 
     def agreement(scale: float) -> float:
         probs = [
-            [
-                preference_probability(ga, gb, la, lb, lab, scale)
-                for (ga, gb), (la, lb) in zip(golds, lengths, strict=True)
-            ]
+            [preference_probability(gold, length, lab, scale) for gold, length in zip(golds, lengths, strict=True)]
             for lab in labelers
         ]
         return expected_agreement(probs)
@@ -97,14 +95,15 @@ def draw_labels(
     golds: Sequence[tuple[float, float]],
     lengths: Sequence[tuple[int, int]],
     labelers: Sequence[LabelerConfig],
+    *,
     noise_scale: float,
     rng: random.Random,
 ) -> list[list[int]]:
     """Every labeler's label for every item: 1 when it prefers the first response."""
     return [
         [
-            int(rng.random() < preference_probability(ga, gb, la, lb, lab, noise_scale))
-            for (ga, gb), (la, lb) in zip(golds, lengths, strict=True)
+            int(rng.random() < preference_probability(gold, length, lab, noise_scale))
+            for gold, length in zip(golds, lengths, strict=True)
         ]
         for lab in labelers
     ]

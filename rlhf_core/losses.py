@@ -67,7 +67,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     raise ValueError(f"kl estimator must be 'k1' or 'k3', got {estimator!r}")
 
 
-def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalized advantage estimation (Schulman et al. 2016) over response tokens.
     rewards, values, mask: (B, T) -> advantages, returns: (B, T). Positions past a sequence's end
     contribute nothing: their reward, value and bootstrap are zero."""
@@ -83,7 +83,7 @@ def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam
 
 
 def policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_range: float
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clipped surrogate objective (Schulman et al. 2017), negated for minimization.
     (B, T) each -> scalar loss and detached stats ``clipfrac`` and ``approx_kl`` (the k3 estimator)."""
@@ -101,7 +101,7 @@ def policy_loss(
 
 
 def value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip_range_value: float
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss: the worse of the clipped and unclipped squared errors, halved.
     (B, T) each -> scalar loss and the detached ``value_clipfrac``."""

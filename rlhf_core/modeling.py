@@ -98,6 +98,7 @@ def encode_prompt_responses(
     prompts: list[str],
     responses: list[str],
     max_length: int,
+    *,
     device: torch.device | str = "cpu",
 ) -> EncodedPairs:
     """Tokenize prompt and response separately and join them with EOS appended, truncating the response
@@ -150,6 +151,7 @@ def sample_responses(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     max_new_tokens: int,
+    *,
     temperature: float = 1.0,
 ) -> Samples:
     """Batched sampling with left padding and the KV cache, from the full distribution (no top-k or
@@ -183,6 +185,7 @@ def response_logprobs(
     query_responses: Tensor,
     attention_mask: Tensor,
     context_length: int,
+    *,
     temperature: float = 1.0,
     with_entropy: bool = False,
 ) -> tuple[Tensor, Tensor | None]:

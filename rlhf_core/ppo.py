@@ -11,14 +11,13 @@ cannot read the policy's tokens, so there the critic starts from the SFT backbon
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from rlhf_core.checkpoint import Checkpointer, DivergenceError, check_finite, checkpoint_due, rng_state, set_rng_state
 from rlhf_core.engine import Engine
@@ -37,9 +36,7 @@ from rlhf_core.losses import (
 )
 from rlhf_core.modeling import Samples, response_logprobs, sample_responses, token_scores
 from rlhf_core.reward import RewardFunction
-
-MetricsCallback = Callable[[dict[str, float], int], None]
-GoldScorer = Callable[[list[str], list[str]], list[float]]
+from rlhf_core.types import GoldScorer, MetricsCallback
 
 
 class PPOConfig(BaseModel):
@@ -91,6 +88,16 @@ def make_kl_controller(config: PPOConfig) -> KLController:
 
 
 @dataclass
+class PPOModels:
+    """The four models of PPO: the two it trains, behind their engines, and the two it only runs."""
+
+    policy: Engine
+    critic: Engine
+    reference: nn.Module  # the frozen SFT model the KL penalty anchors to
+    reward: RewardFunction
+
+
+@dataclass
 class Rollout:
     """One batch of experience. Token tensors (B, R) over response positions; scores (B,)."""
 
@@ -105,24 +112,27 @@ class Rollout:
 
 @torch.no_grad()
 def collect_rollout(
-    policy, critic, reference, reward_fn: RewardFunction, tokenizer, prompts: list[str], config: PPOConfig
+    models: PPOModels, tokenizer: PreTrainedTokenizerBase, prompts: list[str], config: PPOConfig
 ) -> Rollout:
     """Sample responses, then score them with every model: policy and reference log-probs, critic
     values, and the reward model's score (less the missing-EOS penalty)."""
-    samples = sample_responses(policy, tokenizer, prompts, config.max_new_tokens, config.temperature)
-    qr, mask, ctx = samples.query_responses, samples.attention_mask, samples.context_length
-    logprobs, entropy = response_logprobs(policy, qr, mask, ctx, config.temperature, with_entropy=True)
-    ref_logprobs, _ = response_logprobs(reference, qr, mask, ctx, config.temperature)
-    values = token_scores(critic, qr, mask)[:, ctx - 1 : -1]
-    rm_scores = reward_fn(samples)
+    policy, critic = models.policy.module, models.critic.module
+    samples = sample_responses(policy, tokenizer, prompts, config.max_new_tokens, temperature=config.temperature)
+    qr, attention_mask, ctx = samples.query_responses, samples.attention_mask, samples.context_length
+    logprobs, entropy = response_logprobs(
+        policy, qr, attention_mask, ctx, temperature=config.temperature, with_entropy=True
+    )
+    ref_logprobs, _ = response_logprobs(models.reference, qr, attention_mask, ctx, temperature=config.temperature)
+    values = token_scores(critic, qr, attention_mask)[:, ctx - 1 : -1]
+    rm_scores = models.reward(samples)
     scores = rm_scores - config.missing_eos_penalty * (~samples.has_eos).float()
     return Rollout(samples, logprobs, ref_logprobs, values, entropy, scores, rm_scores)
 
 
 def ppo_update(
-    policy_engine: Engine,
-    critic_engine: Engine,
+    models: PPOModels,
     rollout: Rollout,
+    *,
     advantages: Tensor,
     returns: Tensor,
     config: PPOConfig,
@@ -130,27 +140,32 @@ def ppo_update(
 ) -> dict[str, float]:
     """Several epochs of clipped policy and value updates over minibatches of one rollout batch,
     stopped early when the approx-KL to the rollout policy passes ``target_kl``."""
-    samples, mask = rollout.samples, rollout.samples.response_mask
-    policy, critic = policy_engine.module, critic_engine.module
+    samples, response_mask = rollout.samples, rollout.samples.response_mask
+    policy, critic = models.policy.module, models.critic.module
     policy.train()
     critic.train()
     stats: dict[str, list[float]] = {}
     stopped = False
     for _ in range(config.epochs):
-        for index in torch.randperm(len(mask), generator=generator).split(config.minibatch_size):
-            qr, attn, ctx = samples.query_responses[index], samples.attention_mask[index], samples.context_length
-            logprobs, _ = response_logprobs(policy, qr, attn, ctx, config.temperature)
+        for index in torch.randperm(len(response_mask), generator=generator).split(config.minibatch_size):
+            qr, attention_mask = samples.query_responses[index], samples.attention_mask[index]
+            ctx = samples.context_length
+            logprobs, _ = response_logprobs(policy, qr, attention_mask, ctx, temperature=config.temperature)
             pg_loss, pg_stats = policy_loss(
-                logprobs, rollout.logprobs[index], advantages[index], mask[index], config.clip_range
+                logprobs, rollout.logprobs[index], advantages[index], response_mask[index], clip_range=config.clip_range
             )
-            policy_engine.backward(pg_loss)
-            policy_engine.step()
-            values = token_scores(critic, qr, attn)[:, ctx - 1 : -1]
+            models.policy.backward(pg_loss)
+            models.policy.step()
+            values = token_scores(critic, qr, attention_mask)[:, ctx - 1 : -1]
             vf_loss, vf_stats = value_loss(
-                values, rollout.values[index], returns[index], mask[index], config.clip_range_value
+                values,
+                rollout.values[index],
+                returns[index],
+                response_mask[index],
+                clip_range_value=config.clip_range_value,
             )
-            critic_engine.backward(config.vf_coef * vf_loss)
-            critic_engine.step()
+            models.critic.backward(config.vf_coef * vf_loss)
+            models.critic.step()
             for key, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats}.items():
                 stats.setdefault(key, []).append(value.item())
             if config.target_kl is not None and pg_stats["approx_kl"] > config.target_kl:
@@ -168,21 +183,21 @@ def ppo_update(
 
 
 def rollout_metrics(
-    rollout: Rollout, kl: Tensor, rewards: Tensor, returns: Tensor, gold: list[float] | None, kl_coef: float
+    rollout: Rollout, *, kl: Tensor, rewards: Tensor, returns: Tensor, gold: list[float] | None, kl_coef: float
 ) -> dict[str, float]:
     """What to watch during PPO: KL, reward, entropy and length (Huang et al. 2024, detail 12)."""
-    mask = rollout.samples.response_mask
-    lengths = mask.sum(1).float()
+    response_mask = rollout.samples.response_mask
+    lengths = response_mask.sum(1).float()
     metrics = {
-        "kl": masked_sum(kl, mask, dim=1).mean().item(),
+        "kl": masked_sum(kl, response_mask, dim=1).mean().item(),
         "reward": rollout.rm_scores.mean().item(),
         "score": rollout.scores.mean().item(),
-        "non_score_reward": masked_sum(rewards, mask, dim=1).mean().item() - rollout.scores.mean().item(),
-        "entropy": masked_mean(rollout.entropy, mask).item(),
+        "non_score_reward": masked_sum(rewards, response_mask, dim=1).mean().item() - rollout.scores.mean().item(),
+        "entropy": masked_mean(rollout.entropy, response_mask).item(),
         "response_length": lengths.mean().item(),
         "response_length_p95": lengths.quantile(0.95).item(),
         "eos_rate": rollout.samples.has_eos.float().mean().item(),
-        "explained_variance": explained_variance(rollout.values, returns, mask).item(),
+        "explained_variance": explained_variance(rollout.values, returns, response_mask).item(),
         "kl_coef": kl_coef,
     }
     if gold is not None:
@@ -207,14 +222,55 @@ def check_divergence(metrics: dict[str, float], config: PPOConfig, step: int) ->
         )
 
 
+@dataclass
+class LoopState:
+    """What PPO carries from one step to the next, all of it in its checkpoints."""
+
+    step: int
+    order: list[str]  # the prompts left in the current pass over them
+    history: list[dict[str, float]]
+    kl_controller: KLController
+    rng: random.Random
+    generator: torch.Generator
+
+    def next_prompts(self, prompts: list[str], n: int) -> list[str]:
+        """The next ``n`` prompts, passing over all of them in a new random order whenever a pass runs out."""
+        while len(self.order) < n:
+            self.order += self.rng.sample(prompts, len(prompts))
+        batch, self.order = self.order[:n], self.order[n:]
+        return batch
+
+    def save(self, checkpointer: Checkpointer, models: PPOModels) -> None:
+        weights = {"policy": models.policy.full_state_dict(), "critic": models.critic.full_state_dict()}
+        state = {
+            "policy_engine": models.policy.state_dict(),
+            "critic_engine": models.critic.state_dict(),
+            "rng": rng_state(self.generator, self.rng),
+            "order": self.order,
+            "history": self.history,
+            "kl_coef": self.kl_controller.value,
+        }
+        checkpointer.save(self.step, weights, state)
+
+    def restore(self, checkpointer: Checkpointer, models: PPOModels) -> None:
+        """Continue from the checkpointer's latest checkpoint, if it has one."""
+        if not (state := checkpointer.restore()):
+            return
+        models.policy.load_full_state_dict(state["weights"]["policy"])
+        models.critic.load_full_state_dict(state["weights"]["critic"])
+        models.policy.load_state_dict(state["policy_engine"])
+        models.critic.load_state_dict(state["critic_engine"])
+        set_rng_state(state["rng"], self.generator, self.rng)
+        self.step, self.order, self.history = state["step"], state["order"], state["history"]
+        self.kl_controller.value = state["kl_coef"]
+
+
 def train_ppo(
-    policy_engine: Engine,
-    critic_engine: Engine,
-    reference: PreTrainedModel,
-    reward_fn: RewardFunction,
+    models: PPOModels,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     config: PPOConfig,
+    *,
     seed: int,
     gold_fn: GoldScorer | None = None,
     on_metrics: MetricsCallback | None = None,
@@ -223,56 +279,39 @@ def train_ppo(
     """Alternate rollouts and PPO updates for ``config.steps`` steps. With a checkpointer it saves every
     ``checkpointer.every`` steps (weights, optimizers, RNGs, prompt order, KL controller) and continues
     from its latest checkpoint."""
-    policy, critic = policy_engine.module, critic_engine.module
-    kl_controller = make_kl_controller(config)
-    rng = random.Random(seed)
-    generator = torch.Generator().manual_seed(seed)
+    loop = LoopState(0, [], [], make_kl_controller(config), random.Random(seed), torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)
-    order: list[str] = []
-    history: list[dict[str, float]] = []
-    start = 0
-    if checkpointer is not None and (state := checkpointer.restore()):
-        policy_engine.load_full_state_dict(state["weights"]["policy"])
-        critic_engine.load_full_state_dict(state["weights"]["critic"])
-        policy_engine.load_state_dict(state["policy_engine"])
-        critic_engine.load_state_dict(state["critic_engine"])
-        set_rng_state(state["rng"], generator, rng)
-        start, order, history, kl_controller.value = state["step"], state["order"], state["history"], state["kl_coef"]
-    for step in range(start + 1, config.steps + 1):
+    if checkpointer is not None:
+        loop.restore(checkpointer, models)
+    for step in range(loop.step + 1, config.steps + 1):
         # 1. rollout
-        while len(order) < config.rollout_batch_size:
-            order += rng.sample(prompts, len(prompts))
-        batch_prompts, order = order[: config.rollout_batch_size], order[config.rollout_batch_size :]
-        policy.eval()
-        critic.eval()
-        rollout = collect_rollout(policy, critic, reference, reward_fn, tokenizer, batch_prompts, config)
+        batch_prompts = loop.next_prompts(prompts, config.rollout_batch_size)
+        models.policy.module.eval()
+        models.critic.module.eval()
+        rollout = collect_rollout(models, tokenizer, batch_prompts, config)
         # 2. rewards and advantages
-        mask = rollout.samples.response_mask
-        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * mask
-        rewards = kl_shaped_rewards(rollout.scores, kl, mask, kl_controller.value)
-        advantages, returns = compute_gae(rewards, rollout.values, mask, config.gamma, config.lam)
+        response_mask = rollout.samples.response_mask
+        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * response_mask
+        rewards = kl_shaped_rewards(rollout.scores, kl, response_mask, loop.kl_controller.value)
+        advantages, returns = compute_gae(rewards, rollout.values, response_mask, gamma=config.gamma, lam=config.lam)
         if config.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, response_mask)
         # 3. update
-        update = ppo_update(policy_engine, critic_engine, rollout, advantages, returns, config, generator)
+        update = ppo_update(
+            models, rollout, advantages=advantages, returns=returns, config=config, generator=loop.generator
+        )
         # 4. adapt the KL coefficient and report
         gold = gold_fn(batch_prompts, rollout.samples.texts) if gold_fn else None
-        metrics = rollout_metrics(rollout, kl, rewards, returns, gold, kl_controller.value) | update
+        metrics = rollout_metrics(
+            rollout, kl=kl, rewards=rewards, returns=returns, gold=gold, kl_coef=loop.kl_controller.value
+        )
+        metrics |= update
         check_divergence(metrics, config, step)
-        kl_controller.update(metrics["kl"], config.rollout_batch_size)
-        metrics = {f"ppo/{k}": v for k, v in metrics.items()}
-        history.append(metrics)
+        loop.kl_controller.update(metrics["kl"], config.rollout_batch_size)
+        loop.step = step
+        loop.history.append(metrics)
         if on_metrics:
             on_metrics(metrics, step)
         if checkpoint_due(checkpointer, step, config.steps):
-            state = {
-                "policy_engine": policy_engine.state_dict(),
-                "critic_engine": critic_engine.state_dict(),
-                "rng": rng_state(generator, rng),
-                "order": order,
-                "history": history,
-                "kl_coef": kl_controller.value,
-            }
-            weights = {"policy": policy_engine.full_state_dict(), "critic": critic_engine.full_state_dict()}
-            checkpointer.save(step, weights, state)
-    return PPOResult(config.steps, history, kl_controller.value)
+            loop.save(checkpointer, models)
+    return PPOResult(config.steps, loop.history, loop.kl_controller.value)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -12,8 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.labelers import LabelerConfig, agreement_stats, calibrate_noise_scale, default_labelers, draw_labels
 from rlhf_core.modeling import sample_responses
-
-GoldScorer = Callable[[list[str], list[str]], list[float]]
+from rlhf_core.types import GoldScorer
 
 
 class PreferenceConfig(BaseModel):
@@ -54,6 +52,7 @@ def collect_preferences(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     gold_fn: GoldScorer,
+    *,
     config: PreferenceConfig,
     seed: int,
 ) -> tuple[list[PreferencePair], dict[str, float]]:
@@ -66,7 +65,9 @@ def collect_preferences(
     first, second = [], []
     for start in range(0, len(pair_prompts), config.batch_size):
         batch = pair_prompts[start : start + config.batch_size]
-        samples = sample_responses(policy, tokenizer, batch + batch, config.max_new_tokens, config.temperature)
+        samples = sample_responses(
+            policy, tokenizer, batch + batch, config.max_new_tokens, temperature=config.temperature
+        )
         first += samples.texts[: len(batch)]
         second += samples.texts[len(batch) :]
     keep = [i for i in range(len(pair_prompts)) if first[i] != second[i]]
@@ -80,7 +81,7 @@ def collect_preferences(
         if config.target_agreement is not None
         else config.noise_scale
     )
-    labels = draw_labels(golds, lengths, config.labelers, scale, rng)
+    labels = draw_labels(golds, lengths, config.labelers, noise_scale=scale, rng=rng)
 
     pairs = []
     for i, prompt in enumerate(pair_prompts):

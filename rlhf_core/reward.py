@@ -4,7 +4,6 @@ labeler preferences, early-stopped on validation accuracy, and normalized on pol
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +24,7 @@ from rlhf_core.modeling import (
     reward_scores,
 )
 from rlhf_core.preferences import PreferencePair
-
-MetricsCallback = Callable[[dict[str, float], int], None]
+from rlhf_core.types import MetricsCallback
 
 
 class RewardConfig(BaseModel):
@@ -69,6 +67,7 @@ def score_texts(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     responses: list[str],
+    *,
     max_length: int,
     batch_size: int = 256,
 ) -> Tensor:
@@ -77,7 +76,7 @@ def score_texts(
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
             enc = encode_prompt_responses(
-                tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], max_length, model.device
+                tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], max_length, device=model.device
             )
             scores.append(reward_scores(model, enc.input_ids, enc.attention_mask))
     return torch.cat(scores).cpu() if scores else torch.zeros(0)
@@ -87,7 +86,11 @@ def pair_rewards(model, tokenizer, pairs: list[PreferencePair], max_length: int)
     """Rewards of chosen and rejected responses, in one forward pass. -> (B,), (B,)."""
     prompts = [p.prompt for p in pairs]
     enc = encode_prompt_responses(
-        tokenizer, prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], max_length, model.device
+        tokenizer,
+        prompts + prompts,
+        [p.chosen for p in pairs] + [p.rejected for p in pairs],
+        max_length,
+        device=model.device,
     )
     rewards = reward_scores(model, enc.input_ids, enc.attention_mask)
     return rewards[: len(pairs)], rewards[len(pairs) :]
@@ -127,6 +130,7 @@ def train_reward_model(
     tokenizer: PreTrainedTokenizerBase,
     train_pairs: list[PreferencePair],
     val_pairs: list[PreferencePair],
+    *,
     config: RewardConfig,
     seed: int,
     on_metrics: MetricsCallback | None = None,
@@ -161,9 +165,9 @@ def train_reward_model(
                 recent = losses[-eval_every:]
                 on_metrics(
                     {
-                        "reward/loss": sum(recent) / len(recent),
-                        "reward/val_accuracy": val["accuracy"],
-                        "reward/val_gold_accuracy": val["gold_accuracy"],
+                        "loss": sum(recent) / len(recent),
+                        "val_accuracy": val["accuracy"],
+                        "val_gold_accuracy": val["gold_accuracy"],
                     },
                     step,
                 )
@@ -193,13 +197,20 @@ def train_reward_model(
     )
 
 
-def normalize_reward_model(model, tokenizer, prompts: list[str], responses: list[str], max_length: int) -> dict:
+def normalize_reward_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
+    *,
+    max_length: int,
+) -> dict[str, float]:
     """Set the output gain and bias (stored in the model config) so that these responses, samples of
     the current policy, score mean 0 and standard deviation 1; store ``max_length`` beside them, the
     truncation :class:`RewardFunction` re-tokenizes with."""
     model.config.reward_gain, model.config.reward_bias = 1.0, 0.0
     model.config.reward_max_length = max_length
-    raw = score_texts(model, tokenizer, prompts, responses, max_length)
+    raw = score_texts(model, tokenizer, prompts, responses, max_length=max_length)
     gain = 1.0 / max(raw.std().item(), 1e-6)
     model.config.reward_gain, model.config.reward_bias = gain, -raw.mean().item() * gain
     return {"reward_gain": model.config.reward_gain, "reward_bias": model.config.reward_bias}
@@ -225,7 +236,7 @@ class RewardFunction:
         if self.tokenizer is None:
             return reward_scores(self.model, samples.query_responses, samples.attention_mask)
         max_length = getattr(self.model.config, "reward_max_length", None) or self.tokenizer.model_max_length
-        scores = score_texts(self.model, self.tokenizer, samples.prompts, samples.texts, max_length)
+        scores = score_texts(self.model, self.tokenizer, samples.prompts, samples.texts, max_length=max_length)
         return scores.to(samples.query_responses.device)
 
 

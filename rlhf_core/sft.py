@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,8 +13,7 @@ from rlhf_core.checkpoint import Checkpointer, check_finite, checkpoint_due
 from rlhf_core.engine import Engine
 from rlhf_core.losses import masked_mean, masked_sum, selective_log_softmax
 from rlhf_core.modeling import EncodedPairs, batch_schedule, encode_prompt_responses, position_ids_from_mask
-
-MetricsCallback = Callable[[dict[str, float], int], None]
+from rlhf_core.types import MetricsCallback
 
 
 class SFTConfig(BaseModel):
@@ -66,6 +64,7 @@ def shard_batch(
     tokenizer: PreTrainedTokenizerBase,
     demonstrations: list[tuple[str, str]],
     index: Tensor,
+    *,
     config: SFTConfig,
     engine: Engine,
 ) -> tuple[EncodedPairs, int, float]:
@@ -76,14 +75,16 @@ def shard_batch(
     device = engine.module.device
     if engine.world_size == 1:
         batch = encode_prompt_responses(
-            tokenizer, [p for p, _ in rows], [r for _, r in rows], config.max_length, device
+            tokenizer, [p for p, _ in rows], [r for _, r in rows], config.max_length, device=device
         )
         return batch, int(batch.response_mask[:, 1:].sum()), 1.0
     full = encode_prompt_responses(tokenizer, [p for p, _ in rows], [r for _, r in rows], config.max_length)
     mine = [rows[i] for i in range(engine.rank, len(rows), engine.world_size)]
     weight = 1.0 if mine else 0.0
     mine = mine or rows[:1]
-    batch = encode_prompt_responses(tokenizer, [p for p, _ in mine], [r for _, r in mine], config.max_length, device)
+    batch = encode_prompt_responses(
+        tokenizer, [p for p, _ in mine], [r for _, r in mine], config.max_length, device=device
+    )
     return batch, int(full.response_mask[:, 1:].sum()), weight
 
 
@@ -92,6 +93,7 @@ def train_sft(
     tokenizer: PreTrainedTokenizerBase,
     demonstrations: list[tuple[str, str]],
     config: SFTConfig,
+    *,
     seed: int,
     on_metrics: MetricsCallback | None = None,
     checkpointer: Checkpointer | None = None,
@@ -108,7 +110,9 @@ def train_sft(
         start, losses = state["step"], state["losses"]
     model.train()
     for step in range(start + 1, len(schedule) + 1):
-        batch, num_tokens, weight = shard_batch(tokenizer, demonstrations, schedule[step - 1], config, engine)
+        batch, num_tokens, weight = shard_batch(
+            tokenizer, demonstrations, schedule[step - 1], config=config, engine=engine
+        )
         share = sft_loss(model, batch, num_tokens) * weight
         check_finite("sft", step, loss=share.item())
         engine.backward(share)
@@ -117,9 +121,9 @@ def train_sft(
         if step % config.log_every == 0 and on_metrics:
             on_metrics(
                 {
-                    "sft/loss": sum(losses[-config.log_every :]) / config.log_every,
-                    "sft/epoch": (step - 1) // steps_per_epoch,
-                    **{f"sft/{k}": v for k, v in update.items()},
+                    "loss": sum(losses[-config.log_every :]) / config.log_every,
+                    "epoch": (step - 1) // steps_per_epoch,
+                    **update,
                 },
                 step,
             )

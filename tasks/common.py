@@ -9,20 +9,25 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
+import requests
 from pydantic import BaseModel, ConfigDict, Field
 
+from infra.artifacts import PhaseInputs
+from infra.catalog import TAG_RESUMED_FROM, Phase
 from infra.checkpoints import StoreCheckpointer
+from infra.codebase import PACKAGE_ROOT, import_closure
 from infra.credentials import open_configured_store
 from infra.deepspeed_engine import DeepSpeedConfig
 from infra.storage import (
     ArtifactRef,
     ObjectStore,
-    StorageError,
     TransientStorageError,
     download_dir,
     is_complete,
@@ -30,13 +35,24 @@ from infra.storage import (
     upload_dir,
 )
 from rlhf_core.checkpoint import DivergenceError
-from rlhf_core.engine import Engine, TorchEngine
+from rlhf_core.engine import Engine, Optimization, TorchEngine
 
 if TYPE_CHECKING:
     from infra.tracking import RunLogger
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 NOT_IN_CACHE_KEY = frozenset({"context"})
+# Failures that may pass if the phase runs again: a storage hiccup our store could not ride out with its own
+# retries, a dropped or refused connection or a timeout (the OS's, requests' under MLflow's client, httpx's under
+# Prefect's). Anything else (a bad config or input, a failed training rank, out of memory, a divergence, a bug)
+# fails the same way again, so it is never retried: a retry re-runs a phase that may take hours.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    TransientStorageError,
+    ConnectionError,
+    TimeoutError,
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    httpx.TransportError,
+)
 
 
 class TrackingContext(BaseModel):
@@ -83,12 +99,13 @@ class PhaseOutput(BaseModel):
 
 @cache
 def code_version() -> str:
-    """Digest of the source of the algorithms, tasks and storage, so a code change invalidates caches."""
+    """Digest of the source the phases run (the task modules and every project module they import, directly or
+    not), so a change there invalidates caches and a change elsewhere (the CLI, the stack) does not."""
     sha = hashlib.sha256()
-    for folder in ("rlhf_core", "tasks", "infra"):
-        for path in sorted((PACKAGE_ROOT / folder).glob("*.py")):
-            sha.update(path.name.encode())
-            sha.update(path.read_bytes())
+    tasks = sorted(f"tasks.{path.stem}" for path in (PACKAGE_ROOT / "tasks").glob("*.py"))
+    for module, path in sorted(import_closure(tasks).items()):
+        sha.update(module.encode())
+        sha.update(path.read_bytes())
     return sha.hexdigest()[:16]
 
 
@@ -123,13 +140,22 @@ def phase_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"{context.task.name}-{phase_key(context.task.name, inputs)}"
 
 
+def is_transient(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error it was raised from or while handling, is one of :data:`TRANSIENT_ERRORS`
+    (MLflow's client, for one, raises its own exception while handling requests' ConnectionError)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, TRANSIENT_ERRORS):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def should_retry(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient failures (storage hiccups, lost connections); never a bad config or input,
-    which would fail the same way again."""
+    """Prefect's ``retry_condition_fn``: retry only a transient failure (:data:`TRANSIENT_ERRORS`)."""
     error = state.data if isinstance(state.data, BaseException) else None
-    if isinstance(error, TransientStorageError | ConnectionError | TimeoutError):
-        return True
-    return not isinstance(error, ValueError | TypeError | KeyError | StorageError | DivergenceError)
+    return not isinstance(error, DivergenceError) and is_transient(error)
 
 
 def artifact_key(context: RunContext, folder: str, name: str, inputs: dict[str, Any]) -> str:
@@ -155,11 +181,41 @@ def fetch(context: RunContext, output: PhaseOutput) -> Path:
     return local
 
 
+def fetch_inputs(
+    context: RunContext,
+    *,
+    data: PhaseOutput,
+    policy: PhaseOutput,
+    sft: PhaseOutput | None = None,
+    reward: PhaseOutput | None = None,
+) -> PhaseInputs:
+    """Local copies of the artifacts a policy-side phase reads."""
+    return PhaseInputs(
+        data=fetch(context, data),
+        policy=fetch(context, policy),
+        sft=fetch(context, sft) if sft is not None else None,
+        reward=fetch(context, reward) if reward is not None else None,
+    )
+
+
 def publish(
-    context: RunContext, key: str, local_dir: Path, metadata: dict[str, Any], metrics: dict[str, float]
+    context: RunContext,
+    key: str,
+    local_dir: Path,
+    *,
+    phase: str,
+    config: BaseModel,
+    seed: int,
+    metrics: dict[str, float],
+    parents: dict[str, Any] | None = None,
+    iteration: int | None = None,
 ) -> PhaseOutput:
-    """Upload a finished artifact folder (manifest last) and return its reference."""
-    ref = upload_dir(context.store, local_dir, key, metadata={**metadata, "metrics": metrics})
+    """Upload a finished artifact folder (manifest last, recording the phase, its iteration, the artifacts it was
+    made from, its config, seed and metrics) and return its reference."""
+    metadata = {"phase": phase, "config": config.model_dump(), "seed": seed, "metrics": metrics}
+    metadata |= {"parents": parents} if parents is not None else {}
+    metadata |= {"iteration": iteration} if iteration is not None else {}
+    ref = upload_dir(context.store, local_dir, key, metadata=metadata)
     return PhaseOutput(artifact=ref.to_dict(), metrics=metrics)
 
 
@@ -172,8 +228,6 @@ def existing_output(context: RunContext, key: str) -> PhaseOutput | None:
     ref = ArtifactRef(context.store.full_uri(key), key, manifest["digest"])
     return PhaseOutput(artifact=ref.to_dict(), metrics=manifest.get("metadata", {}).get("metrics", {}))
 
-
-MetricsCallback = Callable[[dict[str, float], int], None]
 
 ProgressHook = Callable[[str, int, int], None]
 PROGRESS_HOOKS: list[ProgressHook] = []
@@ -195,40 +249,27 @@ def phase_task(name: str) -> Callable:
 
 
 def make_engine(
-    module: Any,
-    deepspeed: DeepSpeedConfig | None,
-    micro_batch_size: int,
-    lr: float,
-    total_steps: int,
-    warmup_steps: int = 0,
-    weight_decay: float = 0.0,
-    max_grad_norm: float | None = 1.0,
-    min_lr_ratio: float = 0.1,
+    module: Any, optimization: Optimization, deepspeed: DeepSpeedConfig | None, micro_batch_size: int
 ) -> Engine:
     """Plain torch, or DeepSpeed ZeRO when the pipeline config names a stage: the loops do not know which."""
-    schedule = {"warmup_steps": warmup_steps, "weight_decay": weight_decay, "min_lr_ratio": min_lr_ratio}
     if deepspeed is None:
-        return TorchEngine(module, lr, total_steps, max_grad_norm=max_grad_norm, **schedule)
+        return TorchEngine(module, optimization)
     from infra.deepspeed_engine import DeepSpeedEngine
 
-    return DeepSpeedEngine(
-        module, deepspeed, lr, total_steps, max_grad_norm=max_grad_norm, micro_batch_size=micro_batch_size, **schedule
-    )
+    return DeepSpeedEngine(module, deepspeed, optimization, micro_batch_size)
 
 
 def phase_engine(module: Any, config: Any, total_steps: int, deepspeed: DeepSpeedConfig | None) -> Engine:
     """:func:`make_engine` from a phase config with ``batch_size``, ``lr``, ``warmup_steps``, ``weight_decay``
     and ``max_grad_norm`` (SFT, reward model)."""
-    return make_engine(
-        module,
-        deepspeed,
-        config.batch_size,
-        config.lr,
-        total_steps,
-        config.warmup_steps,
-        config.weight_decay,
-        config.max_grad_norm,
+    optimization = Optimization(
+        lr=config.lr,
+        total_steps=total_steps,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
     )
+    return make_engine(module, optimization, deepspeed, config.batch_size)
 
 
 def checkpoint_every(every: int, deepspeed: DeepSpeedConfig | None) -> int:
@@ -237,31 +278,35 @@ def checkpoint_every(every: int, deepspeed: DeepSpeedConfig | None) -> int:
 
 
 class PhaseLog:
-    """A phase's metrics callback: its MLflow child run (``run``, None without tracking) and progress hooks."""
+    """A phase's metrics callback: its step metrics, under their bare names, go to its MLflow child run (``run``,
+    None without tracking) in the phase's namespace, and its progress to the progress hooks."""
 
-    def __init__(self, label: str, total_steps: int, run: RunLogger | None = None) -> None:
-        self.label, self.total_steps, self.run = label, total_steps, run
+    def __init__(self, phase: Phase, iteration: int | None, total_steps: int, run: RunLogger | None = None) -> None:
+        self.phase, self.total_steps, self.run = phase, total_steps, run
+        self.label = phase.run(iteration)
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
         if self.run is not None:
-            self.run.log_metrics(metrics, step)
+            self.run.log_metrics(self.phase.namespaced(metrics), step)
         for hook in PROGRESS_HOOKS:
             hook(self.label, step, self.total_steps)
 
 
 @contextmanager
-def tracked(context: RunContext, run_name: str, params: dict[str, Any], total_steps: int = 0) -> Iterator[PhaseLog]:
+def tracked(
+    context: RunContext, phase: Phase, *, iteration: int | None, params: dict[str, Any], total_steps: int = 0
+) -> Iterator[PhaseLog]:
     """A metrics callback for one phase: an MLflow child run of the pipeline run (when tracking is on),
     plus progress for whoever listens (the CLI's progress bars)."""
     from infra.tracking import Tracker
 
     if context.tracking is None:
-        yield PhaseLog(run_name, total_steps)
+        yield PhaseLog(phase, iteration, total_steps)
         return
     tracking = context.tracking
     tracker = Tracker(tracking.tracking_uri, tracking.experiment)
-    with tracker.run(run_name, params=params, parent_run_id=tracking.parent_run_id) as run:
-        yield PhaseLog(run_name, total_steps, run)
+    with tracker.run(phase.run(iteration), params=params, parent_run_id=tracking.parent_run_id) as run:
+        yield PhaseLog(phase, iteration, total_steps, run)
 
 
 def phase_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -285,14 +330,44 @@ def checkpointing(context: RunContext, key: str, log: PhaseLog, every: int) -> I
     def on_resume(step: int, metadata: dict[str, Any]) -> None:
         phase_logger().warning(f"{log.label}: resuming from checkpoint step {step} ({checkpointer.latest_uri})")
         if run is not None:
-            run.set_tags({"rlhf.resumed_from_step": step})
+            run.set_tags({TAG_RESUMED_FROM: step})
             if (previous := metadata.get("mlflow_run_id")) and previous != run.run_id:
                 run.copy_history(previous, step)
 
     metadata = {"mlflow_run_id": run.run_id if run else None}
-    checkpointer = StoreCheckpointer(context.store, key, every, metadata, on_resume)
+    checkpointer = StoreCheckpointer(context.store, key, every, metadata=metadata, on_resume=on_resume)
     try:
         yield checkpointer
     except DivergenceError as e:
         raise DivergenceError(f"{e}; the last good checkpoint is kept: {checkpointer.latest_uri or 'none yet'}") from e
     checkpointer.clear()
+
+
+@dataclass
+class Workspace:
+    """What a phase task works with while it runs: its metrics callback, its checkpointer (None when the phase
+    does not checkpoint) and a local folder for the artifact it is making."""
+
+    log: PhaseLog
+    checkpointer: StoreCheckpointer | None
+    out_dir: Path
+
+
+@contextmanager
+def phase_workspace(
+    context: RunContext,
+    phase: Phase,
+    key: str,
+    *,
+    iteration: int | None = None,
+    params: dict[str, Any],
+    total_steps: int = 0,
+    checkpoint_every: int = 0,
+) -> Iterator[Workspace]:
+    """:func:`tracked`, :func:`checkpointing` (when ``checkpoint_every``) and a temporary artifact folder."""
+    with (
+        tracked(context, phase, iteration=iteration, params=params, total_steps=total_steps) as log,
+        checkpointing(context, key, log, checkpoint_every) if checkpoint_every else nullcontext() as checkpointer,
+        tempfile.TemporaryDirectory(prefix=f"rlhf-{phase.namespace}-") as tmp,
+    ):
+        yield Workspace(log, checkpointer, Path(tmp))

@@ -1,11 +1,15 @@
-"""A phase as N data-parallel processes: :func:`launch_sft` starts them with torchrun from inside the phase's
-task, shows their output as it comes, waits, and fails with the ranks' last lines if any rank fails. Each rank
-runs ``python -m tasks.launch SPEC.json``; only rank 0 logs metrics (to the phase's MLflow run) and writes the
-checkpoint and the result.
+"""A phase as N data-parallel processes: :func:`launch` starts them with torchrun from inside the phase's task,
+shows their output as it comes, waits, and fails with the ranks' last lines if any rank fails.
+
+Each rank runs ``python -m tasks.launch SPEC.json``, which calls the entry point the spec names
+(``"tasks.sft:run_sft"``) with the spec's keyword arguments, validated against the entry's signature so that
+folders and configs come back from JSON as the types it declares. Only rank 0 logs metrics (to the phase's MLflow
+run, in the phase's namespace) and writes what the entry returns.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -16,39 +20,26 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from infra.deepspeed_engine import DeepSpeedConfig
-from rlhf_core.sft import SFTConfig
+from pydantic import ConfigDict, validate_call
+from pydantic_core import to_jsonable_python
+
 from tasks.common import PhaseLog, phase_logger
 
 _EXCEPTION = re.compile(r"^(\[rank\d+\]: )?[\w.]*(Error|Exception): ")
 
 
-def launch_sft(
-    base_dir: Path,
-    data_dir: Path,
-    out_dir: Path,
-    config: SFTConfig,
-    seed: int,
-    deepspeed: DeepSpeedConfig,
-    log: PhaseLog | None = None,
-    trust_remote_code: bool = False,
-) -> dict[str, float]:
-    """:func:`tasks.sft.run_sft` as ``deepspeed.num_processes`` ranks; returns rank 0's metrics."""
+def launch(entry: str, kwargs: dict[str, Any], *, num_processes: int, log: PhaseLog | None = None) -> dict[str, float]:
+    """``entry(**kwargs, on_metrics=...)`` as ``num_processes`` ranks; returns what rank 0's call returned."""
     with tempfile.TemporaryDirectory(prefix="rlhf-launch-") as tmp:
         spec = {
-            "phase": "sft",
-            "base_dir": str(base_dir),
-            "data_dir": str(data_dir),
-            "out_dir": str(out_dir),
-            "config": config.model_dump(),
-            "seed": seed,
-            "deepspeed": deepspeed.model_dump(),
-            "trust_remote_code": trust_remote_code,
+            "entry": entry,
+            "kwargs": to_jsonable_python(kwargs),
             "result": str(Path(tmp) / "result.json"),
             "mlflow": [log.run.client.tracking_uri, log.run.run_id] if log is not None and log.run else None,
+            "namespace": log.phase.namespace if log is not None else None,
         }
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
-        run_ranks(Path(tmp) / "spec.json", deepspeed.num_processes, log.label if log else "sft")
+        run_ranks(Path(tmp) / "spec.json", num_processes, log.label if log else entry)
         return json.loads(Path(spec["result"]).read_text())
 
 
@@ -75,30 +66,25 @@ def run_ranks(spec: Path, n: int, label: str) -> None:
 
 
 def rank_main(spec: dict[str, Any]) -> None:
-    from tasks.sft import run_sft
-
+    """One rank: call the spec's entry point; rank 0 logs its metrics and writes its result."""
+    module, _, name = spec["entry"].partition(":")
+    entry = validate_call(
+        getattr(importlib.import_module(module), name), config=ConfigDict(arbitrary_types_allowed=True)
+    )
     rank = int(os.environ["RANK"])
     on_metrics = None
     if rank == 0 and spec["mlflow"]:
         from mlflow.tracking import MlflowClient
 
+        from infra.catalog import PHASES
         from infra.tracking import RunLogger
 
         run = RunLogger(MlflowClient(spec["mlflow"][0]), spec["mlflow"][1])
-        on_metrics = run.log_metrics
-    metrics = run_sft(
-        Path(spec["base_dir"]),
-        Path(spec["data_dir"]),
-        Path(spec["out_dir"]),
-        SFTConfig(**spec["config"]),
-        spec["seed"],
-        on_metrics,
-        spec["trust_remote_code"],
-        None,
-        DeepSpeedConfig(**spec["deepspeed"]),
-    )
+        on_metrics = PhaseLog(PHASES[spec["namespace"]], None, 0, run)
+
+    result = entry(**spec["kwargs"], on_metrics=on_metrics)
     if rank == 0:
-        Path(spec["result"]).write_text(json.dumps(metrics))
+        Path(spec["result"]).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -2,33 +2,34 @@
 
 from __future__ import annotations
 
-import tempfile
+import dataclasses
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from infra.artifacts import PhaseInputs, data_judge, read_prompts
+from infra.catalog import PPO
 from infra.deepspeed_engine import DeepSpeedConfig, inference_module
 from rlhf_core.checkpoint import Checkpointer
+from rlhf_core.engine import Optimization
 from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, LoRAConfig, add_lora, load_lora
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
-from rlhf_core.ppo import PPOConfig, train_ppo
+from rlhf_core.ppo import PPOConfig, PPOModels, train_ppo
 from rlhf_core.reward import load_reward_function
+from rlhf_core.types import MetricsCallback
 from tasks.common import (
-    MetricsCallback,
     PhaseOutput,
     RunContext,
     artifact_key,
     checkpoint_every,
-    checkpointing,
     existing_output,
-    fetch,
+    fetch_inputs,
     make_engine,
     phase_task,
+    phase_workspace,
     publish,
-    tracked,
 )
-from tasks.data import data_judge, read_prompts
 
 
 def load_policy_and_reference(
@@ -48,11 +49,9 @@ def load_policy_and_reference(
 
 
 def run_ppo(
-    policy_dir: Path,
-    sft_dir: Path,
-    reward_dir: Path,
-    data_dir: Path,
+    inputs: PhaseInputs,
     out_dir: Path,
+    *,
     config: PPOConfig,
     seed: int,
     on_metrics: MetricsCallback | None = None,
@@ -60,35 +59,36 @@ def run_ppo(
     checkpointer: Checkpointer | None = None,
     deepspeed: DeepSpeedConfig | None = None,
 ) -> dict[str, float]:
-    """PPO from ``policy_dir`` with the SFT model as frozen reference and a critic started from the reward
+    """PPO from ``inputs.policy`` with the SFT model as frozen reference and a critic started from the reward
     model (from the SFT model when the reward model has a tokenizer of its own); saves the new policy to
     ``out_dir`` and returns the last step's metrics."""
-    tokenizer = load_tokenizer(policy_dir, trust_remote_code)
-    policy, reference = load_policy_and_reference(policy_dir, sft_dir, config.lora, trust_remote_code)
-    reward_fn = load_reward_function(reward_dir, tokenizer, trust_remote_code)
+    if inputs.sft is None or inputs.reward is None:
+        raise ValueError("PPO needs the SFT model (its reference) and a reward model: inputs.sft, inputs.reward")
+    tokenizer = load_tokenizer(inputs.policy, trust_remote_code)
+    policy, reference = load_policy_and_reference(inputs.policy, inputs.sft, config.lora, trust_remote_code)
+    reward_fn = load_reward_function(inputs.reward, tokenizer, trust_remote_code)
     torch.manual_seed(seed)  # a critic started from the SFT model gets a fresh head: the same seed, the same critic
-    critic = load_scorer(reward_dir if reward_fn.tokenizer is None else sft_dir, trust_remote_code)
+    critic = load_scorer(inputs.reward if reward_fn.tokenizer is None else inputs.sft, trust_remote_code)
     if config.lora is None:  # with LoRA the reference is the policy itself, adapters off
         reference = inference_module(reference, deepspeed)
     reward_fn.model = inference_module(reward_fn.model, deepspeed)
     updates = config.steps * config.epochs * -(-config.rollout_batch_size // config.minibatch_size)
-    micro, clip = config.minibatch_size, config.max_grad_norm
-    policy_engine = make_engine(policy, deepspeed, micro, config.lr, updates, max_grad_norm=clip, min_lr_ratio=1.0)
+    optimization = Optimization(
+        lr=config.lr, total_steps=updates, max_grad_norm=config.max_grad_norm, min_lr_ratio=1.0
+    )  # a constant learning rate
+    policy_engine = make_engine(policy, optimization, deepspeed, config.minibatch_size)
     critic_engine = make_engine(
-        critic, deepspeed, micro, config.critic_lr, updates, max_grad_norm=clip, min_lr_ratio=1.0
+        critic, dataclasses.replace(optimization, lr=config.critic_lr), deepspeed, config.minibatch_size
     )
     result = train_ppo(
-        policy_engine,
-        critic_engine,
-        reference,
-        reward_fn,
+        PPOModels(policy_engine, critic_engine, reference, reward_fn),
         tokenizer,
-        read_prompts(data_dir, "ppo"),
+        read_prompts(inputs.data, "ppo"),
         config,
-        seed,
-        data_judge(data_dir),
-        on_metrics,
-        checkpointer,
+        seed=seed,
+        gold_fn=data_judge(inputs.data),
+        on_metrics=on_metrics,
+        checkpointer=checkpointer,
     )
     if config.lora is None:
         policy.save_pretrained(out_dir, state_dict=policy_engine.full_state_dict())
@@ -102,6 +102,7 @@ def run_ppo(
 @phase_task("ppo")
 def ppo_task(
     context: RunContext,
+    *,
     data: PhaseOutput,
     policy: PhaseOutput,
     sft: PhaseOutput,
@@ -116,33 +117,34 @@ def ppo_task(
     key = artifact_key(context, f"iteration-{iteration:03d}", "policy", inputs)
     if done := existing_output(context, key):
         return done
-    dirs = {
-        name: fetch(context, ref)
-        for name, ref in (("data", data), ("policy", policy), ("sft", sft), ("reward", reward))
-    }
-    with (
-        tracked(context, f"iteration-{iteration}/ppo", {"ppo": config.model_dump()}, config.steps) as log,
-        checkpointing(context, key, log, checkpoint_every(config.checkpoint_every, deepspeed)) as checkpointer,
-        tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as tmp,
-    ):
+    dirs = fetch_inputs(context, data=data, policy=policy, sft=sft, reward=reward)
+    with phase_workspace(
+        context,
+        PPO,
+        key,
+        iteration=iteration,
+        params={"ppo": config.model_dump(), "seed": seed},
+        total_steps=config.steps,
+        checkpoint_every=checkpoint_every(config.checkpoint_every, deepspeed),
+    ) as work:
         metrics = run_ppo(
-            dirs["policy"],
-            dirs["sft"],
-            dirs["reward"],
-            dirs["data"],
-            Path(tmp),
-            config,
-            seed,
-            log,
-            context.trust_remote_code,
-            checkpointer,
-            deepspeed,
+            dirs,
+            work.out_dir,
+            config=config,
+            seed=seed,
+            on_metrics=work.log,
+            trust_remote_code=context.trust_remote_code,
+            checkpointer=work.checkpointer,
+            deepspeed=deepspeed,
         )
-        parents = {"policy": policy.ref.uri, "reference": sft.ref.uri, "reward_model": reward.ref.uri}
         return publish(
             context,
             key,
-            Path(tmp),
-            {"phase": "ppo", "iteration": iteration, "parents": parents, "config": config.model_dump(), "seed": seed},
-            metrics,
+            work.out_dir,
+            phase="ppo",
+            iteration=iteration,
+            config=config,
+            seed=seed,
+            parents={"policy": policy.ref.uri, "reference": sft.ref.uri, "reward_model": reward.ref.uri},
+            metrics=PPO.namespaced(metrics),
         )

@@ -2,38 +2,37 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
 
+from infra.artifacts import read_pairs, reward_init_dir
+from infra.catalog import REWARD
 from infra.deepspeed_engine import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.modeling import load_scorer, load_tokenizer
 from rlhf_core.reward import RewardConfig, normalize_reward_model, split_pairs, train_reward_model
 from rlhf_core.sft import num_training_steps
+from rlhf_core.types import MetricsCallback
 from tasks.common import (
-    MetricsCallback,
     PhaseOutput,
     RunContext,
     artifact_key,
     checkpoint_every,
-    checkpointing,
     existing_output,
     fetch,
     phase_engine,
     phase_task,
+    phase_workspace,
     publish,
-    tracked,
 )
-from tasks.data import reward_init_dir
-from tasks.preferences import read_pairs
 
 
 def run_reward(
     init_dir: Path,
     preference_dirs: list[Path],
     out_dir: Path,
+    *,
     config: RewardConfig,
     seed: int,
     on_metrics: MetricsCallback | None = None,
@@ -51,26 +50,28 @@ def run_reward(
     train, val = split_pairs(pairs, config.val_fraction, seed)
     total = num_training_steps(len(train), config.batch_size, config.max_epochs)
     engine = phase_engine(model, config, total, deepspeed)
-    result = train_reward_model(engine, tokenizer, train, val, config, seed, on_metrics, checkpointer)
+    result = train_reward_model(
+        engine, tokenizer, train, val, config=config, seed=seed, on_metrics=on_metrics, checkpointer=checkpointer
+    )
     latest = read_pairs(preference_dirs[-1])
     norm = normalize_reward_model(
         model,
         tokenizer,
         [p.prompt for p in latest] * 2,
         [p.chosen for p in latest] + [p.rejected for p in latest],
-        config.max_length,
+        max_length=config.max_length,
     )
     model.save_pretrained(out_dir, state_dict=engine.full_state_dict())
     tokenizer.save_pretrained(out_dir)
     return {
-        "reward/val_accuracy": result.val_accuracy,
-        "reward/val_gold_accuracy": result.val_gold_accuracy,
-        "reward/first_loss": result.first_loss,
-        "reward/final_loss": result.final_loss,
-        "reward/steps": result.steps,
-        "reward/train_pairs": len(train),
-        "reward/stopped_early": result.stopped_early,
-        **{f"reward/{k}": v for k, v in norm.items()},
+        "val_accuracy": result.val_accuracy,
+        "val_gold_accuracy": result.val_gold_accuracy,
+        "first_loss": result.first_loss,
+        "final_loss": result.final_loss,
+        "steps": result.steps,
+        "train_pairs": len(train),
+        "stopped_early": result.stopped_early,
+        **norm,
     }
 
 
@@ -84,6 +85,7 @@ def reward_start(previous_dir: Path | None, data_dir: Path, sft_dir: Path, confi
 @phase_task("train-reward-model")
 def reward_task(
     context: RunContext,
+    *,
     data: PhaseOutput,
     sft: PhaseOutput,
     preferences: list[PhaseOutput],
@@ -104,27 +106,34 @@ def reward_task(
     previous_dir = fetch(context, previous) if previous is not None else None
     init_dir = reward_start(previous_dir, fetch(context, data), sft_dir, config)
     init = previous if init_dir == previous_dir else sft if init_dir == sft_dir else data
-    preference_dirs = [fetch(context, p) for p in preferences]
-    with (
-        tracked(context, f"iteration-{iteration}/reward", {"reward": config.model_dump()}) as log,
-        checkpointing(context, key, log, checkpoint_every(config.checkpoint_every, deepspeed)) as checkpointer,
-        tempfile.TemporaryDirectory(prefix="rlhf-rm-") as tmp,
-    ):
+    with phase_workspace(
+        context,
+        REWARD,
+        key,
+        iteration=iteration,
+        params={"reward": config.model_dump(), "seed": seed},
+        checkpoint_every=checkpoint_every(config.checkpoint_every, deepspeed),
+    ) as work:
         metrics = run_reward(
-            init_dir, preference_dirs, Path(tmp), config, seed, log, context.trust_remote_code, checkpointer, deepspeed
+            init_dir,
+            [fetch(context, p) for p in preferences],
+            work.out_dir,
+            config=config,
+            seed=seed,
+            on_metrics=work.log,
+            trust_remote_code=context.trust_remote_code,
+            checkpointer=work.checkpointer,
+            deepspeed=deepspeed,
         )
-        log(metrics, iteration)
-        parents = {"init": init.ref.uri, "preferences": [p.ref.uri for p in preferences]}
+        work.log(metrics, iteration)
         return publish(
             context,
             key,
-            Path(tmp),
-            {
-                "phase": "train-reward-model",
-                "iteration": iteration,
-                "parents": parents,
-                "config": config.model_dump(),
-                "seed": seed,
-            },
-            metrics,
+            work.out_dir,
+            phase="train-reward-model",
+            iteration=iteration,
+            config=config,
+            seed=seed,
+            parents={"init": init.ref.uri, "preferences": [p.ref.uri for p in preferences]},
+            metrics=REWARD.namespaced(metrics),
         )

@@ -2,35 +2,35 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
+from infra.artifacts import BASE_MODEL_DIR, read_demonstrations
+from infra.catalog import SFT
 from infra.deepspeed_engine import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.modeling import load_policy, load_tokenizer
 from rlhf_core.sft import SFTConfig, num_training_steps, train_sft
+from rlhf_core.types import MetricsCallback
 from tasks.common import (
-    MetricsCallback,
     PhaseOutput,
     RunContext,
     artifact_key,
     checkpoint_every,
-    checkpointing,
     existing_output,
     fetch,
     phase_engine,
     phase_task,
+    phase_workspace,
     publish,
-    tracked,
 )
-from tasks.data import read_demonstrations
-from tasks.launch import launch_sft
+from tasks.launch import launch
 
 
 def run_sft(
     base_dir: Path,
     data_dir: Path,
     out_dir: Path,
+    *,
     config: SFTConfig,
     seed: int,
     on_metrics: MetricsCallback | None = None,
@@ -44,40 +44,53 @@ def run_sft(
     demonstrations = read_demonstrations(data_dir)
     total = num_training_steps(len(demonstrations), config.batch_size, config.epochs)
     engine = phase_engine(model, config, total, deepspeed)
-    result = train_sft(engine, tokenizer, demonstrations, config, seed, on_metrics, checkpointer)
+    result = train_sft(
+        engine, tokenizer, demonstrations, config, seed=seed, on_metrics=on_metrics, checkpointer=checkpointer
+    )
     weights = engine.full_state_dict()  # every rank takes part in gathering; rank 0 writes
     if engine.rank == 0:
         model.save_pretrained(out_dir, state_dict=weights)
         tokenizer.save_pretrained(out_dir)
-    return {"sft/first_loss": result.first_loss, "sft/final_loss": result.final_loss, "sft/steps": result.steps}
+    return {"first_loss": result.first_loss, "final_loss": result.final_loss, "steps": result.steps}
 
 
 @phase_task("sft")
 def sft_task(
-    context: RunContext, data: PhaseOutput, config: SFTConfig, seed: int, deepspeed: DeepSpeedConfig | None = None
+    context: RunContext, *, data: PhaseOutput, config: SFTConfig, seed: int, deepspeed: DeepSpeedConfig | None = None
 ) -> PhaseOutput:
     inputs = {"data": data, "config": config, "seed": seed, "deepspeed": deepspeed}
     key = artifact_key(context, "sft", "policy", inputs)
     if done := existing_output(context, key):
         return done
     data_dir = fetch(context, data)
-    n_steps = num_training_steps(len(read_demonstrations(data_dir)), config.batch_size, config.epochs)
-    with (
-        tracked(context, "sft", {"sft": config.model_dump(), "seed": seed}, n_steps) as log,
-        checkpointing(context, key, log, checkpoint_every(config.checkpoint_every, deepspeed)) as checkpointer,
-        tempfile.TemporaryDirectory(prefix="rlhf-sft-") as tmp,
-    ):
-        base_dir = data_dir / "base_model"
+    with phase_workspace(
+        context,
+        SFT,
+        key,
+        params={"sft": config.model_dump(), "seed": seed},
+        total_steps=num_training_steps(len(read_demonstrations(data_dir)), config.batch_size, config.epochs),
+        checkpoint_every=checkpoint_every(config.checkpoint_every, deepspeed),
+    ) as work:
+        kwargs = {
+            "base_dir": data_dir / BASE_MODEL_DIR,
+            "data_dir": data_dir,
+            "out_dir": work.out_dir,
+            "config": config,
+            "seed": seed,
+            "trust_remote_code": context.trust_remote_code,
+            "deepspeed": deepspeed,
+        }
         if deepspeed is not None and deepspeed.num_processes > 1:
-            metrics = launch_sft(base_dir, data_dir, Path(tmp), config, seed, deepspeed, log, context.trust_remote_code)
+            metrics = launch("tasks.sft:run_sft", kwargs, num_processes=deepspeed.num_processes, log=work.log)
         else:
-            metrics = run_sft(
-                base_dir, data_dir, Path(tmp), config, seed, log, context.trust_remote_code, checkpointer, deepspeed
-            )
+            metrics = run_sft(**kwargs, on_metrics=work.log, checkpointer=work.checkpointer)
         return publish(
             context,
             key,
-            Path(tmp),
-            {"phase": "sft", "parents": {"data": data.ref.uri}, "config": config.model_dump(), "seed": seed},
-            metrics,
+            work.out_dir,
+            phase="sft",
+            config=config,
+            seed=seed,
+            parents={"data": data.ref.uri},
+            metrics=SFT.namespaced(metrics),
         )

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 import pytest
 
 from rlhf_core import world
-from rlhf_core.engine import TorchEngine
+from rlhf_core.engine import Optimization, TorchEngine
 from rlhf_core.modeling import load_policy, load_tokenizer
 from rlhf_core.sft import SFTConfig, train_sft
 
@@ -59,6 +59,19 @@ def s3_bucket(s3_endpoint: str) -> str:
 
 
 @pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A real Prefect API on loopback with a temporary database, for flows and clients in this process; its
+    server registers the aws-credentials block type itself (from Prefect's collection registry), as any does."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+@pytest.fixture(scope="session")
 def pipeline_env(tmp_path_factory) -> dict[str, str]:
     """Environment for running the real ``rlhf`` CLI in a subprocess: Prefect's temporary server with its
     own home (so caches start empty), no analytics, MLflow from the config only."""
@@ -91,7 +104,8 @@ def sft_dir(base_dir, tmp_path_factory):
     tokenizer, model = load_tokenizer(base_dir), load_policy(base_dir)
     w = world.make_world(0, TINY_WORLD)
     config = SFTConfig(epochs=3, batch_size=32, lr=1e-2, warmup_steps=2)
-    train_sft(TorchEngine(model, config.lr, 60, 2), tokenizer, w.demonstrations, config, seed=0)
+    engine = TorchEngine(model, Optimization(lr=config.lr, total_steps=60, warmup_steps=2))
+    train_sft(engine, tokenizer, w.demonstrations, config, seed=0)
     directory = tmp_path_factory.mktemp("sft")
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -11,10 +11,13 @@ from test_flow import TINY
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from flows.config import load_config
+from infra.artifacts import PhaseInputs, read_prompts, reward_init_dir
+from infra.user_data import local_inputs_digest
 from rlhf_core import world
+from rlhf_core.data import DataConfig
 from rlhf_core.modeling import load_policy, load_tokenizer, sample_responses
 from rlhf_core.reward import load_reward_function, score_texts
-from tasks.data import DataConfig, local_inputs_digest, read_prompts, reward_init_dir, write_data
+from tasks.data import write_data
 from tasks.evaluate import run_evaluation
 from tasks.ppo import run_ppo
 from tasks.preferences import run_preferences
@@ -52,18 +55,21 @@ def test_every_phase_runs_on_a_gpt2_base_model(gpt2_dir, tmp_path):
     assert json.loads((data / "base_model" / "config.json").read_text())["model_type"] == "gpt2"
 
     sft = tmp_path / "sft"
-    run_sft(data / "base_model", data, sft, config.sft, 0)
+    run_sft(data / "base_model", data, sft, config=config.sft, seed=0)
     before = load_file(data / "base_model" / "model.safetensors")
     after = load_file(sft / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
-    run_preferences(sft, data, tmp_path / "preferences", config.preferences, 1)
-    rm = run_reward(sft, [tmp_path / "preferences"], tmp_path / "reward", config.reward, 1)
-    assert 0.0 <= rm["reward/val_accuracy"] <= 1.0
-    run_ppo(sft, sft, tmp_path / "reward", data, tmp_path / "policy", config.ppo, 1)
+    run_preferences(PhaseInputs(data=data, policy=sft), tmp_path / "preferences", config=config.preferences, seed=1)
+    rm = run_reward(sft, [tmp_path / "preferences"], tmp_path / "reward", config=config.reward, seed=1)
+    assert 0.0 <= rm["val_accuracy"] <= 1.0
+    run_ppo(PhaseInputs(data, sft, sft, tmp_path / "reward"), tmp_path / "policy", config=config.ppo, seed=1)
     (tmp_path / "evaluation").mkdir()
     metrics, rows = run_evaluation(
-        tmp_path / "policy", sft, tmp_path / "reward", data, tmp_path / "evaluation", config.evaluation, 1
+        PhaseInputs(data, tmp_path / "policy", sft, tmp_path / "reward"),
+        tmp_path / "evaluation",
+        config=config.evaluation,
+        seed=1,
     )
     assert 0.0 <= metrics["win_rate_vs_sft"] <= 1.0 and rows
 
@@ -105,13 +111,13 @@ def test_a_separate_reward_model_with_its_own_tokenizer(gpt2_reward_dir, tmp_pat
     config = load_config(None, [*TINY, f"data.reward_model={gpt2_reward_dir}"])
     data, sft = tmp_path / "data", tmp_path / "sft"
     write_data(data, 0, config.data)
-    run_sft(data / "base_model", data, sft, config.sft, 0)
-    run_preferences(sft, data, tmp_path / "preferences", config.preferences, 1)
+    run_sft(data / "base_model", data, sft, config=config.sft, seed=0)
+    run_preferences(PhaseInputs(data=data, policy=sft), tmp_path / "preferences", config=config.preferences, seed=1)
     init = reward_init_dir(data, sft)
     assert init == data / "reward_base_model"
-    rm = run_reward(init, [tmp_path / "preferences"], tmp_path / "reward", config.reward, 1)
+    rm = run_reward(init, [tmp_path / "preferences"], tmp_path / "reward", config=config.reward, seed=1)
     assert json.loads((tmp_path / "reward" / "config.json").read_text())["model_type"] == "gpt2"
-    assert rm["reward/steps"] > 0
+    assert rm["steps"] > 0
 
     # PPO and evaluation score policy samples through the reward model's own tokenizer
     policy_tokenizer = load_tokenizer(sft)
@@ -119,17 +125,20 @@ def test_a_separate_reward_model_with_its_own_tokenizer(gpt2_reward_dir, tmp_pat
     assert reward_fn.tokenizer is not None and reward_fn.tokenizer.eos_token == "</s>"
     samples = sample_responses(load_policy(sft).eval(), policy_tokenizer, read_prompts(data, "ppo")[:8], 12)
     expected = score_texts(
-        reward_fn.model, reward_fn.tokenizer, samples.prompts, samples.texts, config.reward.max_length
+        reward_fn.model, reward_fn.tokenizer, samples.prompts, samples.texts, max_length=config.reward.max_length
     )
     torch.testing.assert_close(reward_fn(samples), expected)
     assert reward_fn.model.config.reward_max_length == config.reward.max_length
     assert load_reward_function(tmp_path / "reward", reward_fn.tokenizer).tokenizer is None  # same vocabulary: ids
 
-    metrics = run_ppo(sft, sft, tmp_path / "reward", data, tmp_path / "policy", config.ppo, 1)
-    assert math.isfinite(metrics["ppo/reward"]) and math.isfinite(metrics["ppo/explained_variance"])
+    metrics = run_ppo(PhaseInputs(data, sft, sft, tmp_path / "reward"), tmp_path / "policy", config=config.ppo, seed=1)
+    assert math.isfinite(metrics["reward"]) and math.isfinite(metrics["explained_variance"])
     (tmp_path / "evaluation").mkdir()
     evaluation, _ = run_evaluation(
-        tmp_path / "policy", sft, tmp_path / "reward", data, tmp_path / "evaluation", config.evaluation, 1
+        PhaseInputs(data, tmp_path / "policy", sft, tmp_path / "reward"),
+        tmp_path / "evaluation",
+        config=config.evaluation,
+        seed=1,
     )
     assert math.isfinite(evaluation["reward"])
 

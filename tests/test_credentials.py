@@ -6,7 +6,6 @@ import json
 import logging
 import pickle
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -23,19 +22,6 @@ from tasks.common import PhaseOutput, RunContext
 ACCESS_KEY_ID = "AKIABLOCKONLY7QX2ZP"
 SECRET = "blockSecret/Zq8+DO-NOT-LEAK-5f3c9e71"
 FILES = {"config.json": b'{"layers": 2}', "model.safetensors": bytes(range(256)) * 64, "tok/vocab.txt": b"a\nb\n"}
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A real Prefect API on loopback with a temporary database; its server registers the aws-credentials
-    block type itself (from Prefect's collection registry), as any Prefect server does."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
 
 
 def save_aws_credentials_block(name: str, data: dict) -> None:

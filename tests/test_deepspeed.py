@@ -7,10 +7,11 @@ import torch
 from test_flow import TINY
 
 from flows.config import load_config
+from infra.artifacts import PhaseInputs
 from infra.deepspeed_engine import DeepSpeedConfig, deepspeed_config, inference_config, inference_module
 from rlhf_core.modeling import load_policy, load_scorer
 from tasks.data import write_data
-from tasks.launch import launch_sft
+from tasks.launch import launch
 from tasks.ppo import run_ppo
 from tasks.preferences import run_preferences
 from tasks.reward import run_reward
@@ -24,8 +25,10 @@ def phase_inputs(tmp_path_factory):
     """The toy world, an SFT model and preferences from it, all on the plain-torch path."""
     root = tmp_path_factory.mktemp("zero")
     write_data(root / "data", 0, CONFIG.data)
-    run_sft(root / "data" / "base_model", root / "data", root / "sft", CONFIG.sft, 0)
-    run_preferences(root / "sft", root / "data", root / "preferences", CONFIG.preferences, 1)
+    run_sft(root / "data" / "base_model", root / "data", root / "sft", config=CONFIG.sft, seed=0)
+    run_preferences(
+        PhaseInputs(data=root / "data", policy=root / "sft"), root / "preferences", config=CONFIG.preferences, seed=1
+    )
     return root
 
 
@@ -64,38 +67,49 @@ def test_every_phase_under_zero_matches_plain_torch(stage, phase_inputs, tmp_pat
     base, data = root / "data" / "base_model", root / "data"
 
     def sft(out, deepspeed=None, on_metrics=None):
-        run_sft(base, data, out, CONFIG.sft, 0, on_metrics, deepspeed=deepspeed)
+        run_sft(base, data, out, config=CONFIG.sft, seed=0, on_metrics=on_metrics, deepspeed=deepspeed)
 
     plain = history(sft, out=tmp_path / "sft-torch")
     ours = history(sft, out=tmp_path / "sft-zero", deepspeed=zero)
     assert torch.distributed.is_initialized()  # DeepSpeed's process group (gloo): the plain path never makes one
-    assert_same_history(ours, plain, ["sft/loss", "sft/grad_norm", "sft/lr"], atol=1e-4)
+    assert_same_history(ours, plain, ["loss", "grad_norm", "lr"], atol=1e-4)
     assert_same_weights(load_policy(tmp_path / "sft-zero"), load_policy(tmp_path / "sft-torch"), atol=1e-4)
 
     def reward(out, deepspeed=None, on_metrics=None):
-        run_reward(root / "sft", [root / "preferences"], out, CONFIG.reward, 1, on_metrics, deepspeed=deepspeed)
+        run_reward(
+            root / "sft",
+            [root / "preferences"],
+            out,
+            config=CONFIG.reward,
+            seed=1,
+            on_metrics=on_metrics,
+            deepspeed=deepspeed,
+        )
 
     plain = history(reward, out=tmp_path / "rm-torch")
     ours = history(reward, out=tmp_path / "rm-zero", deepspeed=zero)
-    assert_same_history(ours, plain, ["reward/loss", "reward/val_accuracy"], atol=1e-4)
+    assert_same_history(ours, plain, ["loss", "val_accuracy"], atol=1e-4)
     assert_same_weights(load_scorer(tmp_path / "rm-zero"), load_scorer(tmp_path / "rm-torch"), atol=1e-4)
 
     def ppo(out, deepspeed=None, on_metrics=None):
         rm = tmp_path / "rm-torch"
-        run_ppo(root / "sft", root / "sft", rm, data, out, CONFIG.ppo, 1, on_metrics, deepspeed=deepspeed)
+        inputs = PhaseInputs(data=data, policy=root / "sft", sft=root / "sft", reward=rm)
+        run_ppo(inputs, out, config=CONFIG.ppo, seed=1, on_metrics=on_metrics, deepspeed=deepspeed)
 
     plain = history(ppo, out=tmp_path / "ppo-torch")
     ours = history(ppo, out=tmp_path / "ppo-zero", deepspeed=zero)
-    assert_same_history(ours, plain, ["ppo/kl", "ppo/reward", "ppo/policy_loss", "ppo/value_loss"], atol=1e-3)
+    assert_same_history(ours, plain, ["kl", "reward", "policy_loss", "value_loss"], atol=1e-3)
     assert_same_weights(load_policy(tmp_path / "ppo-zero"), load_policy(tmp_path / "ppo-torch"), atol=1e-3)
 
 
 @pytest.mark.slow
 def test_sft_as_two_processes_matches_one(phase_inputs, tmp_path):
     base, data = phase_inputs / "data" / "base_model", phase_inputs / "data"
-    single = run_sft(base, data, tmp_path / "one", CONFIG.sft, 0)
-    two = launch_sft(base, data, tmp_path / "two", CONFIG.sft, 0, DeepSpeedConfig(zero_stage=2, num_processes=2))
-    for key in ("sft/first_loss", "sft/final_loss", "sft/steps"):
+    single = run_sft(base, data, tmp_path / "one", config=CONFIG.sft, seed=0)
+    kwargs = {"base_dir": base, "data_dir": data, "out_dir": tmp_path / "two", "config": CONFIG.sft, "seed": 0}
+    kwargs["deepspeed"] = DeepSpeedConfig(zero_stage=2, num_processes=2)
+    two = launch("tasks.sft:run_sft", kwargs, num_processes=2)
+    for key in ("first_loss", "final_loss", "steps"):
         assert two[key] == pytest.approx(single[key], abs=1e-4), key
     assert_same_weights(load_policy(tmp_path / "two"), load_policy(tmp_path / "one"), atol=1e-4)
 
@@ -107,7 +121,8 @@ def test_a_failing_rank_fails_the_phase_with_its_output(phase_inputs, tmp_path):
     with pytest.raises(
         RuntimeError, match=r"sft: a rank of 2 failed \(torchrun exit 1\): .*Error: .*demonstrations.parquet"
     ):
-        launch_sft(base, tmp_path / "no-data", tmp_path / "out", CONFIG.sft, 0, zero)
+        kwargs = {"base_dir": base, "data_dir": tmp_path / "no-data", "out_dir": tmp_path / "out"}
+        launch("tasks.sft:run_sft", kwargs | {"config": CONFIG.sft, "seed": 0, "deepspeed": zero}, num_processes=2)
     assert not (tmp_path / "out").exists()
 
 

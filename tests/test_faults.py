@@ -64,6 +64,6 @@ def test_a_missing_bucket_fails_the_run_at_once_naming_it(s3_endpoint, pipeline_
         env = pipeline_env | aws_env(proxy.url)
         proc = rlhf_run(env, tmp_path, "storage.uri=s3://no-such-bucket-here/rlhf", check=False)
     assert proc.returncode == 2
-    assert "S3 bucket 'no-such-bucket-here' does not exist" in proc.stdout.replace("\n", " ")
+    assert "S3 bucket 'no-such-bucket-here' does not exist" in proc.stderr.replace("\n", " ")
     assert proxy.counts["forwarded"] <= 2  # checked before the run starts, not retried
     assert not (tmp_path / "rlhf-mlflow").exists()

@@ -1,13 +1,16 @@
-"""House rules that keep the layers apart."""
+"""House rules that keep the layers apart, read from the source."""
 
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from infra.codebase import PACKAGE_ROOT, all_modules, module_path, project_imports
+
 FORBIDDEN_IN_CORE = {"prefect", "mlflow", "boto3", "botocore", "deepspeed", "flows", "tasks", "infra"}
+CLI_LIBRARIES = {"typer", "rich"}
 
 
 def imported_modules(path: Path) -> set[str]:
+    """Top-level names of every module ``path`` imports, at module level or inside a function."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -19,12 +22,61 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_rlhf_core_imports_no_orchestration_tracking_or_storage():
     offenders = {
-        path.name: sorted(imported_modules(path) & FORBIDDEN_IN_CORE) for path in (ROOT / "rlhf_core").glob("*.py")
+        path.name: sorted(imported_modules(path) & FORBIDDEN_IN_CORE)
+        for path in (PACKAGE_ROOT / "rlhf_core").glob("*.py")
     }
     assert {name: mods for name, mods in offenders.items() if mods} == {}
 
 
 def test_tasks_and_infra_never_import_flows():
     for folder in ("tasks", "infra"):
-        for path in (ROOT / folder).glob("*.py"):
+        for path in (PACKAGE_ROOT / folder).glob("*.py"):
             assert "flows" not in imported_modules(path), path
+
+
+def test_the_command_line_libraries_stay_in_flows():
+    offenders = [
+        m for m in all_modules() if not m.startswith("flows.") and imported_modules(module_path(m)) & CLI_LIBRARIES
+    ]
+    assert offenders == []
+
+
+def find_cycle(graph: dict[str, frozenset[str]]) -> list[str] | None:
+    """A cycle of the directed graph as a list of nodes (first == last), or None."""
+    state: dict[str, str] = {}  # "open" while on the current path, "done" once explored
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return [*path[path.index(nxt) :], nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (cycle := visit(nxt, [*path, nxt])):
+                return cycle
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_one_and_only_one():
+    assert find_cycle({"a": frozenset({"b"}), "b": frozenset({"c"}), "c": frozenset()}) is None
+    assert find_cycle({"a": frozenset({"b"}), "b": frozenset({"c"}), "c": frozenset({"a"})}) == ["a", "b", "c", "a"]
+
+
+def test_no_import_cycle_among_the_projects_modules():
+    """Imports inside functions count: a cycle dodged by a late import is still a cycle."""
+    assert find_cycle({module: project_imports(module) for module in all_modules()}) is None
+
+
+def test_functions_of_more_than_four_parameters_take_the_rest_by_keyword():
+    offenders = []
+    for module in all_modules():
+        for node in ast.walk(ast.parse(module_path(module).read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                positional = [a.arg for a in [*node.args.posonlyargs, *node.args.args] if a.arg not in ("self", "cls")]
+                if len(positional) > 4:
+                    offenders.append(f"{module}:{node.lineno} {node.name}({', '.join(positional)})")
+    assert offenders == []

@@ -9,11 +9,12 @@ from test_flow import TINY
 from test_phases import held_out_eos_rate
 
 from flows.config import ConfigError, load_config
+from infra.artifacts import PhaseInputs
 from rlhf_core import world
-from rlhf_core.engine import TorchEngine
+from rlhf_core.engine import Optimization, TorchEngine
 from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, LoRAConfig, add_lora
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
-from rlhf_core.ppo import PPOConfig, train_ppo
+from rlhf_core.ppo import PPOConfig, PPOModels, train_ppo
 from rlhf_core.reward import RewardFunction
 from tasks.data import write_data
 from tasks.ppo import load_policy_and_reference, run_ppo
@@ -38,10 +39,10 @@ def test_lora_ppo_holds_less_memory_and_learns_its_reward(sft_dir):
 
     def ppo(policy, reference, steps):
         torch.manual_seed(0)
-        engine, critic = TorchEngine(policy, config.lr, 100), load_scorer(sft_dir)
-        critic_engine = TorchEngine(critic, config.critic_lr, 100)
-        args = (reference, RewardFunction(reward_model), tokenizer, prompts, config.model_copy(update={"steps": steps}))
-        result = train_ppo(engine, critic_engine, *args, 0, world.gold_rewards)
+        engine = TorchEngine(policy, Optimization(lr=config.lr, total_steps=100))
+        critic_engine = TorchEngine(load_scorer(sft_dir), Optimization(lr=config.critic_lr, total_steps=100))
+        models = PPOModels(engine, critic_engine, reference, RewardFunction(reward_model))
+        result = train_ppo(models, tokenizer, prompts, config.model_copy(update={"steps": steps}), seed=0)
         return result.history, held_bytes(policy, reference, optimizers=(engine.optimizer,))
 
     # one step builds the full fine-tune's optimizer state
@@ -56,7 +57,7 @@ def test_lora_ppo_holds_less_memory_and_learns_its_reward(sft_dir):
     with lora_policy.disable_adapter():
         reference_rate = held_out_eos_rate(lora_policy, tokenizer, config.max_new_tokens)
     assert trained > reference_rate + 0.2, (trained, reference_rate)
-    assert sum(h["ppo/kl"] for h in lora[-3:]) > 0  # the reference (adapters off) is not the policy
+    assert sum(h["kl"] for h in lora[-3:]) > 0  # the reference (adapters off) is not the policy
 
 
 def test_lora_adapters_carry_over_iterations_and_merge(tmp_path):
@@ -66,7 +67,7 @@ def test_lora_adapters_carry_over_iterations_and_merge(tmp_path):
     torch.manual_seed(0)
     load_scorer(sft).save_pretrained(tmp_path / "rm")
     load_tokenizer(sft).save_pretrained(tmp_path / "rm")  # a reward artifact holds its tokenizer
-    run_ppo(sft, sft, tmp_path / "rm", data, tmp_path / "iter-1", config.ppo, 1)
+    run_ppo(PhaseInputs(data, sft, sft, tmp_path / "rm"), tmp_path / "iter-1", config=config.ppo, seed=1)
     assert (tmp_path / "iter-1" / ADAPTER_DIR / "adapter_model.safetensors").exists()
     # the next iteration continues the same adapters on the SFT weights, the reference still being SFT
     policy, reference = load_policy_and_reference(tmp_path / "iter-1", sft, config.ppo.lora)
@@ -75,7 +76,9 @@ def test_lora_adapters_carry_over_iterations_and_merge(tmp_path):
     ids = torch.tensor([[1, 5, 9, 12, 3]])
     torch.testing.assert_close(policy(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4, rtol=0)
     torch.testing.assert_close(reference(input_ids=ids).logits, load_policy(sft)(input_ids=ids).logits)
-    run_ppo(tmp_path / "iter-1", sft, tmp_path / "rm", data, tmp_path / "iter-2", config.ppo, 2)
+    run_ppo(
+        PhaseInputs(data, tmp_path / "iter-1", sft, tmp_path / "rm"), tmp_path / "iter-2", config=config.ppo, seed=2
+    )
     assert (tmp_path / "iter-2" / ADAPTER_DIR / "adapter_model.safetensors").exists()
 
 

@@ -100,19 +100,22 @@ def test_padding_changes_no_loss():
     mask = torch.ones(b, t)
     mask[1, 3:] = 0
     rewards = kl_shaped_rewards(scores, kl_penalty(logprobs, ref) * mask, mask, 0.1)
-    adv, ret = compute_gae(rewards, values, mask, 1.0, 0.95)
+    adv, ret = compute_gae(rewards, values, mask, gamma=1.0, lam=0.95)
     adv = masked_whiten(adv, mask)
-    base = (policy_loss(logprobs, old, adv, mask, 0.2)[0], value_loss(values, old_values, ret, mask, 0.2)[0])
+    base = (
+        policy_loss(logprobs, old, adv, mask, clip_range=0.2)[0],
+        value_loss(values, old_values, ret, mask, clip_range_value=0.2)[0],
+    )
 
     padded_mask = pad(mask, 3)
     p_rewards = kl_shaped_rewards(
         scores, kl_penalty(pad(logprobs, 3, 5.0), pad(ref, 3, -5.0)) * padded_mask, padded_mask, 0.1
     )
-    p_adv, p_ret = compute_gae(p_rewards, pad(values, 3, 9.0), padded_mask, 1.0, 0.95)
+    p_adv, p_ret = compute_gae(p_rewards, pad(values, 3, 9.0), padded_mask, gamma=1.0, lam=0.95)
     p_adv = masked_whiten(p_adv, padded_mask)
     padded = (
-        policy_loss(pad(logprobs, 3, 1.0), pad(old, 3, -1.0), p_adv, padded_mask, 0.2)[0],
-        value_loss(pad(values, 3, 9.0), pad(old_values, 3, -9.0), p_ret, padded_mask, 0.2)[0],
+        policy_loss(pad(logprobs, 3, 1.0), pad(old, 3, -1.0), p_adv, padded_mask, clip_range=0.2)[0],
+        value_loss(pad(values, 3, 9.0), pad(old_values, 3, -9.0), p_ret, padded_mask, clip_range_value=0.2)[0],
     )
     torch.testing.assert_close(p_adv[:, :t], adv)
     for a, b_ in zip(base, padded, strict=True):
@@ -134,7 +137,7 @@ def test_policy_loss_clips_and_reports():
     # positive advantage: min(1.5, 1.2) * 1 -> 1.2 ; negative: max(0.5, 0.8) * -1 -> -0.8 ; loss = -mean(1.2, -0.8)
     assert loss.item() == pytest.approx(-0.2)
     assert stats["clipfrac"].item() == pytest.approx(1.0)
-    same, same_stats = policy_loss(old, old, advantages, torch.ones(1, 2), 0.2)
+    same, same_stats = policy_loss(old, old, advantages, torch.ones(1, 2), clip_range=0.2)
     assert same.item() == pytest.approx(0.0) and same_stats["approx_kl"].item() == 0.0
 
 

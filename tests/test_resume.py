@@ -15,16 +15,18 @@ import torch
 from conftest import TINY_WORLD
 from mlflow.tracking import MlflowClient
 from test_flow import RLHF, TINY, summary
+from test_phases import ppo_models
 
+from infra.catalog import PPO
 from infra.checkpoints import StoreCheckpointer, checkpoint_prefix
 from infra.storage import LocalStore
 from rlhf_core import world
 from rlhf_core.checkpoint import DivergenceError
-from rlhf_core.engine import TorchEngine
+from rlhf_core.engine import Optimization, TorchEngine
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
 from rlhf_core.ppo import PPOConfig, train_ppo
 from rlhf_core.preferences import PreferencePair
-from rlhf_core.reward import RewardConfig, RewardFunction, split_pairs, train_reward_model
+from rlhf_core.reward import RewardConfig, split_pairs, train_reward_model
 from rlhf_core.sft import SFTConfig, train_sft
 from tasks.common import PhaseLog, RunContext, checkpointing, should_retry
 
@@ -58,8 +60,9 @@ def test_sft_resumes_from_its_last_complete_checkpoint(base_dir, tmp_path):
 
     def run(checkpointer, on_metrics):
         model = load_policy(base_dir)
+        engine = TorchEngine(model, Optimization(lr=config.lr, total_steps=20, warmup_steps=2))
         return model, train_sft(
-            TorchEngine(model, config.lr, 20, 2), tokenizer, demos, config, 0, on_metrics, checkpointer
+            engine, tokenizer, demos, config, seed=0, on_metrics=on_metrics, checkpointer=checkpointer
         )
 
     clean, clean_result = run(None, None)
@@ -94,8 +97,10 @@ def test_reward_training_resumes_with_its_best_model(sft_dir, tmp_path):
     def run(checkpointer, on_metrics):
         torch.manual_seed(0)  # the fresh scalar head
         model = load_scorer(sft_dir)
-        engine = TorchEngine(model, config.lr, 24, 2)
-        return model, train_reward_model(engine, tokenizer, train, val, config, 0, on_metrics, checkpointer)
+        engine = TorchEngine(model, Optimization(lr=config.lr, total_steps=24, warmup_steps=2))
+        return model, train_reward_model(
+            engine, tokenizer, train, val, config=config, seed=0, on_metrics=on_metrics, checkpointer=checkpointer
+        )
 
     clean, clean_result = run(None, None)
     with pytest.raises(Crash):
@@ -118,18 +123,15 @@ def ppo_setup(sft_dir):
     def run(checkpointer, on_metrics, config=config):
         torch.manual_seed(0)  # the critic's fresh scalar head
         policy, critic = load_policy(sft_dir), load_scorer(sft_dir)
-        engines = TorchEngine(policy, config.lr, 100), TorchEngine(critic, config.critic_lr, 100)
         result = train_ppo(
-            *engines,
-            reference,
-            RewardFunction(reward_model),
+            ppo_models(policy, critic, reference, reward_model, config),
             tokenizer,
             prompts,
             config,
-            0,
-            world.gold_rewards,
-            on_metrics,
-            checkpointer,
+            seed=0,
+            gold_fn=world.gold_rewards,
+            on_metrics=on_metrics,
+            checkpointer=checkpointer,
         )
         return policy, result
 
@@ -162,19 +164,19 @@ def test_a_kl_blow_up_stops_ppo_and_keeps_the_last_good_checkpoint(sft_dir, tmp_
     # a bound the clean run passes only after step 2, where the first checkpoint (every 2 steps) is. Measured over
     # seeds 0-7: the largest KL of steps 3-8 lies 1.2-3.0 nats above the largest of steps 1-2, so 0.5 above it is
     # passed in every run
-    bound = max(h["ppo/kl"] for h in clean[:2]) + 0.5
-    first_past = next(i for i, h in enumerate(clean, start=1) if h["ppo/kl"] > bound)
+    bound = max(h["kl"] for h in clean[:2]) + 0.5
+    first_past = next(i for i, h in enumerate(clean, start=1) if h["kl"] > bound)
     config = config.model_copy(update={"max_kl": bound})
     last_good = (first_past - 1) // 2 * 2
     diverged = rf"ppo: KL to the reference is .* at step {first_past}, past ppo.max_kl"
     with (
         pytest.raises(DivergenceError, match=diverged),
-        checkpointing(context, KEY, PhaseLog("ppo", 8), every=2) as checkpointer,
+        checkpointing(context, KEY, PhaseLog(PPO, None, 8), every=2) as checkpointer,
     ):
         run(checkpointer, None, config)
     assert (tmp_path / checkpoint_prefix(KEY) / f"step-{last_good:08d}" / "MANIFEST.json").exists()
     try:
-        with checkpointing(context, KEY + "x", PhaseLog("ppo", 8), every=2) as checkpointer:
+        with checkpointing(context, KEY + "x", PhaseLog(PPO, None, 8), every=2) as checkpointer:
             run(checkpointer, None, config)
     except DivergenceError as e:
         assert "the last good checkpoint is kept: " in str(e) and str(e).endswith(f"step-{last_good:08d}")
@@ -186,7 +188,8 @@ def test_a_nan_loss_stops_sft_with_the_step(base_dir):
     torch.nn.init.constant_(model.model.norm.weight, math.nan)
     config = SFTConfig(epochs=1, batch_size=32)
     with pytest.raises(DivergenceError, match=r"sft: loss is nan at step 1; try a lower learning rate"):
-        train_sft(TorchEngine(model, 1e-3, 10), tokenizer, world.make_world(0, TINY_WORLD).demonstrations, config, 0)
+        engine = TorchEngine(model, Optimization(lr=1e-3, total_steps=10))
+        train_sft(engine, tokenizer, world.make_world(0, TINY_WORLD).demonstrations, config, seed=0)
 
 
 @pytest.mark.slow

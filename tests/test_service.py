@@ -206,7 +206,7 @@ def test_served_deployment_continues_a_lineage(
     serve: subprocess.Popen[bytes] | None = None
     groups: list[int] = []
     try:
-        services = stack_up(state, prefect_port, mlflow_port, s3_port, timeout=180)
+        services = stack_up(state, prefect_port=prefect_port, mlflow_port=mlflow_port, s3_port=s3_port, timeout=180)
         groups = [s.pid for s in services.values() if s.pid]
         stack = stack_env(state)
         env = pipeline_env | stack | {"PREFECT_API_AUTH_STRING": AUTH}

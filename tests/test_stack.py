@@ -10,7 +10,8 @@ import boto3
 import pytest
 from typer.testing import CliRunner
 
-from infra.stack import stack_app, stack_down, stack_env, stack_status, stack_up
+from flows.stack_cli import stack_app
+from infra.stack import stack_down, stack_env, stack_status, stack_up
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

@@ -12,9 +12,11 @@ import pytest
 from test_flow import RLHF, rlhf_run, summary
 
 from flows.config import ConfigError, load_config
+from infra.artifacts import read_prompts
 from infra.datasets import DatasetError
+from infra.user_data import check_data, local_inputs_digest
 from rlhf_core import world
-from tasks.data import check_data, local_inputs_digest, read_prompts, write_data
+from tasks.data import write_data
 
 MAX_TOKENS = 48  # sft.max_length = reward.max_length at the defaults
 
@@ -61,7 +63,7 @@ def user_config(files: dict[str, str], **changes: str):
 def test_good_user_files_become_the_data_artifact(user_files, tmp_path):
     config = user_config(user_files)
     metrics = write_data(tmp_path / "data", 0, config, max_tokens=MAX_TOKENS)
-    assert metrics == {"data/demonstrations": 300, "data/eval_prompts": 12, "data/human_preferences": 60}
+    assert metrics == {"demonstrations": 300, "eval_prompts": 12, "human_preferences": 60}
     rows = user_rows()
     assert read_prompts(tmp_path / "data", "ppo") == [r["prompt"] for r in rows["prompts"] if r["split"] == "ppo"]
     prefs = pq.read_table(tmp_path / "data" / "preferences.parquet").to_pylist()
@@ -210,7 +212,7 @@ def test_the_cli_refuses_a_bad_file_before_writing_anything(user_files, pipeline
     args = [RLHF, "run", *[a for k, v in files.items() for a in ("--set", f"data.{k}={v}")]]
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "bad.jsonl: row 2: missing column(s) ['response']" in proc.stdout.replace("\n", "")
+    assert "bad.jsonl: row 2: missing column(s) ['response']" in proc.stderr.replace("\n", "")
     assert not (tmp_path / "rlhf-artifacts").exists() and not (tmp_path / "rlhf-mlflow").exists()
 
 

@@ -84,7 +84,7 @@ def test_labelers_agree_near_target_and_kappa_is_consistent():
     lengths = [(rng.randint(3, 20), rng.randint(3, 20)) for _ in range(3000)]
     labelers = default_labelers()
     scale = calibrate_noise_scale(golds, lengths, labelers, 0.7)
-    stats = agreement_stats(draw_labels(golds, lengths, labelers, scale, rng))
+    stats = agreement_stats(draw_labels(golds, lengths, labelers, noise_scale=scale, rng=rng))
     assert stats["labeler_agreement"] == pytest.approx(0.7, abs=0.02)
     assert stats["labeler_kappa"] == pytest.approx(2 * stats["labeler_agreement"] - 1, abs=0.05)
 

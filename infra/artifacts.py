@@ -1,0 +1,64 @@
+"""What each phase's artifact folder holds: the file names, and the readers every later phase uses.
+
+data/        base_model/, prompts.parquet (split, prompt), demonstrations.parquet (prompt, response),
+             judge.json, and optionally reward_base_model/ and preferences.parquet (human pairs)
+sft/, policy/, reward_model/    save_pretrained folders (a LoRA policy adds adapter/)
+preferences/ preferences.parquet (prompt, chosen, rejected, labeler, chosen_gold, rejected_gold)
+evaluation/  metrics.json, samples.parquet
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.datasets import read_rows
+from rlhf_core.data import load_gold_scorer
+from rlhf_core.preferences import PreferencePair
+from rlhf_core.types import GoldScorer
+
+SPLITS = ("sft", "preference", "ppo", "eval")
+USER_SPLITS = SPLITS[1:]  # the SFT split is the demonstrations' prompts
+BASE_MODEL_DIR = "base_model"
+REWARD_BASE_DIR = "reward_base_model"  # a separate reward-model backbone, when data.reward_model names one
+PROMPTS_FILE = "prompts.parquet"
+DEMONSTRATIONS_FILE = "demonstrations.parquet"
+JUDGE_FILE = "judge.json"
+PAIRS_FILE = "preferences.parquet"  # preference pairs, human or collected
+METRICS_FILE = "metrics.json"
+SAMPLES_FILE = "samples.parquet"
+
+
+@dataclass(frozen=True)
+class PhaseInputs:
+    """The local folders of the artifacts a policy-side phase reads (preferences, PPO, evaluation)."""
+
+    data: Path
+    policy: Path
+    sft: Path | None = None
+    reward: Path | None = None
+
+
+def read_prompts(data_dir: Path, split: str) -> list[str]:
+    return [row["prompt"] for row in read_rows(data_dir / PROMPTS_FILE) if row["split"] == split]
+
+
+def read_demonstrations(data_dir: Path) -> list[tuple[str, str]]:
+    return [(row["prompt"], row["response"]) for row in read_rows(data_dir / DEMONSTRATIONS_FILE)]
+
+
+def read_pairs(pairs_dir: Path) -> list[PreferencePair]:
+    return [PreferencePair(**row) for row in read_rows(pairs_dir / PAIRS_FILE)]
+
+
+def data_judge(data_dir: Path) -> GoldScorer:
+    """The gold judge a data artifact was prepared with."""
+    path = data_dir / JUDGE_FILE
+    return load_gold_scorer(json.loads(path.read_text())["gold_reward"] if path.exists() else None)
+
+
+def reward_init_dir(data_dir: Path, sft_dir: Path) -> Path:
+    """Where the reward model starts: the separate backbone the data phase saved, else the SFT model."""
+    separate = data_dir / REWARD_BASE_DIR
+    return separate if separate.is_dir() else sft_dir

@@ -1,0 +1,183 @@
+"""Everything the pipeline writes to MLflow, in one place: its runs, their metrics (each with what it means),
+params, tags and artifacts.
+
+The algorithms in ``rlhf_core`` report bare names (``kl``, ``loss``); the tasks log them through
+:meth:`Phase.namespaced`, which puts each in its phase's namespace (``ppo/kl``) and refuses a name this module
+does not list, so the list below is the whole list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase's MLflow run (a child of the pipeline run) and the metrics it logs as ``<namespace>/<name>``."""
+
+    namespace: str
+    run_name: str  # ``{iteration}`` is filled in for the phases that run once per iteration
+    metrics: Mapping[str, str]  # bare name -> what it means
+
+    def key(self, name: str) -> str:
+        """The logged name of one metric: ``ppo/kl``."""
+        if name not in self.metrics:
+            raise KeyError(f"metric {name!r} of phase {self.namespace!r} is not listed in infra/catalog.py")
+        return f"{self.namespace}/{name}"
+
+    def namespaced(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """Bare names to logged names, every one checked against this phase's list."""
+        return {self.key(name): float(value) for name, value in metrics.items()}
+
+    def run(self, iteration: int | None = None) -> str:
+        return self.run_name.format(iteration=iteration)
+
+
+_OPTIMIZER = {
+    "grad_norm": "Gradient norm before clipping.",
+    "lr": "Learning rate after this step's scheduler update.",
+}
+
+DATA = Phase(
+    "data",
+    "",  # no MLflow run: these are the data artifact's recorded counts
+    {
+        "demonstrations": "SFT demonstrations in the data artifact.",
+        "eval_prompts": "Held-out evaluation prompts.",
+        "human_preferences": "Human preference pairs given with data.human_preferences.",
+    },
+)
+
+SFT = Phase(
+    "sft",
+    "sft",
+    {
+        "loss": "Mean next-token loss on response tokens over the last sft.log_every steps (step metric).",
+        "epoch": "Pass over the demonstrations, from 0 (step metric).",
+        **_OPTIMIZER,
+        "first_loss": "Loss of the first batch.",
+        "final_loss": "Mean loss over the last sft.log_every steps.",
+        "steps": "Optimizer steps taken.",
+    },
+)
+
+PREFERENCES = Phase(
+    "preferences",
+    "iteration-{iteration}/preferences",
+    {
+        "labeler_agreement": "Share of pairs on which two labelers agree, averaged over labeler pairs.",
+        "labeler_kappa": "Cohen's kappa of two labelers, averaged over labeler pairs.",
+        "noise_scale": "Shared noise of the simulated labelers, calibrated to preferences.target_agreement.",
+        "n_pairs": "Labeled pairs kept.",
+        "dropped_identical": "Sampled pairs dropped because both responses were the same.",
+        "label_gold_accuracy": "Share of labels that agree with the gold reward (pairs with equal gold left out).",
+    },
+)
+
+REWARD = Phase(
+    "reward",
+    "iteration-{iteration}/reward",
+    {
+        "loss": "Bradley-Terry loss over the steps since the last validation (step metric).",
+        "val_accuracy": "Share of validation pairs the reward model orders as the labelers did.",
+        "val_gold_accuracy": "Share of validation pairs the reward model orders as the gold reward does.",
+        "first_loss": "Loss of the first batch.",
+        "final_loss": "Mean loss over the last validation interval.",
+        "steps": "Optimizer steps taken.",
+        "train_pairs": "Training pairs (all preferences so far, less the validation share).",
+        "stopped_early": "1 when validation accuracy stopped improving before reward.max_epochs.",
+        "reward_gain": "Output gain that normalizes scores on the current policy's samples to std 1.",
+        "reward_bias": "Output bias that normalizes those scores to mean 0.",
+    },
+)
+
+PPO = Phase(
+    "ppo",
+    "iteration-{iteration}/ppo",
+    {
+        "kl": "KL to the SFT reference, nats per response (ppo.kl_estimator), mean over the rollout batch.",
+        "reward": "Reward-model score of the rollouts (normalized units).",
+        "score": "Reward-model score less the missing-EOS penalty: what PPO maximizes besides the KL term.",
+        "non_score_reward": "Sum of the per-token KL penalties per response, mean over the batch.",
+        "gold_reward": "Gold reward of the rollouts (where a gold judge is known).",
+        "entropy": "Per-token entropy of the policy on its rollouts.",
+        "response_length": "Response tokens, mean over the batch.",
+        "response_length_p95": "Response tokens, 95th percentile.",
+        "eos_rate": "Share of responses that end with EOS within ppo.max_new_tokens.",
+        "explained_variance": "How much of the returns' variance the critic's values explain (1 is perfect).",
+        "kl_coef": "KL coefficient used for this step (adaptive with ppo.adaptive_kl).",
+        "policy_loss": "Clipped surrogate loss, mean over the update's minibatches.",
+        "value_loss": "Clipped value loss, mean over the update's minibatches.",
+        "clipfrac": "Share of tokens whose probability ratio was clipped.",
+        "value_clipfrac": "Share of tokens whose value prediction was clipped.",
+        "approx_kl": "k3 estimate of KL(rollout policy || updated policy), mean over minibatches.",
+        "early_stopped": "1 when the update stopped at ppo.target_kl.",
+        "minibatch_updates": "Optimizer steps the update took.",
+    },
+)
+
+EVALUATION = Phase(
+    "eval",
+    "iteration-{iteration}/evaluation",
+    {
+        "win_rate_vs_sft": "Share of held-out prompts where the policy's response beats the SFT model's by gold "
+        "reward (ties count one half).",
+        "gold_reward": "Gold reward of the policy's responses.",
+        "sft_gold_reward": "Gold reward of the SFT model's responses.",
+        "reward": "Reward-model score of the policy's responses (this iteration's reward model, normalized).",
+        "kl": "KL of the policy to the SFT model, nats per response.",
+        "entropy": "Per-token entropy of the policy.",
+        "response_length": "Response tokens, mean.",
+        "eos_rate": "Share of responses that end with EOS.",
+        "distinct_1": "Distinct unigrams over all unigrams of the policy's responses.",
+        "distinct_2": "Distinct bigrams over all bigrams of the policy's responses.",
+        "sft_distinct_2": "The same for the SFT model's responses.",
+    },
+)
+
+# The pipeline run's own metrics, one step per iteration: the evaluation's headline numbers beside the
+# reward model's and the labelers', what the summary table and plots/iterations.png show.
+ITERATION = Phase(
+    "iteration",
+    "pipeline-{flow_run_name}",
+    {
+        "win_rate_vs_sft": EVALUATION.metrics["win_rate_vs_sft"],
+        "gold_reward": EVALUATION.metrics["gold_reward"],
+        "reward": EVALUATION.metrics["reward"],
+        "kl": EVALUATION.metrics["kl"],
+        "entropy": EVALUATION.metrics["entropy"],
+        "response_length": EVALUATION.metrics["response_length"],
+        "rm_val_accuracy": REWARD.metrics["val_accuracy"],
+        "labeler_agreement": PREFERENCES.metrics["labeler_agreement"],
+    },
+)
+EVALUATION_SUMMARY = ("win_rate_vs_sft", "gold_reward", "reward", "kl", "entropy", "response_length")
+
+PHASES = {phase.namespace: phase for phase in (DATA, SFT, PREFERENCES, REWARD, PPO, EVALUATION, ITERATION)}
+
+
+def pipeline_run_name(flow_run_name: str | None) -> str:
+    return ITERATION.run_name.format(flow_run_name=flow_run_name or "local")
+
+
+# Params: the pipeline run gets the whole config, flattened (``ppo.kl_coef``; secret-looking keys dropped), and each
+# phase run its own section of it and ``seed``.
+
+TAG_FLOW_RUN = "prefect_flow_run_id"
+TAG_LINEAGE = "lineage"
+TAG_RESUMED_FROM = "rlhf.resumed_from_step"
+TAGS = {
+    TAG_FLOW_RUN: "The Prefect flow run this pipeline run is (pipeline run).",
+    TAG_LINEAGE: "The lineage the run continues, empty for a standalone run (pipeline run).",
+    TAG_RESUMED_FROM: "The checkpoint step a phase resumed from after a crash (phase run).",
+}
+
+SAMPLES_ARTIFACT = "samples/iteration_{iteration:03d}.json"
+PLOT_ARTIFACT = "plots/iterations.png"
+PIPELINE_ARTIFACT = "pipeline.json"
+ARTIFACTS = {
+    SAMPLES_ARTIFACT: "Sample completions, policy beside SFT, with their gold rewards (a table; pipeline run).",
+    PLOT_ARTIFACT: "The iteration metrics against iteration, SFT as iteration 0 (pipeline run).",
+    PIPELINE_ARTIFACT: "Each phase's state (Completed, Cached, Reused) and the final policy's artifact (pipeline run).",
+}

@@ -1,0 +1,63 @@
+"""The project's own modules and which of them each one imports (at module level or inside a function), read from
+the source without running it: what the cache key's code digest covers, and what the layout tests check."""
+
+from __future__ import annotations
+
+import ast
+from functools import cache
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("flows", "tasks", "rlhf_core", "infra", "bench")
+
+
+def module_path(module: str) -> Path | None:
+    """The source file of a project module (``infra.storage``), or None when it is not one."""
+    if module.split(".")[0] not in PACKAGES:
+        return None
+    base = PACKAGE_ROOT.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+@cache
+def project_imports(module: str) -> frozenset[str]:
+    """The project modules ``module`` imports anywhere in its source (``from rlhf_core import world`` names
+    ``rlhf_core.world``)."""
+    path = module_path(module)
+    if path is None:
+        return frozenset()
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:  # a submodule where there is one, else a name in the module
+                submodule = f"{node.module}.{alias.name}"
+                found.add(submodule if module_path(submodule) is not None else node.module)
+    return frozenset(name for name in found if module_path(name) is not None and name != module)
+
+
+def import_closure(roots: list[str]) -> dict[str, Path]:
+    """Every project module reachable from ``roots`` by imports, with its source file."""
+    seen: dict[str, Path] = {}
+    todo = list(roots)
+    while todo:
+        module = todo.pop()
+        if module in seen or (path := module_path(module)) is None:
+            continue
+        seen[module] = path
+        todo += project_imports(module)
+    return seen
+
+
+def all_modules() -> list[str]:
+    """Every project module, ``package.module``."""
+    return sorted(
+        f"{package}.{path.stem}"
+        for package in PACKAGES
+        for path in (PACKAGE_ROOT / package).glob("*.py")
+        if path.name != "__init__.py"
+    )

@@ -1,0 +1,165 @@
+"""The user's own data, checked before anything is written: every row of every file against the base model's
+tokenizer and the longest sequence training keeps, and the gold judge tried on it. DatasetError names the file,
+the row and the column of the first problem."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.artifacts import SPLITS, USER_SPLITS
+from infra.datasets import DatasetError, read_text_table
+from infra.storage import folder_digest
+from rlhf_core import world
+from rlhf_core.data import DataConfig, load_gold_scorer
+from rlhf_core.modeling import load_tokenizer
+
+
+@dataclass
+class Dataset:
+    """Prompts by split, (prompt, response) demonstrations and human preference rows, ready to write."""
+
+    prompts: dict[str, list[str]]
+    demonstrations: list[tuple[str, str]]
+    preferences: list[dict] = field(default_factory=list)
+
+
+def _split_of(prompt: str) -> str:
+    """A stable 40/40/20 preference/ppo/eval split from the prompt's text alone."""
+    bucket = hashlib.sha256(prompt.encode()).digest()[0] % 10
+    return "preference" if bucket < 4 else "ppo" if bucket < 8 else "eval"
+
+
+class _RowChecker:
+    """Checks rows of one file against the tokenizer's vocabulary and the longest sequence training keeps."""
+
+    def __init__(self, tokenizer, max_tokens: int | None) -> None:
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+
+    def tokens(self, path: str, number: int, column: str, text: str) -> int:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.tokenizer.unk_token_id is not None and self.tokenizer.unk_token_id in ids:
+            unknown = [w for w in text.split() if self.tokenizer.unk_token_id in self.tokenizer(w)["input_ids"]]
+            raise DatasetError(
+                f"{path}: row {number}, column {column!r}: words the tokenizer does not know: {unknown[:5]}"
+            )
+        return len(ids)
+
+    def fits(self, path: str, number: int, row: dict[str, str], columns: tuple[str, ...]) -> None:
+        """Prompt + longest of ``columns`` + BOS and EOS must fit ``max_tokens``."""
+        prompt = self.tokens(path, number, "prompt", row["prompt"])
+        for column in columns:
+            total = prompt + self.tokens(path, number, column, row[column]) + 2
+            if self.max_tokens is not None and total > self.max_tokens:
+                raise DatasetError(
+                    f"{path}: row {number}, column {column!r}: prompt + {column} is {total} tokens, more than the "
+                    f"{self.max_tokens} that training keeps (sft.max_length / reward.max_length)"
+                )
+
+
+def _gold(config: DataConfig, path: str, rows: list[dict[str, str]], column: str) -> list[float]:
+    """The gold judge's score of each row's ``column`` as the response to its prompt."""
+    judge, spec = load_gold_scorer(config.gold_reward), config.gold_reward
+    prompts, responses = [row["prompt"] for row in rows], [row[column] for row in rows]
+    try:
+        scores = [float(s) for s in judge(prompts, responses)]
+    except (ValueError, TypeError) as e:
+        raise DatasetError(f"{path}: data.gold_reward={spec!r} cannot score these rows: {e}") from e
+    if len(scores) != len(prompts) or not all(math.isfinite(s) for s in scores):
+        raise DatasetError(f"{path}: data.gold_reward={spec!r} must return one finite float per response")
+    return scores
+
+
+def read_user_data(config: DataConfig, tokenizer, max_tokens: int | None) -> Dataset:
+    """Read and check the user's files; DatasetError names the file, row and column of the first problem."""
+    check = _RowChecker(tokenizer, max_tokens)
+    prompts: dict[str, list[str]] = {split: [] for split in SPLITS}
+    demonstrations: list[tuple[str, str]] = []
+    if config.prompts is not None and config.demonstrations is not None:
+        for number, row in enumerate(read_text_table(Path(config.prompts), ("prompt",), ("split",)), start=1):
+            split = row.get("split", _split_of(row["prompt"]))
+            if split not in USER_SPLITS:
+                raise DatasetError(
+                    f"{config.prompts}: row {number}, column 'split': {split!r} is not one of {list(USER_SPLITS)}"
+                )
+            if check.tokens(config.prompts, number, "prompt", row["prompt"]) + 3 > (max_tokens or math.inf):
+                raise DatasetError(f"{config.prompts}: row {number}, column 'prompt': leaves no room for a response")
+            prompts[split].append(row["prompt"])
+        for split in USER_SPLITS:
+            if not prompts[split]:
+                raise DatasetError(f"{config.prompts}: no {split!r} prompts; every split needs some")
+        rows = read_text_table(Path(config.demonstrations), ("prompt", "response"))
+        for number, row in enumerate(rows, start=1):
+            check.fits(config.demonstrations, number, row, ("response",))
+        demonstrations = [(row["prompt"], row["response"]) for row in rows]
+        prompts["sft"] = list(dict.fromkeys(p for p, _ in demonstrations))
+    preferences = []
+    if config.human_preferences is not None:
+        path = config.human_preferences
+        rows = read_text_table(Path(path), ("prompt", "chosen", "rejected"))
+        for number, row in enumerate(rows, start=1):
+            if row["chosen"].strip() == row["rejected"].strip():
+                raise DatasetError(f"{path}: row {number}, column 'rejected': identical to 'chosen'")
+            check.fits(path, number, row, ("chosen", "rejected"))
+        chosen_gold = _gold(config, path, rows, "chosen")
+        rejected_gold = _gold(config, path, rows, "rejected")
+        preferences = [
+            {**row, "labeler": "human", "chosen_gold": c, "rejected_gold": r}
+            for row, c, r in zip(rows, chosen_gold, rejected_gold, strict=True)
+        ]
+    return Dataset(prompts, demonstrations, preferences)
+
+
+def model_tokenizer(name_or_path: str, field: str, trust_remote_code: bool = False):
+    """The tokenizer of a named model, without loading its weights; errors name the config ``field``."""
+    try:
+        return load_tokenizer(name_or_path, trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{field}={name_or_path!r}: cannot load its tokenizer: {e}") from e
+
+
+def base_tokenizer(config: DataConfig, trust_remote_code: bool = False):
+    """The tokenizer the base model will have, without loading its weights."""
+    if config.base_model is None:
+        return world.build_tokenizer()
+    return model_tokenizer(config.base_model, "data.base_model", trust_remote_code)
+
+
+def check_data(
+    config: DataConfig, seed: int, trust_remote_code: bool = False, max_tokens: int | None = None
+) -> Dataset:
+    """Everything the data phase will write, read and checked first: run it before anything is written."""
+    if config.gold_reward is not None:
+        load_gold_scorer(config.gold_reward)
+    if config.reward_model is not None:
+        model_tokenizer(config.reward_model, "data.reward_model", trust_remote_code)
+    dataset = read_user_data(config, base_tokenizer(config, trust_remote_code), max_tokens)
+    if config.prompts is None:
+        generated = world.make_world(seed, config.world)
+        dataset.demonstrations = generated.demonstrations
+        splits = (generated.sft_prompts, generated.preference_prompts, generated.ppo_prompts, generated.eval_prompts)
+        dataset.prompts = dict(zip(SPLITS, splits, strict=True))
+    return dataset
+
+
+def local_inputs_digest(config: DataConfig) -> str | None:
+    """Digest of the local things the data phase reads (base- and reward-model folders, the user's files, the judge's
+    source), so editing any of them in place invalidates the cache. None when there are none."""
+    parts = [
+        f"{name}={folder_digest(Path(model))}"
+        for name, model in (("base_model", config.base_model), ("reward_model", config.reward_model))
+        if model is not None and Path(model).is_dir()
+    ]
+    for name, path in config.user_files.items():
+        content = hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).is_file() else "missing"
+        parts.append(f"{name}={content}")
+    if config.gold_reward is not None:
+        try:
+            source = inspect.getsource(inspect.getmodule(load_gold_scorer(config.gold_reward)))
+        except (OSError, TypeError):  # no source to read: the name is all there is
+            source = config.gold_reward
+        parts.append(f"gold_reward={hashlib.sha256(source.encode()).hexdigest()}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest() if parts else None
