@@ -87,9 +87,8 @@ def run_seed(config: PipelineConfig, root: Path) -> list[dict[str, float]]:
         inputs = PhaseInputs(data=data, policy=it / "policy", sft=sft, reward=it / "reward")
         policy = it / "policy"
         (it / "evaluation").mkdir()
-        every_sample = config.evaluation.model_copy(update={"n_samples_logged": 1 << 30})
         with timed(phase_s, "evaluation"):
-            metrics, samples = run_evaluation(inputs, it / "evaluation", config=every_sample, seed=iteration_seed)
+            metrics, samples = run_evaluation(inputs, it / "evaluation", config=config.evaluation, seed=iteration_seed)
         rows.append(
             {
                 "iteration": k,

@@ -12,29 +12,18 @@ from pydantic import BaseModel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.console import console, fail
+from flows.console import ConfigOpt, OverridesOpt, console, fail, load_or_exit
+from flows.label_cli import label_app
 from flows.stack_cli import stack_app
 
 if TYPE_CHECKING:
-    from flows.config import PipelineConfig
     from infra.lineage import Lineage
 
 app = typer.Typer(help="The InstructGPT RLHF recipe as a Prefect workflow tracked in MLflow.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 lineage_app = typer.Typer(help="Inspect a lineage or break its stale lock.", no_args_is_help=True)
 app.add_typer(lineage_app, name="lineage")
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
-OverridesOpt = Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value.")]
-
-
-def load_or_exit(config: Path | None, overrides: list[str]) -> PipelineConfig:
-    """The validated config, or exit code 2 with the message that names the bad key."""
-    from flows.config import ConfigError, load_config
-
-    try:
-        return load_config(config, overrides)
-    except ConfigError as e:
-        fail(e, 2)
+app.add_typer(label_app, name="label")
 
 
 @app.callback()
@@ -54,8 +43,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
         "response_length": "length",
         "rm_val_accuracy": "RM val acc",
         "labeler_agreement": "agreement",
+        "human_win_rate_vs_sft": "human win",
     }
-    columns = list(headers)
+    columns = [c for c in headers if any(c in row for row in summary["iterations"]) or c == "iteration"]
     for column in columns:
         table.add_column(headers[column], justify="right")
     table.add_row("SFT", "0.500", f"{summary['sft']['gold_reward']:.3f}", *["-"] * (len(columns) - 3))
@@ -88,6 +78,7 @@ def run(
     if not verbose:
         quiet_libraries()
     from flows.pipeline import check_inputs, rlhf_pipeline
+    from infra.labeling import LabelTimeout
     from infra.storage import StorageError
     from rlhf_core.checkpoint import DivergenceError
 
@@ -110,7 +101,7 @@ def run(
         PROGRESS_HOOKS.append(on_progress)
         try:
             summary = rlhf_pipeline(pipeline_config)
-        except (StorageError, DivergenceError) as e:  # said in full already; the traceback adds nothing
+        except (StorageError, DivergenceError, LabelTimeout) as e:  # said in full already: no traceback
             fail(e, 1)
         finally:
             PROGRESS_HOOKS.remove(on_progress)

@@ -2,65 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flows.overrides import ConfigError, describe_errors, read_config_data
+from infra.credentials import StorageConfig, refuse_credentials
 from infra.deepspeed_engine import DeepSpeedConfig
 from infra.lineage import check_lineage_name
+from rlhf_core.data import DataConfig
 from rlhf_core.evaluate import EvalConfig
 from rlhf_core.ppo import PPOConfig
 from rlhf_core.preferences import PreferenceConfig
 from rlhf_core.reward import RewardConfig
 from rlhf_core.sft import SFTConfig
-from tasks.data import DataConfig
-
-_BLOCK_NAME = re.compile(r"[a-z0-9-]+")
-
-
-def _refuse_credentials(uri: str | None, where: str) -> None:
-    """Refuse a URI with user:password in it: the config is stored as Prefect parameters and MLflow params."""
-    if uri and "://" in uri:
-        parts = urlsplit(uri)
-        if parts.username or parts.password:
-            raise ValueError(f"credentials in the URI would be stored with the run's parameters; {where}")
-
-
-class StorageConfig(BaseModel):
-    """Where checkpoints and datasets go."""
-
-    model_config = ConfigDict(extra="forbid")
-    uri: str = Field(
-        default_factory=lambda: os.environ.get("RLHF_STORAGE_URI") or "./rlhf-artifacts",
-        description="A local folder, or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL, credentials from the "
-        "standard AWS environment); default RLHF_STORAGE_URI, else ./rlhf-artifacts.",
-    )
-    prefix: str = Field("pipelines/default", description="Key prefix of this pipeline's artifacts in the store.")
-    aws_credentials_block: str | None = Field(
-        None,
-        description="Name of a Prefect AwsCredentials block to build the S3 client from (its keys, region and "
-        "aws_client_parameters.endpoint_url, read from the Prefect API); null = the standard AWS environment. "
-        "Only the name is stored with the run.",
-    )
-
-    @field_validator("uri")
-    @classmethod
-    def _no_credentials(cls, uri: str) -> str:
-        _refuse_credentials(uri, "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
-        return uri
-
-    @field_validator("aws_credentials_block")
-    @classmethod
-    def _block_name(cls, name: str | None) -> str | None:
-        # Prefect's own rule for block names; it also refuses a pasted key (uppercase, '/', '+')
-        if name is not None and not _BLOCK_NAME.fullmatch(name):
-            raise ValueError("a Prefect block name: lowercase letters, digits and '-' (the name, never the key)")
-        return name
 
 
 class TrackingConfig(BaseModel):
@@ -78,7 +33,7 @@ class TrackingConfig(BaseModel):
     @field_validator("uri")
     @classmethod
     def _no_credentials(cls, uri: str | None) -> str | None:
-        _refuse_credentials(uri, "use MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")
+        refuse_credentials(uri, "use MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")
         return uri
 
 
@@ -137,47 +92,10 @@ class PipelineConfig(BaseModel):
         return f"{self.tracking.experiment}/{self.lineage}" if self.lineage else self.tracking.experiment
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the key."""
-
-
-def _parse_value(text: str) -> Any:
-    """``--set`` values are YAML scalars: 0.05, true, null, [1, 2], or plain strings."""
-    return yaml.safe_load(text) if text.strip() else text
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides to a nested dict (unknown keys are caught by validation)."""
-    for item in overrides:
-        path, sep, value = item.partition("=")
-        if not sep or not path.strip():
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
-        *parents, leaf = path.strip().split(".")
-        node = data
-        for i, part in enumerate(parents):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {'.'.join(parents[: i + 1])} is not a section")
-            node = child
-        node[leaf] = _parse_value(value)
-    return data
-
-
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Read a YAML config (optional), apply overrides, validate. ConfigError names every bad key."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: cannot read config: {e}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the config must be a mapping of sections, got {type(loaded).__name__}")
-        data = loaded or {}
-    data = apply_overrides(data, overrides or [])
+    data = read_config_data(path, overrides)
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
-        source = f"{path}: " if path else ""
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"{source}invalid config: {problems}") from e
+        raise ConfigError(f"{f'{path}: ' if path else ''}invalid config: {describe_errors(e)}") from e

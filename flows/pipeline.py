@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.config import PipelineConfig
+from flows.labeling import wait_for_labels
 from infra import catalog
 from infra.artifacts import SAMPLES_FILE
 from infra.credentials import open_configured_store
@@ -26,9 +27,9 @@ from infra.tracking import RunLogger, Tracker, default_tracking_uri, plot_iterat
 from infra.user_data import check_data, local_inputs_digest
 from tasks.common import PhaseOutput, RunContext, TrackingContext, fetch
 from tasks.data import prepare_data
-from tasks.evaluate import evaluate_task
+from tasks.evaluate import evaluate_task, evaluation_batch_task, human_evaluation_task
 from tasks.ppo import ppo_task
-from tasks.preferences import preferences_task
+from tasks.preferences import human_preferences_task, labeling_batch_task, preferences_task
 from tasks.reward import reward_task
 from tasks.sft import sft_task
 
@@ -51,6 +52,7 @@ class IterationResult(BaseModel):
 
     state: PipelineState
     evaluation: PhaseOutput
+    human_evaluation: PhaseOutput | None = None  # with evaluation.human_pairs
     new_preferences: PhaseOutput
     phases: dict[str, str]  # label -> Completed, Cached, ...
 
@@ -68,6 +70,62 @@ def run_phase(phase: Any, phases: dict[str, str], label: str, **kwargs: Any) -> 
     return output
 
 
+def preferences_phase(
+    config: PipelineConfig, state: PipelineState, phases: dict[str, str], **common: Any
+) -> PhaseOutput:
+    """The iteration's preferences: from the simulated labelers, or from people, for whom the run publishes a
+    labeling batch and waits (flows/labeling.py). ``common``: context, seed and iteration."""
+    label, inputs = f"iteration-{common['iteration']}", {"data": state.data, "policy": state.policy}
+    if config.preferences.source == "simulated":
+        return run_phase(
+            preferences_task, phases, f"{label}/preferences", config=config.preferences, **inputs, **common
+        )
+    batch = run_phase(
+        labeling_batch_task, phases, f"{label}/labeling-batch", config=config.preferences, **inputs, **common
+    )
+    labels = wait_for_labels(
+        common["context"], batch, config.preferences, iteration=common["iteration"], lineage=config.lineage
+    )
+    return run_phase(
+        human_preferences_task,
+        phases,
+        f"{label}/preferences",
+        batch=batch,
+        labels=labels,
+        config=config.preferences,
+        **common,
+    )
+
+
+def human_evaluation_phase(
+    config: PipelineConfig, evaluation: PhaseOutput, phases: dict[str, str], **common: Any
+) -> PhaseOutput | None:
+    """With ``evaluation.human_pairs``, people judge that many blind (policy, SFT) pairs: the human win rate."""
+    if not config.evaluation.human_pairs:
+        return None
+    label, iteration = f"iteration-{common['iteration']}", common["iteration"]
+    batch = run_phase(
+        evaluation_batch_task,
+        phases,
+        f"{label}/evaluation-batch",
+        evaluation=evaluation,
+        config=config.evaluation,
+        **common,
+    )
+    labels = wait_for_labels(
+        common["context"], batch, config.preferences, iteration=iteration, lineage=config.lineage, kind="evaluation"
+    )
+    return run_phase(
+        human_evaluation_task,
+        phases,
+        f"{label}/human-evaluation",
+        batch=batch,
+        labels=labels,
+        config=config.evaluation,
+        **common,
+    )
+
+
 @flow(name="rlhf-iteration", flow_run_name="iteration-{iteration}", log_prints=True)
 def iteration_flow(
     config: PipelineConfig, context: RunContext, state: PipelineState, iteration: int
@@ -77,15 +135,7 @@ def iteration_flow(
     reference, and evaluation."""
     common = {"context": context, "seed": config.seed * 1000 + iteration, "iteration": iteration}
     label, phases = f"iteration-{iteration}", {}  # a subflow gets copies of its arguments: it reports back
-    new_preferences = run_phase(
-        preferences_task,
-        phases,
-        f"{label}/preferences",
-        data=state.data,
-        policy=state.policy,
-        config=config.preferences,
-        **common,
-    )
+    new_preferences = preferences_phase(config, state, phases, **common)
     preferences = [*state.preferences, new_preferences]
     reward = run_phase(
         reward_task,
@@ -122,10 +172,17 @@ def iteration_flow(
         config=config.evaluation,
         **common,
     )
+    human_evaluation = human_evaluation_phase(config, evaluation, phases, **common)
     after = state.model_copy(
         update={"policy": policy, "preferences": preferences, "reward": reward, "iteration": iteration}
     )
-    return IterationResult(state=after, evaluation=evaluation, new_preferences=new_preferences, phases=phases)
+    return IterationResult(
+        state=after,
+        evaluation=evaluation,
+        human_evaluation=human_evaluation,
+        new_preferences=new_preferences,
+        phases=phases,
+    )
 
 
 def check_inputs(config: PipelineConfig) -> None:
@@ -179,14 +236,18 @@ def start_or_resume(
     return PipelineState(data=data, sft=sft, policy=sft, preferences=[data] if human else [])
 
 
-def record_iteration(parent: RunLogger, context: RunContext, result: IterationResult) -> dict[str, float]:
-    """The iteration's summary row, logged to the pipeline run with its sample completions."""
+def record_iteration(
+    parent: RunLogger, context: RunContext, result: IterationResult, n_samples_logged: int
+) -> dict[str, float]:
+    """The iteration's summary row, logged to the pipeline run with the first of its sample completions."""
     iteration, evaluation = result.state.iteration, result.evaluation.metrics
     row = {name: evaluation[catalog.EVALUATION.key(name)] for name in catalog.EVALUATION_SUMMARY}
     row["rm_val_accuracy"] = result.state.reward.metrics[catalog.REWARD.key("val_accuracy")]
     row["labeler_agreement"] = result.new_preferences.metrics[catalog.PREFERENCES.key("labeler_agreement")]
+    if result.human_evaluation is not None:
+        row["human_win_rate_vs_sft"] = result.human_evaluation.metrics[catalog.HUMAN_EVALUATION.key("win_rate_vs_sft")]
     parent.log_metrics(catalog.ITERATION.namespaced(row), step=iteration)
-    samples = read_rows(fetch(context, result.evaluation) / SAMPLES_FILE)
+    samples = read_rows(fetch(context, result.evaluation) / SAMPLES_FILE)[:n_samples_logged]
     parent.log_table(samples, catalog.SAMPLES_ARTIFACT.format(iteration=iteration))
     print(f"iteration {iteration}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items()))
     return {"iteration": iteration, **row}
@@ -240,7 +301,7 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
         for iteration in range(state.iteration + 1, state.iteration + config.iterations + 1):
             result = iteration_flow(config, context, state, iteration)
             state, phases = result.state, phases | result.phases
-            history.append(record_iteration(parent, context, result))
+            history.append(record_iteration(parent, context, result, config.evaluation.n_samples_logged))
             sft_gold = result.evaluation.metrics[catalog.EVALUATION.key("sft_gold_reward")]
         parent.log_dict({"phases": phases, "final_policy": state.policy.artifact}, catalog.PIPELINE_ARTIFACT)
         finish(parent, lineage, state, history, sft_gold=sft_gold)

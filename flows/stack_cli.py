@@ -22,7 +22,7 @@ def _ui_table(services: dict[str, Service]) -> Table:
     table = Table(title="RLHF dev stack")
     for column in ("service", "address", "pid", "state"):
         table.add_column(column)
-    labels = {"prefect": "Prefect UI", "mlflow": "MLflow UI", "s3": "S3 endpoint"}
+    labels = {"prefect": "Prefect UI", "mlflow": "MLflow UI", "s3": "S3 endpoint", "label-studio": "Label Studio"}
     for name in ORDER:
         if service := services.get(name):
             table.add_row(labels[name], service.url, str(service.pid or "-"), service.status)
@@ -41,6 +41,10 @@ def up(
     ] = None,
     bucket: Annotated[str, typer.Option(help="Bucket for MLflow artifacts and pipeline storage.")] = "rlhf-artifacts",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each service to become healthy.")] = 120,
+    labeling: Annotated[
+        bool, typer.Option(help="Also start Label Studio (its own virtualenv, made on first use: ~2 min, 1 GB).")
+    ] = False,
+    label_studio_port: Annotated[int, typer.Option(help="Label Studio port.")] = 8080,
 ) -> None:
     """Start the stack (services already running are left alone) and print the environment to export."""
     try:
@@ -53,6 +57,8 @@ def up(
                 s3_endpoint=s3_endpoint,
                 bucket=bucket,
                 timeout=timeout,
+                labeling=labeling,
+                label_studio_port=label_studio_port,
             )
     except StackError as e:
         fail(e, 1)

@@ -8,8 +8,13 @@ does not list, so the list below is the whole list.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
+
+_PLACEHOLDER = re.compile(r"\\\{\w+\\\}")  # an escaped "{name}" in a pattern
+_NOT_IN_A_KEY = re.compile(r"[^\w\-. /]")  # MLflow keys: letters, digits, _ - . space /
 
 
 @dataclass(frozen=True)
@@ -18,13 +23,17 @@ class Phase:
 
     namespace: str
     run_name: str  # ``{iteration}`` is filled in for the phases that run once per iteration
-    metrics: Mapping[str, str]  # bare name -> what it means
+    metrics: Mapping[str, str]  # bare name -> what it means; ``{labeler}``-style parts stand for any name
+
+    @cached_property
+    def _patterns(self) -> list[re.Pattern[str]]:
+        return [re.compile(_PLACEHOLDER.sub("[^/]+", re.escape(name))) for name in self.metrics if "{" in name]
 
     def key(self, name: str) -> str:
-        """The logged name of one metric: ``ppo/kl``."""
-        if name not in self.metrics:
+        """The logged name of one metric: ``ppo/kl``; characters MLflow does not take become ``_``."""
+        if name not in self.metrics and not any(p.fullmatch(name) for p in self._patterns):
             raise KeyError(f"metric {name!r} of phase {self.namespace!r} is not listed in infra/catalog.py")
-        return f"{self.namespace}/{name}"
+        return _NOT_IN_A_KEY.sub("_", f"{self.namespace}/{name}")
 
     def namespaced(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """Bare names to logged names, every one checked against this phase's list."""
@@ -69,9 +78,22 @@ PREFERENCES = Phase(
         "labeler_agreement": "Share of pairs on which two labelers agree, averaged over labeler pairs.",
         "labeler_kappa": "Cohen's kappa of two labelers, averaged over labeler pairs.",
         "noise_scale": "Shared noise of the simulated labelers, calibrated to preferences.target_agreement.",
-        "n_pairs": "Labeled pairs kept.",
+        "n_pairs": "Labeled pairs kept (for human labels: one per label that is not a tie).",
+        "batch_pairs": "Pairs in the labeling batch people were given.",
         "dropped_identical": "Sampled pairs dropped because both responses were the same.",
         "label_gold_accuracy": "Share of labels that agree with the gold reward (pairs with equal gold left out).",
+        # human labels
+        "n_labels": "Human labels received (several per pair where labelers overlap).",
+        "n_labelers": "Distinct labelers.",
+        "tie_rate": "Share of human labels that call the pair a tie (left out of training).",
+        "overlap_pairs": "Pairs labeled by more than one labeler.",
+        "pair_agreement": "On pairs with several labels: share of labeler pairs that agree, averaged over pairs.",
+        "unlabeled_pairs": "Pairs of the batch nobody labeled (left out).",
+        "kappa/{labeler}/{other}": "Cohen's kappa of two labelers on the pairs both labeled.",
+        "labeler/{labeler}/labels": "Labels this labeler gave.",
+        "labeler/{labeler}/majority_agreement": "Share of this labeler's labels that match the other labelers' "
+        "majority (pairs where they have one): InstructGPT's calibration signal.",
+        "labeler/{labeler}/gold_agreement": "Share of this labeler's labels that match the gold reward.",
     },
 )
 
@@ -81,6 +103,8 @@ REWARD = Phase(
     {
         "loss": "Bradley-Terry loss over the steps since the last validation (step metric).",
         "val_accuracy": "Share of validation pairs the reward model orders as the labelers did.",
+        "val_accuracy_strength_{level}": "The same, on pairs a person labeled with this strength (1-4), as Llama 2 "
+        "reports it.",
         "val_gold_accuracy": "Share of validation pairs the reward model orders as the gold reward does.",
         "first_loss": "Loss of the first batch.",
         "final_loss": "Mean loss over the last validation interval.",
@@ -136,6 +160,18 @@ EVALUATION = Phase(
     },
 )
 
+HUMAN_EVALUATION = Phase(
+    "human_eval",
+    "iteration-{iteration}/human-evaluation",
+    {
+        "pairs": "Blind (policy, SFT) pairs given to people (evaluation.human_pairs).",
+        "win_rate_vs_sft": "Share of people's judgments preferring the policy's response to the SFT model's, ties "
+        "counting one half: InstructGPT's headline metric, and what a team without a gold judge relies on.",
+        "labels": "Human judgments received.",
+        "tie_rate": "Share of them that call the pair a tie.",
+    },
+)
+
 # The pipeline run's own metrics, one step per iteration: the evaluation's headline numbers beside the
 # reward model's and the labelers', what the summary table and plots/iterations.png show.
 ITERATION = Phase(
@@ -150,11 +186,14 @@ ITERATION = Phase(
         "response_length": EVALUATION.metrics["response_length"],
         "rm_val_accuracy": REWARD.metrics["val_accuracy"],
         "labeler_agreement": PREFERENCES.metrics["labeler_agreement"],
+        "human_win_rate_vs_sft": HUMAN_EVALUATION.metrics["win_rate_vs_sft"] + " (with evaluation.human_pairs)",
     },
 )
 EVALUATION_SUMMARY = ("win_rate_vs_sft", "gold_reward", "reward", "kl", "entropy", "response_length")
 
-PHASES = {phase.namespace: phase for phase in (DATA, SFT, PREFERENCES, REWARD, PPO, EVALUATION, ITERATION)}
+PHASES = {
+    phase.namespace: phase for phase in (DATA, SFT, PREFERENCES, REWARD, PPO, EVALUATION, HUMAN_EVALUATION, ITERATION)
+}
 
 
 def pipeline_run_name(flow_run_name: str | None) -> str:

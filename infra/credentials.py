@@ -14,14 +14,70 @@ or with ``prefect_aws.AwsCredentials(...).save(name)`` is read the same way.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from infra.storage import ObjectStore, StorageError, TransientStorageError, open_store
 
-__all__ = ["BLOCK_TYPE_SLUG", "AwsCredentialsBlock", "open_configured_store", "s3_client_factory"]
+__all__ = [
+    "BLOCK_TYPE_SLUG",
+    "AwsCredentialsBlock",
+    "StorageConfig",
+    "open_configured_store",
+    "refuse_credentials",
+    "s3_client_factory",
+]
 
 BLOCK_TYPE_SLUG = "aws-credentials"
+_BLOCK_NAME = re.compile(r"[a-z0-9-]+")
+
+
+def refuse_credentials(uri: str | None, where: str) -> None:
+    """Refuse a URI with user:password in it: the config is stored as Prefect parameters and MLflow params."""
+    if uri and "://" in uri:
+        parts = urlsplit(uri)
+        if parts.username or parts.password:
+            raise ValueError(f"credentials in the URI would be stored with the run's parameters; {where}")
+
+
+class StorageConfig(BaseModel):
+    """Where checkpoints and datasets go."""
+
+    model_config = ConfigDict(extra="forbid")
+    uri: str = Field(
+        default_factory=lambda: os.environ.get("RLHF_STORAGE_URI") or "./rlhf-artifacts",
+        description="A local folder, or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL, credentials from the "
+        "standard AWS environment); default RLHF_STORAGE_URI, else ./rlhf-artifacts.",
+    )
+    prefix: str = Field("pipelines/default", description="Key prefix of this pipeline's artifacts in the store.")
+    aws_credentials_block: str | None = Field(
+        None,
+        description="Name of a Prefect AwsCredentials block to build the S3 client from (its keys, region and "
+        "aws_client_parameters.endpoint_url, read from the Prefect API); null = the standard AWS environment. "
+        "Only the name is stored with the run.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, uri: str) -> str:
+        refuse_credentials(uri, "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+        return uri
+
+    @field_validator("aws_credentials_block")
+    @classmethod
+    def _block_name(cls, name: str | None) -> str | None:
+        # Prefect's own rule for block names; it also refuses a pasted key (uppercase, '/', '+')
+        if name is not None and not _BLOCK_NAME.fullmatch(name):
+            raise ValueError("a Prefect block name: lowercase letters, digits and '-' (the name, never the key)")
+        return name
+
+    def open(self) -> ObjectStore:
+        return open_configured_store(self.uri, self.aws_credentials_block)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ with every problem named by file, row and column."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -52,7 +53,43 @@ def _load_parquet(path: Path) -> list[Any]:
         raise DatasetError(f"{path}: not a readable Parquet file ({e})") from e
 
 
-def _bad_text(value: Any) -> str | None:
+def _load_csv(path: Path) -> list[Any]:
+    """A CSV file with a header row; empty cells read as missing values."""
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {e.start})") from e
+    except csv.Error as e:
+        raise DatasetError(f"{path}: not a readable CSV file ({e})") from e
+    for number, row in enumerate(rows, start=1):
+        if None in row:  # more cells than the header has columns
+            raise DatasetError(f"{path}: row {number}: more cells than the header's {len(row) - 1} columns")
+    return [{k: (v if v != "" else None) for k, v in row.items()} for row in rows]
+
+
+TABLE_LOADERS = {".parquet": _load_parquet, ".jsonl": _load_jsonl, ".csv": _load_csv}
+
+
+def read_table(path: Path, formats: tuple[str, ...] = (".parquet", ".jsonl")) -> list[dict[str, Any]]:
+    """The rows of a user's table in one of ``formats``; DatasetError names the file, and the row where one is at
+    fault, for a wrong type, a missing or empty file, unreadable content or a row that is not an object."""
+    if path.suffix not in formats:
+        raise DatasetError(f"{path}: unsupported file type {path.suffix!r}; use {' or '.join(formats)}")
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"{path}: the file is empty")
+    rows = TABLE_LOADERS[path.suffix](path)
+    if not rows:
+        raise DatasetError(f"{path}: no rows")
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DatasetError(f"{path}: row {number}: expected an object with columns, got {type(row).__name__}")
+    return rows
+
+
+def bad_text(value: Any) -> str | None:
     """Why ``value`` is not usable text, or None."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "missing value (null or NaN)"
@@ -66,24 +103,12 @@ def _bad_text(value: Any) -> str | None:
 def read_text_table(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[dict[str, str]]:
     """Read a user's ``.parquet`` or ``.jsonl`` file whose ``required`` (and present ``optional``) columns must
     hold non-empty UTF-8 text in every row. DatasetError names the file, the row (1-based) and the column."""
-    loaders = {".parquet": _load_parquet, ".jsonl": _load_jsonl}
-    if path.suffix not in loaders:
-        raise DatasetError(f"{path}: unsupported file type {path.suffix!r}; use .parquet or .jsonl")
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise DatasetError(f"{path}: the file is empty")
-    rows = loaders[path.suffix](path)
-    if not rows:
-        raise DatasetError(f"{path}: no rows")
     table = []
-    for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise DatasetError(f"{path}: row {number}: expected an object with columns, got {type(row).__name__}")
+    for number, row in enumerate(read_table(path), start=1):
         if missing := [c for c in required if c not in row]:
             raise DatasetError(f"{path}: row {number}: missing column(s) {missing}; required: {list(required)}")
         for column in (*required, *(c for c in optional if c in row)):
-            if problem := _bad_text(row[column]):
+            if problem := bad_text(row[column]):
                 raise DatasetError(f"{path}: row {number}, column {column!r}: {problem}")
         table.append({c: row[c] for c in (*required, *optional) if c in row})
     return table

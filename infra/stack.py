@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -46,8 +47,11 @@ __all__ = [
 
 DEFAULT_STATE = Path(".rlhf-stack")
 HOST = "127.0.0.1"
-ORDER = ("s3", "prefect", "mlflow")  # start order; stopped together
-HEALTH_PATHS = {"s3": "/", "prefect": "/api/health", "mlflow": "/health"}
+ORDER = ("s3", "prefect", "mlflow", "label-studio")  # start order; stopped together
+HEALTH_PATHS = {"s3": "/", "prefect": "/api/health", "mlflow": "/health", "label-studio": "/health"}
+LABEL_STUDIO = "label-studio==1.23.2"
+# Label Studio's own virtualenv (about 1 GB, its pins its own): under the state folder unless this names one.
+LABEL_STUDIO_VENV_ENV = "RLHF_LABEL_STUDIO_VENV"
 MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 MOTO_REGION = "us-east-1"
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback checks never go through a proxy
@@ -94,6 +98,7 @@ class _Stack:
     bucket: str
     moto: bool  # start moto's S3 server (no external endpoint was given)
     timeout: float
+    labeling: bool = False  # also Label Studio
 
 
 # ----------------------------------------------------------------------------------------------- processes
@@ -304,7 +309,57 @@ def _plans(stack: _Stack) -> list[_Plan]:
     ]
     if moto:
         plans.insert(0, _Plan("s3", ports["s3"], [_bin("moto_server"), "-H", HOST, "-p", str(ports["s3"])], {}))
+    if stack.labeling:
+        plans.append(_label_studio_plan(stack))
     return plans
+
+
+def label_studio_venv(state_dir: Path) -> Path:
+    return Path(os.environ.get(LABEL_STUDIO_VENV_ENV) or state_dir / "label-studio-venv")
+
+
+def ensure_label_studio(venv: Path) -> Path:
+    """Label Studio installed in its own virtualenv (first use: about 2 minutes and 1 GB); its start script."""
+    script = venv / "bin" / "label-studio"
+    if (venv / ".installed").exists() and script.exists():
+        return script
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, capture_output=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", LABEL_STUDIO]
+        subprocess.run(pip, check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as e:
+        raise StackError(f"could not install {LABEL_STUDIO} into {venv}: {(e.stderr or '')[-2000:]}") from e
+    (venv / ".installed").touch()
+    return script
+
+
+def _label_studio_account(state_dir: Path) -> dict[str, str]:
+    """The admin account and API token of the stack's Label Studio, made once: the server takes them only when it
+    creates its database."""
+    path = state_dir / "label-studio.json"
+    if not path.exists():
+        account = {
+            "username": "admin@rlhf.local",
+            "password": secrets.token_urlsafe(16),
+            "token": secrets.token_hex(20),
+        }
+        _write_json(path, account)
+        path.chmod(0o600)
+    return json.loads(path.read_text())
+
+
+def _label_studio_plan(stack: _Stack) -> _Plan:
+    account, port = _label_studio_account(stack.state_dir), stack.ports["label-studio"]
+    env = {
+        "LABEL_STUDIO_BASE_DATA_DIR": str(stack.state_dir / "label-studio"),
+        "LABEL_STUDIO_USERNAME": account["username"],
+        "LABEL_STUDIO_PASSWORD": account["password"],
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "LABEL_STUDIO_USER_TOKEN": account["token"],
+    }
+    script = label_studio_venv(stack.state_dir) / "bin" / "label-studio"
+    cmd = [str(script), "start", "--no-browser", "--host", HOST, "--port", str(port)]
+    return _Plan("label-studio", port, cmd, env)
 
 
 def _ensure_bucket(endpoint: str, bucket: str) -> None:
@@ -319,14 +374,17 @@ def _ensure_bucket(endpoint: str, bucket: str) -> None:
         s3.create_bucket(Bucket=bucket)
 
 
-def _env_for(services: dict[str, Service], bucket: str, moto: bool) -> dict[str, str]:
+def _env_for(stack: _Stack, services: dict[str, Service]) -> dict[str, str]:
     env = {
         "PREFECT_API_URL": services["prefect"].url + "/api",
         "MLFLOW_TRACKING_URI": services["mlflow"].url,
         "AWS_ENDPOINT_URL": services["s3"].url,
-        "RLHF_STORAGE_URI": f"s3://{bucket}/pipelines",
+        "RLHF_STORAGE_URI": f"s3://{stack.bucket}/pipelines",
     }
-    return env | (MOTO_CREDENTIALS | {"AWS_DEFAULT_REGION": MOTO_REGION} if moto else {})
+    if "label-studio" in services:
+        env |= {"LABEL_STUDIO_URL": services["label-studio"].url}
+        env |= {"LABEL_STUDIO_API_KEY": _label_studio_account(stack.state_dir)["token"]}
+    return env | (MOTO_CREDENTIALS | {"AWS_DEFAULT_REGION": MOTO_REGION} if stack.moto else {})
 
 
 def _check_ports(plans: Iterable[_Plan], running: dict[str, dict[str, Any]]) -> None:
@@ -351,8 +409,11 @@ def stack_up(
     s3_endpoint: str | None = None,
     bucket: str = "rlhf-artifacts",
     timeout: float = 120,
+    labeling: bool = False,
+    label_studio_port: int = 8080,
 ) -> dict[str, Service]:
-    """Start the services that are not already running, wait until all are healthy and record the stack.
+    """Start the services that are not already running, wait until all are healthy and record the stack. With
+    ``labeling``, Label Studio too (installed into its own virtualenv on first use).
 
     A recorded service whose process is still ours is left alone ("already up"); stale pid files are replaced.
     On failure, everything this call started is stopped again and StackError is raised.
@@ -360,14 +421,16 @@ def stack_up(
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     moto = s3_endpoint is None
-    ports = {"prefect": prefect_port, "mlflow": mlflow_port, "s3": s3_port}
+    ports = {"prefect": prefect_port, "mlflow": mlflow_port, "s3": s3_port, "label-studio": label_studio_port}
     records = _read_records(state_dir)
     running = {name: r for name, r in records.items() if _is_ours(r)}
     ports |= {name: r["port"] for name, r in running.items()}  # a running service keeps its port
     s3_url = f"http://{HOST}:{ports['s3']}" if moto else str(s3_endpoint).rstrip("/")
-    stack = _Stack(state_dir, ports, s3_url, bucket, moto, timeout)
+    stack = _Stack(state_dir, ports, s3_url, bucket, moto, timeout, labeling or "label-studio" in running)
     plans = _plans(stack)
     _check_ports(plans, running)
+    if stack.labeling and "label-studio" not in running:
+        ensure_label_studio(label_studio_venv(state_dir))
     started: dict[str, dict[str, Any]] = {}
     try:
         services = _start_and_wait(stack, plans, running, started)
@@ -386,7 +449,7 @@ def stack_up(
         "moto": moto,
         "services": {n: s.url for n, s in services.items()},
     }
-    _write_json(state_dir / "stack.json", config | {"env": _env_for(services, bucket, moto)})
+    _write_json(state_dir / "stack.json", config | {"env": _env_for(stack, services)})
     return services
 
 

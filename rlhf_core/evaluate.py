@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_core.labelers import HumanLabel, LabelingPair
 from rlhf_core.losses import masked_mean, masked_sum
 from rlhf_core.modeling import Samples, response_logprobs, sample_responses
 from rlhf_core.reward import RewardFunction
@@ -19,7 +22,14 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = Field(32, ge=1, description="Longest sampled response, in tokens.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for policy and SFT samples.")
     batch_size: int = Field(256, ge=1, description="Prompts per generation batch.")
-    n_samples_logged: int = Field(32, ge=0, description="Sample completions kept for the report table.")
+    n_samples_logged: int = Field(32, ge=0, description="Sample completions logged to MLflow as a table.")
+    human_pairs: int = Field(
+        0,
+        ge=0,
+        description="Also have people judge this many (policy, SFT) response pairs blind, A and B in random order, "
+        "through the labeling path of preferences.source: human (its timeout, min_labeled_fraction and Label "
+        "Studio settings); reports the human-judged win rate beside the gold one. 0: none.",
+    )
 
 
 def win_rate(policy_gold: list[float], baseline_gold: list[float]) -> float:
@@ -56,7 +66,7 @@ def evaluate_policy(
     seed: int,
 ) -> tuple[dict[str, float], list[dict]]:
     """One sample per prompt from the policy and from the SFT model (also the KL reference).
-    Returns the summary metrics and a table of sample completions."""
+    Returns the summary metrics and the completions, a row per prompt."""
     torch.manual_seed(seed)
     policy_batches = _sample(policy, tokenizer, prompts, config)
     sft_batches = _sample(sft_model, tokenizer, prompts, config)
@@ -103,4 +113,33 @@ def evaluate_policy(
         }
         for row, pg, sg in zip(rows, policy_gold, sft_gold, strict=True):
             row |= {"policy_gold": pg, "sft_gold": sg}
-    return metrics, rows[: config.n_samples_logged]
+    return metrics, rows
+
+
+def evaluation_pairs(rows: list[dict], n: int, seed: int, id_prefix: str) -> list[LabelingPair]:
+    """The first ``n`` evaluation rows as blind pairs for people: the policy's and the SFT model's responses as A
+    and B in random order (``swapped``: A is the SFT model's)."""
+    rng = random.Random(seed)
+    pairs = []
+    for i, row in enumerate(rows[:n]):
+        swapped = rng.random() < 0.5
+        (a, ga), (b, gb) = (row["policy"], row["policy_gold"]), (row["sft"], row["sft_gold"])
+        if swapped:
+            (a, ga), (b, gb) = (b, gb), (a, ga)
+        pairs.append(LabelingPair(f"{id_prefix}-{i:05d}", row["prompt"], a, b, ga, gb, swapped))
+    return pairs
+
+
+def human_win_rate(pairs: list[LabelingPair], labels: list[HumanLabel]) -> dict[str, float]:
+    """InstructGPT's headline metric: the share of people's judgments that prefer the policy's response to the
+    SFT model's, ties counting one half, over every label (several per pair where labelers overlap)."""
+    swapped = {pair.pair_id: pair.swapped for pair in pairs}
+    score = {True: 1.0, False: 0.0}
+    wins = [
+        0.5 if label.choice == "tie" else score[(label.choice == "a") != swapped[label.pair_id]] for label in labels
+    ]
+    return {
+        "win_rate_vs_sft": sum(wins) / len(wins) if wins else float("nan"),
+        "labels": len(labels),
+        "tie_rate": sum(label.choice == "tie" for label in labels) / len(labels) if labels else float("nan"),
+    }

@@ -1,14 +1,44 @@
-"""Simulated labelers: each prefers one of two responses by a Bradley-Terry draw on the gold reward
-difference, at its own temperature and with its own taste for length."""
+"""Labelers: simulated ones, each preferring one of two responses by a Bradley-Terry draw on the gold reward
+difference, at its own temperature and with its own taste for length; people's labels (:class:`HumanLabel`) of the
+pairs they are shown (:class:`LabelingPair`); and what labels say about the labelers."""
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from itertools import combinations
 
 from pydantic import BaseModel, ConfigDict, Field
+
+STRENGTHS = {1: "negligibly better", 2: "slightly better", 3: "better", 4: "significantly better"}  # Llama 2's scale
+STRENGTH_SCALE = ", ".join(f"{k} {v}" for k, v in STRENGTHS.items())
+CHOICES = ("a", "b", "tie")
+
+
+@dataclass
+class LabelingPair:
+    """A pair as people see it, the two responses as A and B in random order, with their hidden gold rewards."""
+
+    pair_id: str
+    prompt: str
+    response_a: str
+    response_b: str
+    a_gold: float
+    b_gold: float
+    swapped: bool  # B is the first of the two samples
+
+
+@dataclass
+class HumanLabel:
+    """One person's judgment of one pair."""
+
+    pair_id: str
+    choice: str  # one of CHOICES
+    labeler: str
+    strength: int | None = None
 
 
 class LabelerConfig(BaseModel):
@@ -73,12 +103,13 @@ def calibrate_noise_scale(
     return math.exp((low + high) / 2)
 
 
-def cohen_kappa(labels_a: Sequence[int], labels_b: Sequence[int]) -> float:
-    """Cohen's kappa of two binary label sequences: (p_observed - p_chance) / (1 - p_chance)."""
+def cohen_kappa(labels_a: Sequence[Hashable], labels_b: Sequence[Hashable]) -> float:
+    """Cohen's kappa of two label sequences over any categories: (p_observed - p_chance) / (1 - p_chance), where
+    p_chance = sum over categories of the product of the two labelers' rates."""
     n = len(labels_a)
     observed = sum(a == b for a, b in zip(labels_a, labels_b, strict=True)) / n
-    pa, pb = sum(labels_a) / n, sum(labels_b) / n
-    chance = pa * pb + (1 - pa) * (1 - pb)
+    rate_a, rate_b = Counter(labels_a), Counter(labels_b)
+    chance = sum(rate_a[k] * rate_b[k] for k in rate_a) / n**2
     return 1.0 if chance == 1 else (observed - chance) / (1 - chance)
 
 
@@ -107,3 +138,54 @@ def draw_labels(
         ]
         for lab in labelers
     ]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def human_label_stats(labels: Sequence[tuple[str, str, str]], gold: dict[str, str]) -> dict[str, float]:
+    """What people's labels say about the people (InstructGPT's and Llama 2's calibration signals).
+
+    ``labels``: (item, labeler, choice) triples, several labelers per item where they overlap; ``gold``: each
+    item's choice by the gold reward (``"tie"`` on equal gold). Returns the share of ties, pairwise agreement and
+    Cohen's kappa averaged over labeler pairs that share items (``kappa/<a>/<b>`` per pair), per-item agreement
+    on items with several labels, and per labeler its label count, its agreement with the majority of the other
+    labelers (items where they have a strict majority) and with gold (items gold decides). NaN where nothing
+    overlaps."""
+    by_item: dict[str, dict[str, str]] = defaultdict(dict)
+    for item, labeler, choice in labels:
+        by_item[item][labeler] = choice
+    labelers = sorted({labeler for _, labeler, _ in labels})
+    stats: dict[str, float] = {
+        "n_labels": len(labels),
+        "n_labelers": len(labelers),
+        "tie_rate": _mean([choice == "tie" for _, _, choice in labels]),
+        "overlap_pairs": sum(len(given) > 1 for given in by_item.values()),
+    }
+    agreements, kappas = [], []
+    for a, b in combinations(labelers, 2):
+        shared = [item for item, given in by_item.items() if a in given and b in given]
+        if shared:
+            first, second = [by_item[i][a] for i in shared], [by_item[i][b] for i in shared]
+            agreements.append(_mean([x == y for x, y in zip(first, second, strict=True)]))
+            kappas.append(stats.setdefault(f"kappa/{a}/{b}", cohen_kappa(first, second)))
+    stats["labeler_agreement"], stats["labeler_kappa"] = _mean(agreements), _mean(kappas)
+    stats["pair_agreement"] = _mean(
+        [_mean([x == y for x, y in combinations(g.values(), 2)]) for g in by_item.values() if len(g) > 1]
+    )
+    decided = [(item, choice) for item, _, choice in labels if choice != "tie" and gold.get(item, "tie") != "tie"]
+    stats["label_gold_accuracy"] = _mean([gold[item] == choice for item, choice in decided])
+    for labeler in labelers:
+        mine = {item: given[labeler] for item, given in by_item.items() if labeler in given}
+        majority = {}
+        for item in mine:
+            others = Counter(c for who, c in by_item[item].items() if who != labeler).most_common(2)
+            if others and (len(others) == 1 or others[0][1] > others[1][1]):
+                majority[item] = others[0][0]
+        stats[f"labeler/{labeler}/labels"] = len(mine)
+        stats[f"labeler/{labeler}/majority_agreement"] = _mean([mine[i] == c for i, c in majority.items()])
+        stats[f"labeler/{labeler}/gold_agreement"] = _mean(
+            [gold[i] == c for i, c in mine.items() if c != "tie" and gold.get(i, "tie") != "tie"]
+        )
+    return stats

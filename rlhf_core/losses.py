@@ -118,10 +118,14 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     return 1.0 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
 
 
-def bradley_terry_loss(rewards_chosen: Tensor, rewards_rejected: Tensor) -> Tensor:
-    """-log sigmoid(r_chosen - r_rejected), averaged: the negative log-likelihood of the labels under
-    the Bradley-Terry model (Ouyang et al. 2022, eq. 1). (B,), (B,) -> scalar."""
-    return -F.logsigmoid(rewards_chosen - rewards_rejected).mean()
+def bradley_terry_loss(rewards_chosen: Tensor, rewards_rejected: Tensor, margin: Tensor | None = None) -> Tensor:
+    """-log sigmoid(r_chosen - r_rejected - margin), averaged: the negative log-likelihood of the labels under
+    the Bradley-Terry model (Ouyang et al. 2022, eq. 1), with Llama 2's margin for how much better the chosen
+    response was said to be (Touvron et al. 2023, eq. 2). (B,), (B,), (B,) or None -> scalar."""
+    difference = rewards_chosen - rewards_rejected
+    if margin is not None:
+        difference = difference - margin
+    return -F.logsigmoid(difference).mean()
 
 
 def kl_shaped_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:

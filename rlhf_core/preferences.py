@@ -1,23 +1,52 @@
-"""Preference collection: the current policy answers each prompt twice and labelers pick the better."""
+"""Preference collection: the current policy answers each prompt twice and labelers pick the better, simulated
+labelers here, or people, who see the two answers as a labeling batch (A and B in random order) and whose labels
+come back as :class:`HumanLabel` rows."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_core.labelers import LabelerConfig, agreement_stats, calibrate_noise_scale, default_labelers, draw_labels
+from rlhf_core.labelers import (
+    HumanLabel,
+    LabelerConfig,
+    LabelingPair,
+    agreement_stats,
+    calibrate_noise_scale,
+    default_labelers,
+    draw_labels,
+    human_label_stats,
+)
 from rlhf_core.modeling import sample_responses
 from rlhf_core.types import GoldScorer
+
+
+class LabelStudioConfig(BaseModel):
+    """A Label Studio server that people label the batches in."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(
+        description="Label Studio's address, e.g. http://127.0.0.1:8080; its API token comes from "
+        "the environment variable LABEL_STUDIO_API_KEY."
+    )
+    project_title: str = Field("rlhf", description="The project to create, or reuse, for the labeling batches.")
+    poll_interval_s: float = Field(15.0, gt=0, description="Seconds between checks for finished annotations.")
 
 
 class PreferenceConfig(BaseModel):
     """Sampling response pairs from the current policy and labeling them."""
 
     model_config = ConfigDict(extra="forbid")
+    source: Literal["simulated", "human"] = Field(
+        "simulated",
+        description="Who labels the pairs: the simulated labelers, or people (each iteration publishes a labeling "
+        "batch and waits for labels from `rlhf label import`, the Prefect UI or Label Studio).",
+    )
     n_pairs: int = Field(1536, ge=1, description="Response pairs sampled per iteration (identical pairs are dropped).")
     max_new_tokens: int = Field(32, ge=1, description="Longest sampled response, in tokens.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for the response pairs.")
@@ -35,6 +64,36 @@ class PreferenceConfig(BaseModel):
         "0.7); null keeps noise_scale fixed.",
     )
     noise_scale: float = Field(1.0, gt=0, description="Shared labeler noise when target_agreement is null.")
+    min_labeled_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Human labels: the share of a batch's pairs that must have a label before the iteration goes "
+        "on; pairs left unlabeled are dropped and counted.",
+    )
+    labels_per_pair: int = Field(
+        1,
+        ge=1,
+        description="Human labels: labels wanted per pair (overlap between labelers); Label Studio's wait "
+        "ends when that many labelers have labeled each pair.",
+    )
+    label_timeout_s: float = Field(
+        86400.0,
+        gt=0,
+        description="Human labels: how long a run waits for them before it fails (the batch and any labels are "
+        "kept: re-run the same command to wait again).",
+    )
+    label_studio: LabelStudioConfig | None = Field(
+        None, description="Human labels: also publish each batch to this Label Studio server and wait for it."
+    )
+
+    def cache_identity(self) -> dict[str, Any]:
+        """What of this config decides the phase's output: the labelers' settings for simulated labels, the
+        labeling settings for human ones (how long to wait decides nothing)."""
+        human_only = {"min_labeled_fraction", "labels_per_pair", "label_timeout_s", "label_studio", "source"}
+        simulated_only = {"labelers", "target_agreement", "noise_scale"}
+        exclude = human_only if self.source == "simulated" else simulated_only | {"label_timeout_s"}
+        return self.model_dump(mode="json", exclude=exclude)
 
 
 @dataclass
@@ -45,6 +104,31 @@ class PreferencePair:
     labeler: str
     chosen_gold: float
     rejected_gold: float
+    strength: int | None = None  # 1..4 (STRENGTHS) where a person gave one
+
+
+def sample_pairs(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    config: PreferenceConfig,
+    rng: random.Random,
+) -> tuple[list[str], list[str], list[str]]:
+    """``config.n_pairs`` prompts (cycled, shuffled by ``rng``) answered twice by the policy; pairs of identical
+    responses are dropped. -> prompts, first responses, second responses."""
+    pair_prompts = [prompts[i % len(prompts)] for i in range(config.n_pairs)]
+    rng.shuffle(pair_prompts)
+    first, second = [], []
+    for start in range(0, len(pair_prompts), config.batch_size):
+        batch = pair_prompts[start : start + config.batch_size]
+        samples = sample_responses(
+            policy, tokenizer, batch + batch, config.max_new_tokens, temperature=config.temperature
+        )
+        first += samples.texts[: len(batch)]
+        second += samples.texts[len(batch) :]
+    keep = [i for i in range(len(pair_prompts)) if first[i] != second[i]]
+    return [pair_prompts[i] for i in keep], [first[i] for i in keep], [second[i] for i in keep]
 
 
 def collect_preferences(
@@ -60,19 +144,7 @@ def collect_preferences(
     label from one labeler (round robin); the overlap measures inter-annotator agreement."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    pair_prompts = [prompts[i % len(prompts)] for i in range(config.n_pairs)]
-    rng.shuffle(pair_prompts)
-    first, second = [], []
-    for start in range(0, len(pair_prompts), config.batch_size):
-        batch = pair_prompts[start : start + config.batch_size]
-        samples = sample_responses(
-            policy, tokenizer, batch + batch, config.max_new_tokens, temperature=config.temperature
-        )
-        first += samples.texts[: len(batch)]
-        second += samples.texts[len(batch) :]
-    keep = [i for i in range(len(pair_prompts)) if first[i] != second[i]]
-    pair_prompts = [pair_prompts[i] for i in keep]
-    first, second = [first[i] for i in keep], [second[i] for i in keep]
+    pair_prompts, first, second = sample_pairs(policy, tokenizer, prompts, config=config, rng=rng)
 
     golds = list(zip(gold_fn(pair_prompts, first), gold_fn(pair_prompts, second), strict=True))
     lengths = [(len(a.split()), len(b.split())) for a, b in zip(first, second, strict=True)]
@@ -99,3 +171,54 @@ def collect_preferences(
         "label_gold_accuracy": sum(p.chosen_gold > p.rejected_gold for p in decided) / max(1, len(decided)),
     }
     return pairs, stats
+
+
+def labeling_pairs(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    gold_fn: GoldScorer,
+    *,
+    config: PreferenceConfig,
+    seed: int,
+    id_prefix: str,
+) -> list[LabelingPair]:
+    """The pairs :func:`collect_preferences` would sample, for people to label: A and B in random order, ids
+    ``<id_prefix>-<n>``, the gold rewards kept beside them (never shown)."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    pair_prompts, first, second = sample_pairs(policy, tokenizer, prompts, config=config, rng=rng)
+    golds = zip(gold_fn(pair_prompts, first), gold_fn(pair_prompts, second), strict=True)
+    pairs = []
+    for i, (prompt, one, two, (g1, g2)) in enumerate(zip(pair_prompts, first, second, golds, strict=True)):
+        swapped = rng.random() < 0.5
+        (a, ga), (b, gb) = ((two, g2), (one, g1)) if swapped else ((one, g1), (two, g2))
+        pairs.append(LabelingPair(f"{id_prefix}-{i:05d}", prompt, a, b, ga, gb, swapped))
+    return pairs
+
+
+def preferences_from_labels(
+    pairs: list[LabelingPair], labels: list[HumanLabel]
+) -> tuple[list[PreferencePair], dict[str, float]]:
+    """Every label that prefers A or B becomes a (chosen, rejected) pair with its labeler and strength; ties carry
+    no Bradley-Terry signal and are left out (counted), as are pairs nobody labeled. Returns the pairs and the
+    labelers' statistics (see :func:`rlhf_core.labelers.human_label_stats`)."""
+    by_id = {pair.pair_id: pair for pair in pairs}
+    preferences = []
+    for label in labels:
+        pair = by_id[label.pair_id]
+        if label.choice == "tie":
+            continue
+        chosen, rejected = ("a", "b") if label.choice == "a" else ("b", "a")
+        text = {"a": pair.response_a, "b": pair.response_b}
+        gold = {"a": pair.a_gold, "b": pair.b_gold}
+        preferences.append(
+            PreferencePair(
+                pair.prompt, text[chosen], text[rejected], label.labeler, gold[chosen], gold[rejected], label.strength
+            )
+        )
+    gold_choice = {p.pair_id: "a" if p.a_gold > p.b_gold else "b" if p.b_gold > p.a_gold else "tie" for p in pairs}
+    stats = human_label_stats([(label.pair_id, label.labeler, label.choice) for label in labels], gold_choice)
+    stats["n_pairs"] = len(preferences)
+    stats["unlabeled_pairs"] = len(by_id.keys() - {label.pair_id for label in labels})
+    return preferences, stats

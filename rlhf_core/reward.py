@@ -52,6 +52,20 @@ class RewardConfig(BaseModel):
     checkpoint_every: int = Field(
         50, ge=0, description="Save a resumable checkpoint every this many optimizer steps; 0: never."
     )
+    strength_margins: list[float] | None = Field(
+        None,
+        min_length=4,
+        max_length=4,
+        description="Margins in the Bradley-Terry loss for a human label's strength 1-4 (negligibly, slightly, "
+        "better, significantly better), as Llama 2 does, e.g. [0, 0.33, 0.67, 1]; labels without one get 0. "
+        "Null: no margins.",
+    )
+
+    def margins(self, pairs: list[PreferencePair]) -> Tensor | None:
+        """Each pair's margin from its strength, or None without strength_margins. -> (B,)."""
+        if self.strength_margins is None:
+            return None
+        return torch.tensor([self.strength_margins[p.strength - 1] if p.strength else 0.0 for p in pairs])
 
 
 def split_pairs(pairs: list[PreferencePair], val_fraction: float, seed: int) -> tuple[list, list]:
@@ -109,10 +123,14 @@ def preference_accuracy(model, tokenizer, pairs: list[PreferencePair], max_lengt
     gold_margin = torch.tensor([p.chosen_gold - p.rejected_gold for p in pairs])
     decided = gold_margin != 0
     gold_agree = ((margin > 0) == (gold_margin > 0))[decided].float()
-    return {
+    accuracy = {
         "accuracy": (margin > 0).float().mean().item(),
         "gold_accuracy": gold_agree.mean().item() if decided.any() else float("nan"),
     }
+    for level in sorted({p.strength for p in pairs if p.strength}):  # Llama 2 reports accuracy by strength
+        at_level = torch.tensor([p.strength == level for p in pairs])
+        accuracy[f"accuracy_strength_{level}"] = (margin[at_level] > 0).float().mean().item()
+    return accuracy
 
 
 @dataclass
@@ -123,6 +141,7 @@ class RewardResult:
     val_accuracy: float
     val_gold_accuracy: float
     stopped_early: bool
+    val_by_strength: dict[str, float]  # "val_accuracy_strength_<k>": accuracy on pairs labeled with strength k
 
 
 def train_reward_model(
@@ -150,10 +169,10 @@ def train_reward_model(
     step = start
     for step in range(start + 1, len(schedule) + 1):
         model.train()
-        chosen, rejected = pair_rewards(
-            model, tokenizer, [train_pairs[i] for i in schedule[step - 1].tolist()], config.max_length
-        )
-        loss = bradley_terry_loss(chosen, rejected)
+        batch = [train_pairs[i] for i in schedule[step - 1].tolist()]
+        chosen, rejected = pair_rewards(model, tokenizer, batch, config.max_length)
+        margin = config.margins(batch)
+        loss = bradley_terry_loss(chosen, rejected, None if margin is None else margin.to(chosen.device))
         check_finite("reward", step, loss=loss.item())
         engine.backward(loss)
         engine.step()
@@ -163,14 +182,7 @@ def train_reward_model(
             val = preference_accuracy(model, tokenizer, val_pairs, config.max_length)
             if on_metrics:
                 recent = losses[-eval_every:]
-                on_metrics(
-                    {
-                        "loss": sum(recent) / len(recent),
-                        "val_accuracy": val["accuracy"],
-                        "val_gold_accuracy": val["gold_accuracy"],
-                    },
-                    step,
-                )
+                on_metrics({"loss": sum(recent) / len(recent), **{f"val_{k}": v for k, v in val.items()}}, step)
             if best is None or val["accuracy"] > best["accuracy"]:
                 best, best_weights, checks_since_best = val, engine.full_state_dict(), 0
             else:
@@ -194,6 +206,7 @@ def train_reward_model(
         best["accuracy"],
         best["gold_accuracy"],
         stopped_early=checks_since_best >= config.patience,
+        val_by_strength={f"val_{k}": v for k, v in best.items() if k.startswith("accuracy_strength_")},
     )
 
 

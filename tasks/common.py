@@ -113,6 +113,8 @@ def _identity(value: Any) -> Any:
     """What of a task argument belongs in its cache key: configs by content, artifacts by digest."""
     if isinstance(value, PhaseOutput):
         return value.digest
+    if hasattr(value, "cache_identity"):  # a config that knows which of its fields decide the output
+        return value.cache_identity()
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     if isinstance(value, list | tuple):

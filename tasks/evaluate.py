@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 from infra.artifacts import METRICS_FILE, SAMPLES_FILE, PhaseInputs, data_judge, read_prompts
-from infra.catalog import EVALUATION
-from infra.datasets import write_rows
-from rlhf_core.evaluate import EvalConfig, evaluate_policy
+from infra.catalog import EVALUATION, HUMAN_EVALUATION
+from infra.datasets import read_rows, write_rows
+from infra.labeling import read_batch, read_imports, write_batch
+from rlhf_core.evaluate import EvalConfig, evaluate_policy, evaluation_pairs, human_win_rate
 from rlhf_core.modeling import load_policy, load_tokenizer
 from rlhf_core.reward import load_reward_function
 from tasks.common import (
@@ -16,6 +18,7 @@ from tasks.common import (
     RunContext,
     artifact_key,
     existing_output,
+    fetch,
     fetch_inputs,
     phase_task,
     phase_workspace,
@@ -76,4 +79,59 @@ def evaluate_task(
             seed=seed,
             parents={"policy": policy.ref.uri, "sft": sft.ref.uri, "reward_model": reward.ref.uri},
             metrics=EVALUATION.namespaced(metrics),
+        )
+
+
+@phase_task("evaluation-batch")
+def evaluation_batch_task(
+    context: RunContext, *, evaluation: PhaseOutput, config: EvalConfig, seed: int, iteration: int
+) -> PhaseOutput:
+    """``config.human_pairs`` of the evaluation's (policy, SFT) response pairs, blind, as a labeling batch."""
+    inputs = {"evaluation": evaluation, "config": config, "seed": seed}
+    key = artifact_key(context, f"iteration-{iteration:03d}", "evaluation_batch", inputs)
+    if done := existing_output(context, key):
+        return done
+    rows = read_rows(fetch(context, evaluation) / SAMPLES_FILE)
+    pairs = evaluation_pairs(rows, config.human_pairs, seed, id_prefix=key.rsplit("-", 1)[-1][:8])
+    with tempfile.TemporaryDirectory(prefix="rlhf-batch-") as tmp:
+        write_batch(Path(tmp), pairs)
+        return publish(
+            context,
+            key,
+            Path(tmp),
+            phase="evaluation-batch",
+            iteration=iteration,
+            config=config,
+            seed=seed,
+            parents={"evaluation": evaluation.ref.uri},
+            metrics=HUMAN_EVALUATION.namespaced({"pairs": len(pairs)}),
+        )
+
+
+@phase_task("human-evaluation")
+def human_evaluation_task(
+    context: RunContext, *, batch: PhaseOutput, labels: list[PhaseOutput], config: EvalConfig, seed: int, iteration: int
+) -> PhaseOutput:
+    """The human-judged win rate of the policy against the SFT model on the batch's blind pairs."""
+    inputs = {"batch": batch, "labels": labels, "config": config, "seed": seed}
+    key = artifact_key(context, f"iteration-{iteration:03d}", "human_evaluation", inputs)
+    if done := existing_output(context, key):
+        return done
+    pairs = read_batch(fetch(context, batch))
+    human_labels = read_imports(context.store, [ref.ref for ref in labels])
+    params = {"evaluation": config.model_dump(), "seed": seed}
+    with phase_workspace(context, HUMAN_EVALUATION, key, iteration=iteration, params=params) as work:
+        metrics = human_win_rate(pairs, human_labels)
+        (work.out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        work.log(metrics, iteration)
+        return publish(
+            context,
+            key,
+            work.out_dir,
+            phase="human-evaluation",
+            iteration=iteration,
+            config=config,
+            seed=seed,
+            parents={"batch": batch.ref.uri, "labels": [ref.ref.uri for ref in labels]},
+            metrics=HUMAN_EVALUATION.namespaced(metrics),
         )

@@ -71,6 +71,7 @@ def run_reward(
         "steps": result.steps,
         "train_pairs": len(train),
         "stopped_early": result.stopped_early,
+        **result.val_by_strength,
         **norm,
     }
 
