@@ -18,6 +18,7 @@ the same config again finds them without sampling anew.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 from contextlib import nullcontext
@@ -132,7 +133,7 @@ def label_studio_watcher(
     marker = f"{record.batch_key}.label-studio.json"
     if not context.store.exists(marker):
         client.import_pairs(project, pairs)
-        context.store.put_bytes(marker, f'{{"url": "{client.url}", "project": {project}}}'.encode())
+        context.store.put_bytes(marker, json.dumps({"url": client.url, "project": project}).encode())
     phase_logger().warning(
         f"iteration {record.iteration}: label the pairs in Label Studio: {client.url}/projects/{project}"
     )

@@ -38,10 +38,12 @@ def test_the_pipeline_completes_over_a_flaky_s3_with_every_artifact_whole(
     s3_endpoint, s3_bucket, pipeline_env, tmp_path
 ):
     with FaultyS3(s3_endpoint, fault_rate=0.2, seed=1) as proxy:
-        env = pipeline_env | aws_env(proxy.url)
+        # a cache of its own: every artifact this run reads comes through the proxy, whatever ran before
+        env = pipeline_env | aws_env(proxy.url) | {"RLHF_CACHE_DIR": str(tmp_path / "cache")}
         rlhf_run(env, tmp_path, "iterations=1", f"storage.uri=s3://{s3_bucket}/rlhf")
     faults = sum(proxy.counts[k] for k in ("503", "500", "reset"))
-    assert faults > 20, proxy.counts
+    # one in five of about 130 requests (measured: 133, 22 of them faults): fewer than 10 is a 3.6-sigma event
+    assert faults >= 10, proxy.counts
     assert summary(tmp_path)["iterations"][0]["iteration"] == 1
     # every artifact is sealed and every file matches its manifest (read straight from moto, no faults)
     client = boto3.client("s3", endpoint_url=s3_endpoint)
