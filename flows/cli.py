@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -26,8 +27,21 @@ app.add_typer(lineage_app, name="lineage")
 app.add_typer(label_app, name="label")
 
 
+def print_version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        print(f"rlhf {version('rlhf-pipeline')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=print_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
     """RLHF pipeline commands."""
 
 
@@ -95,8 +109,12 @@ def run(
 
         def on_progress(phase: str, step: int, total: int) -> None:
             if phase not in bars:
+                for bar in bars.values():  # phases run one after another: the one before is done
+                    progress.stop_task(bar)
                 bars[phase] = progress.add_task(phase, total=total or None)
             progress.update(bars[phase], completed=step)
+            if total and step >= total:
+                progress.stop_task(bars[phase])  # its elapsed time stays the phase's own
 
         PROGRESS_HOOKS.append(on_progress)
         try:
@@ -186,6 +204,14 @@ def lineage_unlock(
         console.print(f"lineage {name!r} unlocked (was held by {former.holder}, flow run {former.flow_run_id or '-'})")
 
 
+def optional_section(annotation: Any) -> type[BaseModel] | None:
+    """``X`` for a field typed ``X | None`` where ``X`` is a config section, else None."""
+    members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(members) == 1 and isinstance(members[0], type) and issubclass(members[0], BaseModel):
+        return members[0]
+    return None
+
+
 def config_reference(model: type[BaseModel] | None = None, indent: str = "") -> list[str]:
     """The default config as commented YAML: every field with its description."""
     from flows.config import PipelineConfig
@@ -197,6 +223,14 @@ def config_reference(model: type[BaseModel] | None = None, indent: str = "") -> 
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             lines += [f"{indent}# {field.description}", f"{indent}{name}:"]
             lines += config_reference(annotation, indent + "  ")
+            continue
+        section = optional_section(annotation)
+        if section is not None and field.default is None:  # off by default: its fields, commented out
+            lines += [f"{indent}{name}: null{'':<{max(0, 34 - len(name))}} # {field.description}"]
+            lines += [f"{indent}# {line}" for line in [f"{name}:", *config_reference(section, "  ")]]
+            continue
+        if field.is_required():  # a field of an optional section that has no default: the user picks it
+            lines.append(f"{indent}{name + ': <required>':<40} # {field.description}")
             continue
         default = field.get_default(call_default_factory=True)
         if isinstance(default, list):

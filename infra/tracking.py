@@ -54,6 +54,11 @@ _SPECIAL_TOKEN_WORDS = {"pad", "bos", "eos", "unk", "sep", "cls", "mask"}
 _REFERENCE_WORDS = {"block"}
 
 
+# MLflow 3's UI opens an experiment without this tag on its GenAI view (traces, judges); ours are training runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
+
+
 def default_tracking_uri(root: Path) -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else a sqlite store at ``<root>/mlflow.db``."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.resolve()}/mlflow.db"
@@ -223,7 +228,9 @@ class Tracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             try:
-                return self.client.create_experiment(name, artifact_location=artifact_location)
+                return self.client.create_experiment(
+                    name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND}
+                )
             except MlflowException as e:
                 # Another process created it between our lookup and create.
                 if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):

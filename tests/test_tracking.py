@@ -15,7 +15,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from pydantic import SecretStr
 
-from infra.tracking import Tracker, default_tracking_uri, flatten_params, plot_iterations
+from infra.tracking import EXPERIMENT_KIND_TAG, Tracker, default_tracking_uri, flatten_params, plot_iterations
 
 SECRET = "sk-test-SECRET-123"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -126,6 +126,12 @@ def test_parent_with_two_children_logs_metrics_and_params(store: Store, caplog: 
         assert client.get_metric_history(run_id, "entropy") == []
     assert [(m.step, m.value) for m in client.get_metric_history(parent.run_id, "gold_reward")] == [(1, 0.25)]
     assert sum("non-finite" in r.getMessage() for r in caplog.records) == 4
+
+
+def test_experiment_is_created_as_a_training_experiment(store: Store) -> None:
+    # Without the kind, MLflow 3's UI opens the experiment on its GenAI view (traces, judges).
+    tags = store.client.get_experiment(store.tracker.experiment_id).tags
+    assert tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
 def test_failed_body_marks_run_failed(store: Store) -> None:
