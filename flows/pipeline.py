@@ -8,6 +8,7 @@ and a child run per phase and iteration (``infra/catalog.py`` lists everything l
 from __future__ import annotations
 
 from contextlib import nullcontext
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -269,7 +270,14 @@ def finish(
         lineage.advance(LineagePointer.model_validate(pointer | {"mlflow_run_id": parent.run_id}))
 
 
-@flow(name="rlhf-pipeline", log_prints=True)
+def pipeline_flow_run_name() -> str:
+    """The lineage (``rlhf`` without one) and the UTC start time: ``nightly-2026-12-02T03-00``."""
+    config = flow_run.parameters.get("config")
+    lineage = config.get("lineage") if isinstance(config, dict) else getattr(config, "lineage", None)
+    return f"{lineage or 'rlhf'}-{datetime.now(UTC):%Y-%m-%dT%H-%M}"
+
+
+@flow(name="rlhf-pipeline", flow_run_name=pipeline_flow_run_name, log_prints=True)
 def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """SFT, then ``config.iterations`` rounds of preference collection, reward modeling, PPO and evaluation.
 

@@ -239,9 +239,15 @@ def phase_task(name: str) -> Callable:
     """The Prefect task settings every phase shares: retried with backoff when the failure may pass,
     cached across flow runs on its inputs' identities, result persisted."""
     from prefect import task
+    from prefect.runtime import task_run
+
+    def run_name() -> str:  # "ppo-iteration-2" in the UI; the task's name (part of its cache key) stays "ppo"
+        iteration = task_run.parameters.get("iteration")
+        return name if iteration is None else f"{name}-iteration-{iteration}"
 
     return task(
         name=name,
+        task_run_name=run_name,
         retries=2,
         retry_delay_seconds=[2, 10],
         retry_condition_fn=should_retry,

@@ -3,6 +3,7 @@ artifacts in a local folder and in S3 (moto's server on loopback)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,8 @@ def test_end_to_end_run_writes_summary_artifacts_and_tracking(first_run: dict, w
     client = MlflowClient(result["mlflow_tracking_uri"])
     parent = client.get_run(result["mlflow_run_id"])
     assert parent.data.params["ppo.kl_coef"] == "0.15"
+    # named from the Prefect flow run: no lineage, then the UTC start time
+    assert re.fullmatch(r"pipeline-rlhf-\d{4}-\d\d-\d\dT\d\d-\d\d", parent.info.run_name), parent.info.run_name
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.info.run_name for r in children) == sorted(
         ["sft"] + [f"iteration-{k}/{p}" for k in (1, 2) for p in ("preferences", "reward", "ppo", "evaluation")]
