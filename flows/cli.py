@@ -226,16 +226,16 @@ def config_reference(model: type[BaseModel] | None = None, indent: str = "") -> 
             continue
         section = optional_section(annotation)
         if section is not None and field.default is None:  # off by default: its fields, commented out
-            lines += [f"{indent}{name}: null{'':<{max(0, 34 - len(name))}} # {field.description}"]
+            lines.append(f"{indent}{name + ': null':<40} # {field.description}")
             lines += [f"{indent}# {line}" for line in [f"{name}:", *config_reference(section, "  ")]]
             continue
         if field.is_required():  # a field of an optional section that has no default: the user picks it
-            lines.append(f"{indent}{name + ': <required>':<40} # {field.description}")
-            continue
-        default = field.get_default(call_default_factory=True)
-        if isinstance(default, list):
-            default = [v.model_dump() if isinstance(v, BaseModel) else v for v in default]
-        value = yaml.safe_dump({name: default}, default_flow_style=True, width=1000).strip()[1:-1]
+            value = f"{name}: <required>"
+        else:
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, list):
+                default = [v.model_dump() if isinstance(v, BaseModel) else v for v in default]
+            value = yaml.safe_dump({name: default}, default_flow_style=True, width=1000).strip()[1:-1]
         lines.append(f"{indent}{value:<40} # {field.description}")
     return lines
 

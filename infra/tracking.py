@@ -240,6 +240,8 @@ class Tracker:
                     raise
         if exp.lifecycle_stage == LifecycleStage.DELETED:
             self.client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made before we set the kind, or by someone else
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
         return exp.experiment_id
 
     @contextmanager

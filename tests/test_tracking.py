@@ -132,6 +132,10 @@ def test_experiment_is_created_as_a_training_experiment(store: Store) -> None:
     # Without the kind, MLflow 3's UI opens the experiment on its GenAI view (traces, judges).
     tags = store.client.get_experiment(store.tracker.experiment_id).tags
     assert tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # An experiment made without the kind (by an older version, or by hand) gets it when a run opens it.
+    untagged = store.client.create_experiment("made-elsewhere", artifact_location=store.tracker.artifact_location)
+    Tracker(store.tracker.tracking_uri, "made-elsewhere")
+    assert store.client.get_experiment(untagged).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
 def test_failed_body_marks_run_failed(store: Store) -> None:
