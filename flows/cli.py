@@ -72,6 +72,7 @@ def quiet_libraries() -> None:
     """Leave the terminal to the progress bars: only warnings from Prefect, transformers and MLflow."""
     import logging
 
+    import mlflow  # noqa: F401  (its import sets its loggers' level: set ours after it)
     import transformers
 
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "mlflow"):

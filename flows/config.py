@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -28,6 +29,25 @@ class TrackingConfig(BaseModel):
     )
     experiment: str = Field(
         "rlhf", description="MLflow experiment name; a run with a lineage logs to '<experiment>/<lineage>'."
+    )
+    champion_metric: Literal["auto", "win_rate_vs_sft", "human_win_rate_vs_sft", "gold_reward"] = Field(
+        "auto",
+        description="What an iteration's policy must beat the registered champion on to take the 'champion' alias "
+        "(higher is better); auto: the human-judged win rate vs SFT where people judge (evaluation.human_pairs), "
+        "else the gold-judged one.",
+    )
+    system_metrics_interval: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds between samples of CPU, memory, disk, network and GPU use logged to each phase's run "
+        "as system/... metrics (MLflow's system metrics); 0: off.",
+    )
+    copy_weights_max_mb: float = Field(
+        1024,
+        ge=0,
+        description="A policy whose weights are at most this many MiB is copied whole into MLflow with its logged "
+        "model; a larger one is logged without weights and found by its object-store location (rlhf export reads "
+        "it there).",
     )
 
     @field_validator("uri")

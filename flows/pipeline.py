@@ -16,15 +16,19 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from flows import publishing
 from flows.config import PipelineConfig
 from flows.labeling import wait_for_labels
 from infra import catalog
-from infra.artifacts import SAMPLES_FILE
+from infra.artifacts import PAIRS_FILE, SAMPLES_FILE
 from infra.credentials import open_configured_store
 from infra.datasets import read_rows
+from infra.deepspeed_engine import quiet_unused_deepspeed
 from infra.lineage import Lineage, LineagePointer
+from infra.registry import Registration
+from infra.report import mlflow_run_url
 from infra.storage import is_complete
-from infra.tracking import RunLogger, Tracker, default_tracking_uri, plot_iterations
+from infra.tracking import RunLogger, Tracker, default_tracking_uri
 from infra.user_data import check_data, local_inputs_digest
 from tasks.common import PhaseOutput, RunContext, TrackingContext, fetch
 from tasks.data import prepare_data
@@ -238,33 +242,36 @@ def start_or_resume(
 
 
 def record_iteration(
-    parent: RunLogger, context: RunContext, result: IterationResult, n_samples_logged: int
-) -> dict[str, float]:
-    """The iteration's summary row, logged to the pipeline run with the first of its sample completions."""
-    iteration, evaluation = result.state.iteration, result.evaluation.metrics
-    row = {name: evaluation[catalog.EVALUATION.key(name)] for name in catalog.EVALUATION_SUMMARY}
-    row["rm_val_accuracy"] = result.state.reward.metrics[catalog.REWARD.key("val_accuracy")]
-    row["labeler_agreement"] = result.new_preferences.metrics[catalog.PREFERENCES.key("labeler_agreement")]
-    if result.human_evaluation is not None:
-        row["human_win_rate_vs_sft"] = result.human_evaluation.metrics[catalog.HUMAN_EVALUATION.key("win_rate_vs_sft")]
-    parent.log_metrics(catalog.ITERATION.namespaced(row), step=iteration)
-    samples = read_rows(fetch(context, result.evaluation) / SAMPLES_FILE)[:n_samples_logged]
+    tracker: Tracker, parent: RunLogger, *, context: RunContext, result: IterationResult, config: PipelineConfig
+) -> tuple[dict[str, float], Registration]:
+    """The iteration's policy logged and registered, its summary row and sample completions logged to the pipeline
+    run, its preferences as an input, and its Prefect artifacts."""
+    iteration = result.state.iteration
+    registration = publishing.register_policy(tracker, parent, context=context, result=result, config=config)
+    row, _ = publishing.iteration_metrics(result)
+    samples = read_rows(fetch(context, result.evaluation) / SAMPLES_FILE)[: config.evaluation.n_samples_logged]
     parent.log_table(samples, catalog.SAMPLES_ARTIFACT.format(iteration=iteration))
+    preferences = publishing.datasets_of(
+        context.store, result.new_preferences, {PAIRS_FILE: f"preferences-iteration-{iteration}"}, "training"
+    )
+    tracker.log_datasets(parent.run_id, preferences)
     print(f"iteration {iteration}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items()))
-    return {"iteration": iteration, **row}
+    return {"iteration": iteration, **row}, registration
 
 
 def finish(
+    tracker: Tracker,
     parent: RunLogger,
+    *,
     lineage: Lineage | None,
     state: PipelineState,
-    history: list[dict[str, float]],
-    *,
-    sft_gold: float,
+    registration: Registration,
+    artifacts_uri: str,
 ) -> None:
-    """Plot the iterations (SFT as iteration 0) and move the lineage's pointer, the run's last write."""
-    sft_row = {"iteration": 0, "gold_reward": sft_gold, "win_rate_vs_sft": 0.5, "kl": 0.0}
-    parent.log_figure(plot_iterations([sft_row, *history], list(catalog.ITERATION.metrics)), catalog.PLOT_ARTIFACT)
+    """Tag the run with where its model is, publish its report, and move the lineage's pointer, the run's last
+    write."""
+    parent.set_tags(publishing.final_tags(registration, artifacts_uri=artifacts_uri, policy_uri=state.policy.ref.uri))
+    publishing.publish_report(tracker, parent, lineage.name if lineage else None)
     if lineage is not None:
         pointer = state.model_dump(mode="json") | {"lineage": lineage.name, "flow_run_id": str(flow_run.get_id() or "")}
         lineage.advance(LineagePointer.model_validate(pointer | {"mlflow_run_id": parent.run_id}))
@@ -284,43 +291,64 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
     With ``config.lineage``, the run holds the lineage's lock, continues from its pointer (reusing its data and
     SFT model, numbering iterations after its last one) and moves the pointer once all its iterations are done.
     """
+    if config.deepspeed is None:
+        quiet_unused_deepspeed()
     check_inputs(config)
     tracking_uri = config.tracking.uri or default_tracking_uri(DEFAULT_TRACKING_ROOT)
     flow_run_id, lineage = str(flow_run.get_id() or ""), open_lineage(config)
-    tags = {catalog.TAG_FLOW_RUN: flow_run_id, catalog.TAG_LINEAGE: config.lineage or ""}
+    tags = publishing.run_tags(flow_run_id, flow_run.ui_url, config.lineage)
+    tracker = Tracker(tracking_uri, config.experiment)
     with (
         lineage.locked(flow_run_id) if lineage else nullcontext(),
-        Tracker(tracking_uri, config.experiment).run(
+        tracker.run(
             catalog.pipeline_run_name(flow_run.get_name()), params=config.model_dump(mode="json"), tags=tags
         ) as parent,
     ):
+        parent.log_dict(config.model_dump(mode="json"), catalog.CONFIG_ARTIFACT)
         context = RunContext(
             store_uri=config.storage.uri,
             prefix=config.storage.prefix,
             aws_credentials_block=config.storage.aws_credentials_block,
             trust_remote_code=config.trust_remote_code,
             tracking=TrackingContext(
-                tracking_uri=tracking_uri, experiment=config.experiment, parent_run_id=parent.run_id
+                tracking_uri=tracking_uri,
+                experiment=config.experiment,
+                parent_run_id=parent.run_id,
+                system_metrics_interval=config.tracking.system_metrics_interval,
             ),
         )
         phases: dict[str, str] = {}
         state = start_or_resume(config, context, lineage, phases)
-        history, sft_gold = [], float("nan")
+        tracker.log_datasets(parent.run_id, publishing.data_datasets(context.store, state.data))
+        artifacts_uri = context.store.full_uri(config.storage.prefix)
+        run_url = (
+            mlflow_run_url(tracking_uri, tracker.experiment_id, parent.run_id) or f"{tracking_uri}#{parent.run_id}"
+        )
+        history = []
         for iteration in range(state.iteration + 1, state.iteration + config.iterations + 1):
             result = iteration_flow(config, context, state, iteration)
             state, phases = result.state, phases | result.phases
-            history.append(record_iteration(parent, context, result, config.evaluation.n_samples_logged))
-            sft_gold = result.evaluation.metrics[catalog.EVALUATION.key("sft_gold_reward")]
+            row, registration = record_iteration(tracker, parent, context=context, result=result, config=config)
+            history.append(row)
+            publishing.iteration_artifacts(
+                lineage=config.lineage,
+                history=history,
+                samples=read_rows(fetch(context, result.evaluation) / SAMPLES_FILE),
+                mlflow_url=run_url,
+                policy_uri=state.policy.ref.uri,
+                registration=registration,
+            )
         parent.log_dict({"phases": phases, "final_policy": state.policy.artifact}, catalog.PIPELINE_ARTIFACT)
-        finish(parent, lineage, state, history, sft_gold=sft_gold)
+        finish(tracker, parent, lineage=lineage, state=state, registration=registration, artifacts_uri=artifacts_uri)
         return {
-            "sft": {"gold_reward": sft_gold},
+            "sft": {"gold_reward": history[-1]["sft_gold_reward"]},
             "iterations": history,
             "lineage": config.lineage,
             "mlflow_tracking_uri": tracking_uri,
             "mlflow_run_id": parent.run_id,
             "prefect_flow_run_id": flow_run_id,
-            "artifacts_uri": context.store.full_uri(config.storage.prefix),
+            "artifacts_uri": artifacts_uri,
             "final_policy_uri": state.policy.ref.uri,
+            **registration.summary(),
             "phases": phases,
         }

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.datasets import read_rows
-from rlhf_core.data import load_gold_scorer
+from rlhf_core.data import load_gold_breakdown, load_gold_scorer
 from rlhf_core.preferences import PreferencePair
-from rlhf_core.types import GoldScorer
+from rlhf_core.types import GoldBreakdown, GoldScorer
 
 SPLITS = ("sft", "preference", "ppo", "eval")
 USER_SPLITS = SPLITS[1:]  # the SFT split is the demonstrations' prompts
@@ -52,10 +52,19 @@ def read_pairs(pairs_dir: Path) -> list[PreferencePair]:
     return [PreferencePair(**row) for row in read_rows(pairs_dir / PAIRS_FILE)]
 
 
+def _judge_spec(data_dir: Path) -> str | None:
+    path = data_dir / JUDGE_FILE
+    return json.loads(path.read_text())["gold_reward"] if path.exists() else None
+
+
 def data_judge(data_dir: Path) -> GoldScorer:
     """The gold judge a data artifact was prepared with."""
-    path = data_dir / JUDGE_FILE
-    return load_gold_scorer(json.loads(path.read_text())["gold_reward"] if path.exists() else None)
+    return load_gold_scorer(_judge_spec(data_dir))
+
+
+def data_judge_breakdown(data_dir: Path) -> GoldBreakdown | None:
+    """That judge's reward attribute by attribute, where it has attributes (the toy world's)."""
+    return load_gold_breakdown(_judge_spec(data_dir))
 
 
 def reward_init_dir(data_dir: Path, sft_dir: Path) -> Path:

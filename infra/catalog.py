@@ -157,6 +157,9 @@ EVALUATION = Phase(
         "distinct_1": "Distinct unigrams over all unigrams of the policy's responses.",
         "distinct_2": "Distinct bigrams over all bigrams of the policy's responses.",
         "sft_distinct_2": "The same for the SFT model's responses.",
+        "gold/{attribute}": "One attribute of the gold reward (on_topic, polite, length, ...), mean over the "
+        "policy's responses, where the judge has attributes (the toy world's); the attributes sum to gold_reward.",
+        "sft_gold/{attribute}": "The same for the SFT model's responses.",
     },
 )
 
@@ -180,6 +183,9 @@ ITERATION = Phase(
     {
         "win_rate_vs_sft": EVALUATION.metrics["win_rate_vs_sft"],
         "gold_reward": EVALUATION.metrics["gold_reward"],
+        "sft_gold_reward": EVALUATION.metrics["sft_gold_reward"],
+        "gold/{attribute}": EVALUATION.metrics["gold/{attribute}"],
+        "sft_gold/{attribute}": EVALUATION.metrics["sft_gold/{attribute}"],
         "reward": EVALUATION.metrics["reward"],
         "kl": EVALUATION.metrics["kl"],
         "entropy": EVALUATION.metrics["entropy"],
@@ -189,7 +195,17 @@ ITERATION = Phase(
         "human_win_rate_vs_sft": HUMAN_EVALUATION.metrics["win_rate_vs_sft"] + " (with evaluation.human_pairs)",
     },
 )
-EVALUATION_SUMMARY = ("win_rate_vs_sft", "gold_reward", "reward", "kl", "entropy", "response_length")
+EVALUATION_SUMMARY = (
+    "win_rate_vs_sft",
+    "gold_reward",
+    "sft_gold_reward",
+    "reward",
+    "kl",
+    "entropy",
+    "response_length",
+)
+# MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes, system/gpu_...)
+# go to every phase run at tracking.system_metrics_interval; MLflow names them, not this catalog.
 
 PHASES = {
     phase.namespace: phase for phase in (DATA, SFT, PREFERENCES, REWARD, PPO, EVALUATION, HUMAN_EVALUATION, ITERATION)
@@ -204,10 +220,25 @@ def pipeline_run_name(flow_run_name: str | None) -> str:
 # phase run its own section of it and ``seed``.
 
 TAG_FLOW_RUN = "prefect_flow_run_id"
+TAG_FLOW_RUN_URL = "prefect_flow_run_url"
 TAG_LINEAGE = "lineage"
 TAG_RESUMED_FROM = "rlhf.resumed_from_step"
+TAG_CODE_VERSION = "rlhf.code_version"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_REGISTERED_MODEL = "rlhf.registered_model"
+TAG_CHAMPION = "rlhf.champion"
+TAG_ARTIFACTS_URI = "rlhf.artifacts_uri"
+TAG_POLICY_URI = "rlhf.final_policy_uri"
 TAGS = {
     TAG_FLOW_RUN: "The Prefect flow run this pipeline run is (pipeline run).",
+    TAG_FLOW_RUN_URL: "That flow run's page in the Prefect UI, where the UI's address is known (pipeline run).",
+    TAG_CODE_VERSION: "Digest of the phases' source code, the one their cache keys use (pipeline and phase runs).",
+    TAG_GIT_COMMIT: "The git commit of the source, where it runs from a git checkout (pipeline run).",
+    TAG_REGISTERED_MODEL: "The final policy's registered version: name, version, alias, as JSON (pipeline run).",
+    TAG_CHAMPION: "The champion version after the run: name, version, iteration, metric, value, as JSON (pipeline "
+    "run).",
+    TAG_ARTIFACTS_URI: "Where the run's artifacts are in the object store (pipeline run).",
+    TAG_POLICY_URI: "The final policy's folder in the object store (pipeline run).",
     TAG_LINEAGE: "The lineage the run continues, empty for a standalone run (pipeline run).",
     TAG_RESUMED_FROM: "The checkpoint step a phase resumed from after a crash (phase run).",
 }
@@ -215,7 +246,12 @@ TAGS = {
 SAMPLES_ARTIFACT = "samples/iteration_{iteration:03d}.json"
 PLOT_ARTIFACT = "plots/iterations.png"
 PIPELINE_ARTIFACT = "pipeline.json"
+CONFIG_ARTIFACT = "config.yaml"
+REPORT_ARTIFACT = "report.html"
 ARTIFACTS = {
+    CONFIG_ARTIFACT: "The run's whole config, secrets left out (pipeline run).",
+    REPORT_ARTIFACT: "The report: the iterations' table and plots, sample completions, links (pipeline run; also "
+    "the run's description).",
     SAMPLES_ARTIFACT: "Sample completions, policy beside SFT, with their gold rewards (a table; pipeline run).",
     PLOT_ARTIFACT: "The iteration metrics against iteration, SFT as iteration 0 (pipeline run).",
     PIPELINE_ARTIFACT: "Each phase's state (Completed, Cached, Reused) and the final policy's artifact (pipeline run).",

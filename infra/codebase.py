@@ -61,3 +61,18 @@ def all_modules() -> list[str]:
         for path in (PACKAGE_ROOT / package).glob("*.py")
         if path.name != "__init__.py"
     )
+
+
+def git_commit() -> str | None:
+    """The commit the project's source is checked out at, None outside a git checkout (an installed wheel)."""
+    import subprocess
+
+    if not (PACKAGE_ROOT / ".git").exists():
+        return None
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PACKAGE_ROOT, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None

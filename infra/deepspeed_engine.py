@@ -6,6 +6,7 @@ with the DeepSpeed config built here, in Python, from the phase's settings (no J
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Any, Literal
@@ -15,6 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from rlhf_core.engine import Optimization, optimizer_and_scheduler
+
+
+class _CpuFallbackNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Setting accelerator to CPU" not in record.getMessage()
+
+
+def quiet_unused_deepspeed() -> None:
+    """Drop DeepSpeed's "Setting accelerator to CPU" notice in a run that does not use DeepSpeed: accelerate's
+    ``save_pretrained`` path imports DeepSpeed whenever it is installed, and that import warns on a machine without a
+    GPU. The filter sits on the logger DeepSpeed creates at import, so it must be added before that import."""
+    logging.getLogger("DeepSpeed").addFilter(_CpuFallbackNotice())
 
 
 class DeepSpeedConfig(BaseModel):

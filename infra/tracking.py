@@ -6,6 +6,7 @@ active run, so nested and parallel runs in one process cannot interfere.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -13,25 +14,35 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per report download clutters logs
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag  # noqa: E402
 from mlflow.entities.lifecycle_stage import LifecycleStage  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.tracking.context.registry import resolve_tags  # noqa: E402
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID  # noqa: E402
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH  # noqa: E402
 from pydantic import BaseModel, SecretBytes, SecretStr  # noqa: E402
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["RunLogger", "Tracker", "default_tracking_uri", "flatten_params", "plot_iterations", "redact"]
+__all__ = [
+    "DatasetRecord",
+    "RunLogger",
+    "Tracker",
+    "default_tracking_uri",
+    "flatten_params",
+    "redact",
+    "system_metrics",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -143,16 +154,17 @@ class RunLogger:
         self.client = client
         self.run_id = run_id
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Log ``metrics`` at ``step`` in one batch call; NaN/inf values are skipped with a warning."""
-        timestamp = int(time.time() * 1000)
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, model_id: str | None = None) -> None:
+        """Log ``metrics`` at ``step`` in one batch call (also against the LoggedModel ``model_id``, whose page in
+        MLflow then shows them); NaN/inf values are skipped with a warning."""
+        timestamp, step = int(time.time() * 1000), 0 if step is None else int(step)
         batch = []
         for key, value in metrics.items():
             value = float(value)
             if not math.isfinite(value):
                 logger.warning("Skipping non-finite metric %s=%s (step %s) for run %s", key, value, step, self.run_id)
                 continue
-            batch.append(Metric(key, value, timestamp, 0 if step is None else int(step)))
+            batch.append(Metric(key, value, timestamp, step, model_id=model_id, run_id=self.run_id))
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
@@ -206,6 +218,45 @@ class RunLogger:
     def log_artifact_dir(self, local_dir: Path, artifact_path: str | None = None) -> None:
         """Upload the contents of ``local_dir`` under ``artifact_path`` (run root if None)."""
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """A dataset a run read: its name, content digest, where it lives and what it was for (``training``,
+    ``evaluation``)."""
+
+    name: str
+    digest: str
+    source: str
+    context: str = "training"
+    rows: int | None = None
+
+    def as_input(self) -> DatasetInput:
+        profile = json.dumps({"num_rows": self.rows}) if self.rows is not None else None
+        dataset = Dataset(self.name, self.digest, "rlhf-object-store", json.dumps({"uri": self.source}), None, profile)
+        return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, self.context)])
+
+
+@contextmanager
+def system_metrics(tracking_uri: str, run_id: str, interval: float) -> Iterator[None]:
+    """CPU, memory, disk, network (and GPU where present) to the run as ``system/...`` every ``interval`` seconds,
+    and once at the end, so a phase shorter than the interval still has a sample; ``interval`` 0: off."""
+    if interval <= 0:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # it says "started", "stopped" each phase
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=tracking_uri)
+    monitor.collect_metrics()
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
 
 
 class Tracker:
@@ -272,35 +323,11 @@ class Tracker:
         finally:
             self.client.set_terminated(run_logger.run_id, RunStatus.to_string(status))
 
+    def log_datasets(self, run_id: str, datasets: list[DatasetRecord]) -> None:
+        """Record ``datasets`` as the run's inputs (MLflow's Datasets column and lineage), by content digest."""
+        self.client.log_inputs(run_id, datasets=[d.as_input() for d in datasets])
+
     def resume(self, run_id: str) -> RunLogger:
         """A logger for an existing run; does not change its status."""
         self.client.get_run(run_id)  # fail fast on an unknown id
         return RunLogger(self.client, run_id)
-
-
-def plot_iterations(history: list[Mapping[str, float]], keys: list[str]) -> Figure:
-    """One subplot per metric key against ``iteration`` (line + markers), titled with the key.
-
-    Builds a bare ``Figure`` (rendered by Agg on save) instead of using pyplot, so no display is
-    needed, the global backend is untouched and figures are not kept alive by pyplot.
-    """
-    from matplotlib.figure import Figure
-
-    if not keys:
-        raise ValueError("plot_iterations needs at least one key")
-    ordered = sorted(history, key=lambda h: h["iteration"])
-    ncols = min(3, len(keys))
-    nrows = math.ceil(len(keys) / ncols)
-    fig = Figure(figsize=(4.5 * ncols, 3.2 * nrows), layout="constrained")
-    axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
-    for ax, key in zip(axes, keys, strict=False):
-        points = [(h["iteration"], float(h[key])) for h in ordered if key in h and math.isfinite(h[key])]
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o")
-        ax.set_title(key)
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-    for ax in axes[len(keys) :]:
-        ax.set_visible(False)
-    return fig

@@ -9,7 +9,7 @@ import re
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rlhf_core import world
-from rlhf_core.types import GoldScorer
+from rlhf_core.types import GoldBreakdown, GoldScorer
 from rlhf_core.world import WorldConfig
 
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
@@ -97,3 +97,8 @@ def load_gold_scorer(spec: str | None) -> GoldScorer:
     if not callable(scorer):
         raise ValueError(f"data.gold_reward={spec!r}: not a function")
     return scorer
+
+
+def load_gold_breakdown(spec: str | None) -> GoldBreakdown | None:
+    """The judge's reward attribute by attribute where it has attributes: the toy world's (for None) does."""
+    return world.gold_components if spec is None else None

@@ -12,7 +12,7 @@ from rlhf_core.labelers import HumanLabel, LabelingPair
 from rlhf_core.losses import masked_mean, masked_sum
 from rlhf_core.modeling import Samples, response_logprobs, sample_responses
 from rlhf_core.reward import RewardFunction
-from rlhf_core.types import GoldScorer
+from rlhf_core.types import GoldBreakdown, GoldScorer
 
 
 class EvalConfig(BaseModel):
@@ -64,9 +64,11 @@ def evaluate_policy(
     gold_fn: GoldScorer | None,
     config: EvalConfig,
     seed: int,
+    gold_breakdown: GoldBreakdown | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """One sample per prompt from the policy and from the SFT model (also the KL reference).
-    Returns the summary metrics and the completions, a row per prompt."""
+    Returns the summary metrics (with ``gold_breakdown``, the mean of each gold attribute as ``gold/<name>`` and
+    ``sft_gold/<name>``) and the completions, a row per prompt."""
     torch.manual_seed(seed)
     policy_batches = _sample(policy, tokenizer, prompts, config)
     sft_batches = _sample(sft_model, tokenizer, prompts, config)
@@ -113,6 +115,10 @@ def evaluate_policy(
         }
         for row, pg, sg in zip(rows, policy_gold, sft_gold, strict=True):
             row |= {"policy_gold": pg, "sft_gold": sg}
+    if gold_breakdown is not None:
+        for side, texts in (("gold", policy_texts), ("sft_gold", sft_texts)):
+            parts = [gold_breakdown(p, t) for p, t in zip(prompts, texts, strict=True)]
+            metrics |= {f"{side}/{name}": sum(part[name] for part in parts) / len(parts) for name in parts[0]}
     return metrics, rows
 
 

@@ -10,3 +10,5 @@ MetricsCallback = Callable[[dict[str, float], int], None]
 
 # ``gold(prompts, responses) -> one float per response``: the hidden judge behind simulated labelers and evaluation.
 GoldScorer = Callable[[list[str], list[str]], list[float]]
+# (prompt, response) -> the gold reward attribute by attribute, the parts summing to the gold reward
+GoldBreakdown = Callable[[str, str], dict[str, float]]

@@ -20,7 +20,7 @@ import requests
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.artifacts import PhaseInputs
-from infra.catalog import TAG_RESUMED_FROM, Phase
+from infra.catalog import TAG_CODE_VERSION, TAG_RESUMED_FROM, Phase
 from infra.checkpoints import StoreCheckpointer
 from infra.codebase import PACKAGE_ROOT, import_closure
 from infra.credentials import open_configured_store
@@ -62,6 +62,7 @@ class TrackingContext(BaseModel):
     tracking_uri: str
     experiment: str
     parent_run_id: str | None = None
+    system_metrics_interval: float = 0.0  # seconds; 0: no system metrics
 
 
 class RunContext(BaseModel):
@@ -87,6 +88,7 @@ class PhaseOutput(BaseModel):
 
     artifact: dict[str, str]
     metrics: dict[str, float] = {}
+    mlflow_run_id: str | None = None  # the MLflow run that made it (None without tracking)
 
     @property
     def ref(self) -> ArtifactRef:
@@ -211,14 +213,16 @@ def publish(
     metrics: dict[str, float],
     parents: dict[str, Any] | None = None,
     iteration: int | None = None,
+    mlflow_run_id: str | None = None,
 ) -> PhaseOutput:
     """Upload a finished artifact folder (manifest last, recording the phase, its iteration, the artifacts it was
-    made from, its config, seed and metrics) and return its reference."""
+    made from, its config, seed, metrics and MLflow run) and return its reference."""
     metadata = {"phase": phase, "config": config.model_dump(), "seed": seed, "metrics": metrics}
     metadata |= {"parents": parents} if parents is not None else {}
     metadata |= {"iteration": iteration} if iteration is not None else {}
+    metadata |= {"mlflow_run_id": mlflow_run_id} if mlflow_run_id is not None else {}
     ref = upload_dir(context.store, local_dir, key, metadata=metadata)
-    return PhaseOutput(artifact=ref.to_dict(), metrics=metrics)
+    return PhaseOutput(artifact=ref.to_dict(), metrics=metrics, mlflow_run_id=mlflow_run_id)
 
 
 def existing_output(context: RunContext, key: str) -> PhaseOutput | None:
@@ -227,8 +231,10 @@ def existing_output(context: RunContext, key: str) -> PhaseOutput | None:
     if not is_complete(context.store, key):
         return None
     manifest = read_manifest(context.store, key) or {}
-    ref = ArtifactRef(context.store.full_uri(key), key, manifest["digest"])
-    return PhaseOutput(artifact=ref.to_dict(), metrics=manifest.get("metadata", {}).get("metrics", {}))
+    ref, metadata = ArtifactRef(context.store.full_uri(key), key, manifest["digest"]), manifest.get("metadata", {})
+    return PhaseOutput(
+        artifact=ref.to_dict(), metrics=metadata.get("metrics", {}), mlflow_run_id=metadata.get("mlflow_run_id")
+    )
 
 
 ProgressHook = Callable[[str, int, int], None]
@@ -306,14 +312,18 @@ def tracked(
 ) -> Iterator[PhaseLog]:
     """A metrics callback for one phase: an MLflow child run of the pipeline run (when tracking is on),
     plus progress for whoever listens (the CLI's progress bars)."""
-    from infra.tracking import Tracker
+    from infra.tracking import Tracker, system_metrics
 
     if context.tracking is None:
         yield PhaseLog(phase, iteration, total_steps)
         return
     tracking = context.tracking
     tracker = Tracker(tracking.tracking_uri, tracking.experiment)
-    with tracker.run(phase.run(iteration), params=params, parent_run_id=tracking.parent_run_id) as run:
+    tags = {TAG_CODE_VERSION: code_version()}
+    with (
+        tracker.run(phase.run(iteration), params=params, parent_run_id=tracking.parent_run_id, tags=tags) as run,
+        system_metrics(tracking.tracking_uri, run.run_id, tracking.system_metrics_interval),
+    ):
         yield PhaseLog(phase, iteration, total_steps, run)
 
 
@@ -359,6 +369,10 @@ class Workspace:
     log: PhaseLog
     checkpointer: StoreCheckpointer | None
     out_dir: Path
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        return self.log.run.run_id if self.log.run is not None else None
 
 
 @contextmanager

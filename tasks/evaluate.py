@@ -6,7 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from infra.artifacts import METRICS_FILE, SAMPLES_FILE, PhaseInputs, data_judge, read_prompts
+from infra.artifacts import METRICS_FILE, SAMPLES_FILE, PhaseInputs, data_judge, data_judge_breakdown, read_prompts
 from infra.catalog import EVALUATION, HUMAN_EVALUATION
 from infra.datasets import read_rows, write_rows
 from infra.labeling import read_batch, read_imports, write_batch
@@ -39,7 +39,15 @@ def run_evaluation(
     reward_fn = load_reward_function(inputs.reward, tokenizer, trust_remote_code) if inputs.reward else None
     prompts, judge = read_prompts(inputs.data, "eval"), data_judge(inputs.data)
     metrics, rows = evaluate_policy(
-        policy, sft, tokenizer, prompts, reward_fn=reward_fn, gold_fn=judge, config=config, seed=seed
+        policy,
+        sft,
+        tokenizer,
+        prompts,
+        reward_fn=reward_fn,
+        gold_fn=judge,
+        gold_breakdown=data_judge_breakdown(inputs.data),
+        config=config,
+        seed=seed,
     )
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     write_rows(out_dir / SAMPLES_FILE, rows)
@@ -73,6 +81,7 @@ def evaluate_task(
             context,
             key,
             work.out_dir,
+            mlflow_run_id=work.mlflow_run_id,
             phase="evaluate",
             iteration=iteration,
             config=config,
@@ -128,6 +137,7 @@ def human_evaluation_task(
             context,
             key,
             work.out_dir,
+            mlflow_run_id=work.mlflow_run_id,
             phase="human-evaluation",
             iteration=iteration,
             config=config,

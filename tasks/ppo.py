@@ -141,6 +141,7 @@ def ppo_task(
             context,
             key,
             work.out_dir,
+            mlflow_run_id=work.mlflow_run_id,
             phase="ppo",
             iteration=iteration,
             config=config,

@@ -131,6 +131,7 @@ def reward_task(
             context,
             key,
             work.out_dir,
+            mlflow_run_id=work.mlflow_run_id,
             phase="train-reward-model",
             iteration=iteration,
             config=config,

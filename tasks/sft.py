@@ -88,6 +88,7 @@ def sft_task(
             context,
             key,
             work.out_dir,
+            mlflow_run_id=work.mlflow_run_id,
             phase="sft",
             config=config,
             seed=seed,

@@ -157,6 +157,87 @@ def test_end_to_end_run_writes_summary_artifacts_and_tracking(first_run: dict, w
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_run_registers_each_policy_and_records_provenance(first_run: dict, pipeline_env: dict):
+    result, client = first_run, MlflowClient(first_run["mlflow_tracking_uri"], first_run["mlflow_tracking_uri"])
+    parent = client.get_run(result["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    ppo_runs = {r.info.run_name: r.info.run_id for r in children if r.info.run_name.endswith("/ppo")}
+
+    # a logged model per iteration, linked to the PPO run that trained it, with the evaluation logged against it
+    models = client.search_logged_models([parent.info.experiment_id])
+    by_name = {m.name: m for m in models}
+    assert sorted(by_name) == ["policy-iteration-1", "policy-iteration-2"]
+    for k, row in enumerate(result["iterations"], start=1):
+        model = by_name[f"policy-iteration-{k}"]
+        assert model.source_run_id == ppo_runs[f"iteration-{k}/ppo"]
+        logged = {m.key: m.value for m in model.metrics}
+        assert logged["iteration/win_rate_vs_sft"] == pytest.approx(row["win_rate_vs_sft"])
+
+    # a version per iteration; the champion is the first best iteration on the gold win rate, "newest" the last
+    win_rates = [row["win_rate_vs_sft"] for row in result["iterations"]]
+    best = win_rates.index(max(win_rates)) + 1
+    versions = {int(v.tags["rlhf.iteration"]): str(v.version) for v in client.search_model_versions("name = 'rlhf'")}
+    assert sorted(versions) == [1, 2]
+    assert result["registered_model"] == {
+        "name": "rlhf",
+        "version": versions[2],
+        "alias": "champion" if best == 2 else "newest",
+    }
+    assert result["champion"] == {
+        "name": "rlhf",
+        "version": versions[best],
+        "iteration": best,
+        "metric": "win_rate_vs_sft",
+        "value": pytest.approx(max(win_rates)),
+    }
+    assert str(client.get_model_version_by_alias("rlhf", "champion").version) == versions[best]
+    assert str(client.get_model_version_by_alias("rlhf", "newest").version) == versions[2]
+
+    # inputs with content digests, provenance tags, system metrics, the report as description and artifact
+    inputs = {i.dataset.name: i.dataset.digest for i in parent.inputs.dataset_inputs}
+    assert set(inputs) == {"prompts", "demonstrations", "preferences-iteration-1", "preferences-iteration-2"}
+    assert all(re.fullmatch(r"[0-9a-f]{16}", digest) for digest in inputs.values())
+    from tasks.common import code_version
+
+    assert parent.data.tags["rlhf.code_version"] == code_version()
+    assert parent.data.tags["prefect_flow_run_id"] == result["prefect_flow_run_id"]
+    assert all(r.data.tags["rlhf.code_version"] == code_version() for r in children)
+    assert all("system/cpu_utilization_percentage" in r.data.metrics for r in children)
+    note = parent.data.tags["mlflow.note.content"]
+    assert "## Iterations" in note and f"{result['iterations'][-1]['win_rate_vs_sft']:.3f}" in note
+    assert {"report.html", "config.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    # Prefect: per iteration a table, samples and links under stable keys (the table's history: one per iteration)
+    artifacts = prefect_artifacts(pipeline_env, result["prefect_flow_run_id"])
+    keys = [a["key"] for a in artifacts]
+    assert sorted(set(keys)) == ["rlhf-iterations", "rlhf-mlflow-run", "rlhf-policy", "rlhf-report", "rlhf-samples"]
+    assert keys.count("rlhf-iterations") == 2 and keys.count("rlhf-report") == 1
+    table = json.loads(max((a for a in artifacts if a["key"] == "rlhf-iterations"), key=lambda a: a["created"])["data"])
+    assert [row["iteration"] for row in table] == [1, 2]
+    assert table[-1]["win_rate_vs_sft"] == pytest.approx(win_rates[-1], abs=1e-4)
+    policy_links = [a["data"] for a in artifacts if a["key"] == "rlhf-policy"]
+    assert any(result["final_policy_uri"] in link for link in policy_links)
+
+
+def prefect_artifacts(env: dict, flow_run_id: str) -> list[dict]:
+    """The artifacts a flow run created, read through Prefect's API from the database the run used."""
+    code = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+
+async def main():
+    async with get_client() as client:
+        found = await client.read_artifacts()
+    print(json.dumps([{"key": a.key, "data": a.data, "created": str(a.created), "flow_run_id": str(a.flow_run_id)}
+                      for a in found]))
+
+asyncio.run(main())
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [a for a in json.loads(proc.stdout.strip().splitlines()[-1]) if a["flow_run_id"] == flow_run_id]
+
+
 def test_rerun_of_the_same_config_is_served_from_cache(first_run: dict, workdir: Path, pipeline_env: dict):
     before = sorted(p.as_posix() for p in Path(first_run["artifacts_uri"]).rglob("MANIFEST.json"))
     rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db")

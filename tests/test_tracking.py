@@ -15,7 +15,8 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from pydantic import SecretStr
 
-from infra.tracking import EXPERIMENT_KIND_TAG, Tracker, default_tracking_uri, flatten_params, plot_iterations
+from infra.report import Report, plot_report
+from infra.tracking import EXPERIMENT_KIND_TAG, Tracker, default_tracking_uri, flatten_params
 
 SECRET = "sk-test-SECRET-123"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -168,13 +169,13 @@ def test_table_and_plot_land_in_experiment_artifact_location(store: Store) -> No
         }
         for i in range(4)
     ]
-    keys = ["gold_reward", "reward", "kl", "entropy", "response_length"]
     rows = [
         {"prompt": "Say hi.", "response": "hi", "reward": 0.5},
         {"prompt": "Count to 2.", "response": "1 2", "reward": 1.25},
     ]
-    fig = plot_iterations(history, keys)
-    assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == keys
+    fig = plot_report(Report("run", rows=history[1:]))
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles[1:4] == ["gold reward", "RM score (renormalized each iteration)", "KL to SFT (nats/response)"]
     with store.tracker.run("artifacts") as run:
         run.log_table(rows, "samples/iteration_1.json")
         run.log_figure(fig, "plots/iterations.png")

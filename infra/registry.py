@@ -1,0 +1,208 @@
+"""The model registry: each iteration's policy as an MLflow ``LoggedModel`` linked to its PPO run, and a version of
+the lineage's registered model (``rlhf-<lineage>``, ``rlhf`` without one) with the aliases ``newest`` (always) and
+``champion`` (only when the iteration beats the current champion on the configured metric).
+
+Weights: a policy up to ``copy_weights_max_mb`` is copied into MLflow whole, so MLflow alone can serve it; a larger
+one is logged without its weight files and found by its object-store location, recorded on the model and version as
+``rlhf.policy_uri`` (``rlhf export`` fetches it from there through the project's store and its credentials, the one
+way every phase reads artifacts). MLflow could resolve an ``s3://`` source itself, but only with credentials of its
+own, and an MLflow server refuses a local-folder source outside the run's artifacts.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities import LoggedModel, LoggedModelStatus
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.tracking import MlflowClient
+
+# MLflow reserves the alias "latest" (``models:/<name>/latest`` already means the newest version): ours is "newest".
+NEWEST, CHAMPION = "newest", "champion"
+TAG_ITERATION = "rlhf.iteration"
+TAG_POLICY_URI = "rlhf.policy_uri"
+TAG_POLICY_KEY = "rlhf.policy_key"
+TAG_POLICY_DIGEST = "rlhf.policy_digest"
+TAG_WEIGHTS = "rlhf.weights"  # "in MLflow" or "in the object store only"
+TAG_PIPELINE_RUN = "rlhf.pipeline_run_id"
+METRIC_TAG = "rlhf.metric.{name}"  # a version's evaluation metrics, what the champion is compared on
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_NOT_IN_AN_EXPORT = ("MANIFEST.json", ".complete")  # the store's bookkeeping, not the model's
+
+
+def registered_model_name(lineage: str | None) -> str:
+    return f"rlhf-{lineage}" if lineage else "rlhf"
+
+
+@dataclass(frozen=True)
+class PolicyLocation:
+    """Where a policy artifact lives in the object store."""
+
+    uri: str
+    key: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One iteration's registered version and the champion after it (what the pipeline's summary reports)."""
+
+    name: str
+    version: str
+    model_id: str
+    iteration: int
+    alias: str  # "champion" when this version took it, else "newest"
+    champion_version: str
+    champion_iteration: int
+    metric: str
+    value: float
+
+    def summary(self) -> dict[str, dict]:
+        """The summary JSON's ``registered_model`` and ``champion`` entries."""
+        return {
+            "registered_model": {"name": self.name, "version": self.version, "alias": self.alias},
+            "champion": {
+                "name": self.name,
+                "version": self.champion_version,
+                "iteration": self.champion_iteration,
+                "metric": self.metric,
+                "value": self.value,
+            },
+        }
+
+
+def _model_files(policy_dir: Path, *, copy_weights: bool) -> Path:
+    """A temporary copy of the policy folder without the store's bookkeeping (and without weights unless asked)."""
+    staged = Path(tempfile.mkdtemp(prefix="rlhf-model-"))
+    for path in policy_dir.rglob("*"):
+        rel = path.relative_to(policy_dir)
+        if path.is_dir() or rel.name in _NOT_IN_AN_EXPORT or (not copy_weights and path.suffix in WEIGHT_SUFFIXES):
+            continue
+        (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, staged / rel)
+    return staged
+
+
+def weights_mb(policy_dir: Path) -> float:
+    return sum(p.stat().st_size for p in policy_dir.rglob("*") if p.suffix in WEIGHT_SUFFIXES) / 2**20
+
+
+def log_policy_model(
+    client: MlflowClient,
+    experiment_id: str,
+    *,
+    policy_dir: Path,
+    location: PolicyLocation,
+    iteration: int,
+    source_run_id: str | None,
+    pipeline_run_id: str,
+    copy_weights_max_mb: float,
+) -> LoggedModel:
+    """The policy as a READY ``LoggedModel`` named ``policy-iteration-<k>``, linked to the run that trained it."""
+    copy_weights = weights_mb(policy_dir) <= copy_weights_max_mb
+    if source_run_id is not None:
+        try:
+            client.get_run(source_run_id)
+        except MlflowException:  # trained under another tracking server, and found in the cache
+            source_run_id = None
+    tags = {
+        TAG_ITERATION: str(iteration),
+        TAG_POLICY_URI: location.uri,
+        TAG_POLICY_KEY: location.key,
+        TAG_POLICY_DIGEST: location.digest,
+        TAG_WEIGHTS: "in MLflow" if copy_weights else "in the object store only",
+        TAG_PIPELINE_RUN: pipeline_run_id,
+    }
+    model = client.create_logged_model(
+        experiment_id, name=f"policy-iteration-{iteration}", source_run_id=source_run_id, tags=tags, model_type="policy"
+    )
+    staged = _model_files(policy_dir, copy_weights=copy_weights)
+    try:
+        client.log_model_artifacts(model.model_id, str(staged))
+    except BaseException:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+
+
+def _champion(client: MlflowClient, name: str):
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as e:
+        if e.error_code not in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), "INVALID_PARAMETER_VALUE"):
+            raise
+        return None
+
+
+def register_iteration(
+    client: MlflowClient,
+    *,
+    name: str,
+    model: LoggedModel,
+    run_id: str,
+    iteration: int,
+    metrics: dict[str, float],
+    champion_metric: str,
+) -> Registration:
+    """A new version of ``name`` for ``model``, aliased ``newest``, and ``champion`` when its ``champion_metric``
+    is higher than the current champion's (or there is none, or the champion has no value for that metric)."""
+    if champion_metric not in metrics:
+        raise ValueError(
+            f"tracking.champion_metric={champion_metric!r}: the iteration has no such metric (it has {sorted(metrics)})"
+        )
+    try:
+        client.create_registered_model(name, description="RLHF policies, a version per pipeline iteration.")
+    except MlflowException as e:
+        if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    tags = {TAG_ITERATION: str(iteration), **{METRIC_TAG.format(name=k): repr(float(v)) for k, v in metrics.items()}}
+    tags |= {k: v for k, v in model.tags.items() if k.startswith("rlhf.policy")}
+    # The model's artifact location, not "models:/<id>": MLflow's SQL registry resolves that through the global
+    # tracking URI rather than this client's.
+    version = client.create_model_version(
+        name, source=model.artifact_location, run_id=run_id, tags=tags, model_id=model.model_id
+    ).version
+    client.set_registered_model_alias(name, NEWEST, version)
+    value = float(metrics[champion_metric])
+    current = _champion(client, name)
+    held = current.tags.get(METRIC_TAG.format(name=champion_metric)) if current is not None else None
+    if held is None or value > float(held):
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return Registration(
+            name, str(version), model.model_id, iteration, CHAMPION, str(version), iteration, champion_metric, value
+        )
+    return Registration(
+        name,
+        str(version),
+        model.model_id,
+        iteration,
+        NEWEST,
+        str(current.version),
+        int(current.tags[TAG_ITERATION]),
+        champion_metric,
+        float(held),
+    )
+
+
+def find_version(client: MlflowClient, name: str, *, alias: str | None = None, iteration: int | None = None):
+    """The version of ``name`` with ``alias``, or the newest one registered for ``iteration``; LookupError says
+    what exists."""
+    if alias is not None:
+        try:
+            return client.get_model_version_by_alias(name, alias)
+        except MlflowException as e:
+            raise LookupError(f"registered model {name!r} has no version with alias {alias!r}: {e.message}") from e
+    versions = client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        raise LookupError(f"no registered model {name!r} (or it has no versions)")
+    matching = [v for v in versions if iteration is None or v.tags.get(TAG_ITERATION) == str(iteration)]
+    if not matching:
+        have = sorted({int(v.tags[TAG_ITERATION]) for v in versions if TAG_ITERATION in v.tags})
+        raise LookupError(f"registered model {name!r} has no version for iteration {iteration} (it has {have})")
+    return max(matching, key=lambda v: int(v.version))
