@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/rlhf run $(ARGS)
 
-test: $(STAMP)
+# The report test renders in a real browser: Debian's chromium, installed once (needs apt, as root).
+browser:
+	@command -v chromium >/dev/null || apt-get install -y -qq chromium >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from flows.console import ConfigOpt, OverridesOpt, console, fail, load_or_exit
 from flows.label_cli import label_app
+from flows.results_cli import export, report
 from flows.stack_cli import stack_app
 
 if TYPE_CHECKING:
@@ -25,6 +26,8 @@ app.add_typer(stack_app, name="stack")
 lineage_app = typer.Typer(help="Inspect a lineage or break its stale lock.", no_args_is_help=True)
 app.add_typer(lineage_app, name="lineage")
 app.add_typer(label_app, name="label")
+app.command()(export)
+app.command()(report)
 
 
 def print_version(show: bool) -> None:

@@ -53,6 +53,7 @@ class Report:
     links: dict[str, str] = field(default_factory=dict)  # label -> URL or URI
     facts: dict[str, str] = field(default_factory=dict)  # label -> value: runs, registered model, champion
     config: dict[str, Any] = field(default_factory=dict)
+    datasets: dict[str, str] = field(default_factory=dict)  # name -> content digest: the runs' MLflow inputs
     generated_at: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
 
     @property
@@ -144,7 +145,8 @@ def build_report(client: MlflowClient, runs: list[Any], tracking_uri: str) -> Re
     artifacts = {f.path for f in client.list_artifacts(run_id)}
     config = _artifact_data(client, run_id, catalog.CONFIG_ARTIFACT) if catalog.CONFIG_ARTIFACT in artifacts else {}
     samples = _samples(client, run_id, int(rows[-1]["iteration"])) if rows else []
-    return Report(title=title, rows=rows, samples=samples, links=links, facts=facts, config=config)
+    datasets = {i.dataset.name: i.dataset.digest for run in runs for i in run.inputs.dataset_inputs}
+    return Report(title=title, rows=rows, samples=samples, links=links, facts=facts, config=config, datasets=datasets)
 
 
 def plot_report(report: Report) -> Figure:
@@ -218,10 +220,19 @@ def _table(headings: list[str], rows: list[list[Any]], width: int = 0) -> list[s
     return lines + ["| " + " | ".join(_cell(v, width) for v in row) + " |" for row in rows]
 
 
+def iterations_markdown(report: Report) -> str:
+    """The per-iteration table (SFT first) and what its RM score means."""
+    columns = [c for c in COLUMNS if any(c in r for r in report.rows)]
+    at_sft = {"win_rate_vs_sft": 0.5, "gold_reward": report.sft_gold_reward, "kl": 0.0}
+    rows = [["SFT", *[at_sft.get(c, "–") for c in columns]]]
+    rows += [[int(r["iteration"]), *[r.get(c, "–") for c in columns]] for r in report.rows]
+    lines = ["## Iterations", "", *_table(["iteration", *[COLUMNS[c] for c in columns]], rows)]
+    return "\n".join([*lines, "", f"*RM score*: {RM_SCORE_NOTE}"]) + "\n"
+
+
 def render_markdown(report: Report, *, plot_src: str | None = None, max_samples: int = 8, width: int = 0) -> str:
     """The report as Markdown. ``plot_src``: where the plots image is (a data URI for a self-contained page);
     ``width`` cuts long sample texts, for destinations with a size limit."""
-    columns = [c for c in COLUMNS if any(c in r for r in report.rows)]
     lines = [f"# {_cell(report.title)}", "", f"Generated {report.generated_at}."]
     if report.rows:
         last = report.rows[-1]
@@ -236,12 +247,7 @@ def render_markdown(report: Report, *, plot_src: str | None = None, max_samples:
     for label, target in report.links.items():
         is_url = target.startswith(("http://", "https://", "file://"))
         lines.append(f"- **{label}**: " + (f"[{_cell(target)}]({target})" if is_url else f"`{target}`"))
-    lines += ["", "## Iterations", ""]
-    at_sft = {"win_rate_vs_sft": 0.5, "gold_reward": report.sft_gold_reward, "kl": 0.0}
-    table_rows = [["SFT", *[at_sft.get(c, "–") for c in columns]]]
-    table_rows += [[int(r["iteration"]), *[r.get(c, "–") for c in columns]] for r in report.rows]
-    lines += _table(["iteration", *[COLUMNS[c] for c in columns]], table_rows)
-    lines += ["", f"*RM score*: {RM_SCORE_NOTE}"]
+    lines += ["", iterations_markdown(report).rstrip()]
     if plot_src:
         lines += [
             "",
@@ -259,6 +265,9 @@ def render_markdown(report: Report, *, plot_src: str | None = None, max_samples:
             for s in report.samples[:max_samples]
         ]
         lines += _table(["prompt", "policy", "gold", "SFT", "gold"], rows, width)
+    if report.datasets:
+        lines += ["", "## Datasets (MLflow run inputs)", ""]
+        lines += _table(["dataset", "content digest"], [[n, d] for n, d in report.datasets.items()])
     if report.config:
         lines += ["", "## Config", "", "```yaml", yaml.safe_dump(report.config, sort_keys=False).rstrip(), "```"]
     return "\n".join(lines) + "\n"

@@ -4,12 +4,14 @@ artifacts in a local folder and in S3 (moto's server on loopback)."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import boto3
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -217,6 +219,111 @@ def test_run_registers_each_policy_and_records_provenance(first_run: dict, pipel
     assert table[-1]["win_rate_vs_sft"] == pytest.approx(win_rates[-1], abs=1e-4)
     policy_links = [a["data"] for a in artifacts if a["key"] == "rlhf-policy"]
     assert any(result["final_policy_uri"] in link for link in policy_links)
+
+
+def test_export_writes_a_loadable_model_with_its_card(first_run: dict, workdir: Path, pipeline_env: dict):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tracking = ["--set", f"tracking.uri={first_run['mlflow_tracking_uri']}"]
+    out = workdir / "export-champion"
+    done = subprocess.run(
+        [RLHF, "export", "--out", str(out), *tracking],
+        cwd=workdir,
+        env=pipeline_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    champion = first_run["champion"]
+    reference = AutoModelForCausalLM.from_pretrained(
+        next(Path(first_run["artifacts_uri"]).glob(f"iteration-{champion['iteration']:03d}/policy-*"))
+    )
+    exported, trained = model.state_dict(), reference.state_dict()
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in exported)
+    assert tokenizer("hello").input_ids
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers")
+    for part in (
+        first_run["mlflow_run_id"],
+        first_run["prefect_flow_run_id"],
+        f"version {champion['version']}",
+        "## Iterations",
+        "demonstrations: content digest",
+        "kl_coef: 0.15",
+    ):
+        assert part in card, part
+
+    # --iteration picks another version; an existing folder is refused and left as it was
+    one = subprocess.run(
+        [RLHF, "export", "--out", str(workdir / "export-1"), "--iteration", "1", *tracking],
+        cwd=workdir,
+        env=pipeline_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0 and "(iteration 1)" in one.stdout, one.stderr[-3000:]
+    again = subprocess.run(
+        [RLHF, "export", "--out", str(out), *tracking],
+        cwd=workdir,
+        env=pipeline_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 2 and f"{out} already exists" in again.stderr
+    assert (out / "README.md").read_text() == card
+    missing = subprocess.run(
+        [RLHF, "export", "--out", str(workdir / "x"), "--iteration", "7", *tracking],
+        cwd=workdir,
+        env=pipeline_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert missing.returncode == 2 and "no version for iteration 7 (it has [1, 2])" in missing.stderr
+    assert not (workdir / "x").exists()
+
+
+def test_report_renders_in_a_real_browser(first_run: dict, workdir: Path, pipeline_env: dict):
+    page = workdir / "report.html"
+    done = subprocess.run(
+        [RLHF, "report", "--out", str(page), "--set", f"tracking.uri={first_run['mlflow_tracking_uri']}"],
+        cwd=workdir,
+        env=pipeline_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    chromium = shutil.which("chromium")
+    assert chromium, "the report test needs Debian's chromium: `make test` installs it (apt-get install chromium)"
+    browse = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1300,2400"]
+    shot = workdir / "report.png"
+    subprocess.run([*browse, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    dom = subprocess.run(
+        [*browse, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    tables = re.findall(r"<table>.*?</table>", dom, flags=re.S)
+    iterations = next(t for t in tables if "win rate vs SFT (gold)" in t)
+    rows = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", iterations, flags=re.S)]
+    body = [r for r in rows if r]
+    assert [r[0] for r in body] == ["SFT", "1", "2"]
+    for row, it in zip(body[1:], first_run["iterations"], strict=True):
+        assert row[1] == f"{it['win_rate_vs_sft']:.3f}" and row[2] == f"{it['gold_reward']:.3f}"
+    assert re.search(r'<img [^>]*src="data:image/png;base64,', dom)  # plots embedded: the page stands alone
+    assert first_run["mlflow_run_id"] in dom and "Sample completions" in dom
 
 
 def prefect_artifacts(env: dict, flow_run_id: str) -> list[dict]:

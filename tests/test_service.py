@@ -328,6 +328,9 @@ def _check_service(
             flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run2.id]))
         )
         assert [r.name for r in subflows] == ["iteration-2"]
+        # one Prefect table artifact key for the lineage: its history holds both runs' iterations
+        tables = [a for a in client.read_artifacts() if a.key == f"rlhf-{LINEAGE}-iterations"]
+        assert sorted(str(a.flow_run_id) for a in tables) == sorted([str(run1.id), str(run2.id)])
 
     # the store: both iterations' artifacts, the pointer at iteration 2, the lock released
     pointer = lineage.read()
@@ -368,3 +371,47 @@ def _check_service(
     assert any(k.endswith("plots/iterations.png") for k in mlflow_objects)  # proxied by the server into the bucket
     shown = CliRunner().invoke(app, ["lineage", "show", LINEAGE], env={"RLHF_STORAGE_URI": stack["RLHF_STORAGE_URI"]})
     assert json.loads(shown.output)["latest"]["iteration"] == 2
+    _check_registry_export_and_report(tmp_path, env, stack, client, parents, (run1, run2))
+
+
+def _check_registry_export_and_report(
+    tmp_path: Path, env: dict[str, str], stack: dict[str, str], client: Any, parents: dict[str, Any], runs: tuple
+) -> None:
+    """On the MLflow server: a version per iteration across the lineage's runs, the champion the better one; then
+    `rlhf export` (weights through the server's proxied artifacts) and `rlhf report` over the whole lineage."""
+    from transformers import AutoModelForCausalLM
+
+    name = f"rlhf-{LINEAGE}"
+    win = [
+        client.get_metric_history(parents[str(run.id)].info.run_id, "iteration/win_rate_vs_sft")[0].value
+        for run in runs
+    ]
+    versions = {v.tags["rlhf.iteration"]: str(v.version) for v in client.search_model_versions(f"name = '{name}'")}
+    assert sorted(versions) == ["1", "2"]
+    champion = "2" if win[1] > win[0] else "1"
+    assert client.get_model_version_by_alias(name, "champion").tags["rlhf.iteration"] == champion
+    assert str(client.get_model_version_by_alias(name, "newest").version) == versions["2"]
+    tracking = ["--set", f"tracking.uri={stack['MLFLOW_TRACKING_URI']}"]
+    out = tmp_path / "exported"
+    done = subprocess.run(
+        [RLHF, "export", "--lineage", LINEAGE, "--out", str(out), *tracking],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and f"(iteration {champion})" in done.stdout, done.stderr[-3000:]
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
+    page = tmp_path / "lineage.html"
+    done = subprocess.run(
+        [RLHF, "report", "--lineage", LINEAGE, "--out", str(page), *tracking],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    html = page.read_text()
+    assert f"RLHF lineage {LINEAGE}" in html and f"<td>2</td>\n<td>{win[1]:.3f}</td>" in html
