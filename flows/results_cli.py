@@ -53,6 +53,7 @@ def chosen_runs(client: MlflowClient, config: PipelineConfig, tracking_uri: str,
 
 
 def report(
+    *,
     config: ConfigOpt = None,
     overrides: OverridesOpt = None,
     lineage: LineageOpt = None,
@@ -73,6 +74,7 @@ def report(
 
 
 def export(
+    *,
     out: Annotated[Path, typer.Option("--out", help="A new (or empty) folder for the Hugging Face model.")],
     config: ConfigOpt = None,
     overrides: OverridesOpt = None,
@@ -87,7 +89,8 @@ def export(
     ] = None,
 ) -> None:
     """Write a registered policy as a Hugging Face folder (safetensors, config, tokenizer, generation config) with a
-    model card: the lineage's (or the run's) champion by default, or the version of --iteration or --alias."""
+    model card: the champion by default (with --run, that run's final policy), or the version of --iteration or
+    --alias."""
     from mlflow.exceptions import MlflowException
 
     from infra.credentials import open_configured_store

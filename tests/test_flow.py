@@ -264,8 +264,9 @@ def test_export_writes_a_loadable_model_with_its_card(first_run: dict, workdir: 
         assert part in card, part
 
     # --iteration picks another version; an existing folder is refused and left as it was
+    run_one = ["--run", first_run["mlflow_run_id"], "--iteration", "1"]  # that run's policy of iteration 1
     one = subprocess.run(
-        [RLHF, "export", "--out", str(workdir / "export-1"), "--iteration", "1", *tracking],
+        [RLHF, "export", "--out", str(workdir / "export-1"), *run_one, *tracking],
         cwd=workdir,
         env=pipeline_env,
         capture_output=True,
