@@ -27,9 +27,10 @@ from infra.deepspeed_engine import quiet_unused_deepspeed
 from infra.lineage import Lineage, LineagePointer
 from infra.registry import Registration
 from infra.report import mlflow_run_url
+from infra.sources import StoreOpener
 from infra.storage import is_complete
 from infra.tracking import RunLogger, Tracker, default_tracking_uri
-from infra.user_data import check_data, local_inputs_digest
+from infra.user_data import check_data, inputs_digest
 from tasks.common import PhaseOutput, RunContext, TrackingContext, fetch
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate_task, evaluation_batch_task, human_evaluation_task
@@ -190,11 +191,16 @@ def iteration_flow(
     )
 
 
+def source_store_opener(config: PipelineConfig) -> StoreOpener:
+    """How a data source in a bucket is opened: with the storage's credentials (its Prefect block or the AWS env)."""
+    return lambda uri: open_configured_store(uri, config.storage.aws_credentials_block)
+
+
 def check_inputs(config: PipelineConfig) -> None:
     """Read and check every user-supplied input (files, judge, base model's tokenizer) and reach the object
     store before anything is written: DatasetError or ValueError names the file, row and column, or the config
     field; StorageError the bucket and what to check (a missing bucket or denied access fails here, at once)."""
-    check_data(config.data, config.seed, config.trust_remote_code, config.max_tokens)
+    check_data(config.data, config.seed, config.trust_remote_code, config.max_tokens, source_store_opener(config))
     store = open_configured_store(config.storage.uri, config.storage.aws_credentials_block)
     store.exists(f"{config.storage.prefix}/.probe")
 
@@ -224,7 +230,7 @@ def start_or_resume(
         context=context,
         config=config.data,
         seed=config.seed,
-        inputs_digest=local_inputs_digest(config.data),
+        inputs_digest=inputs_digest(config.data, source_store_opener(config)),
         max_tokens=config.max_tokens,
     )
     sft = run_phase(

@@ -37,19 +37,28 @@ def champion_metric(config: PipelineConfig) -> str:
     return "human_win_rate_vs_sft" if config.evaluation.human_pairs else "win_rate_vs_sft"
 
 
-def datasets_of(store: ObjectStore, output: PhaseOutput, files: dict[str, str], context: str) -> list[DatasetRecord]:
-    """A record per file of an artifact that holds one (``file -> dataset name``), digested by its content."""
+def datasets_of(
+    store: ObjectStore, output: PhaseOutput, files: dict[str, str], context: str, origins: dict[str, str] | None = None
+) -> list[DatasetRecord]:
+    """A record per file of an artifact that holds one (``file -> dataset name``), digested by its content; its
+    source is where the data came from (``origins``, by dataset name: a user's file, hub dataset or bucket), else the
+    file in the artifact."""
     table = (read_manifest(store, output.ref.key) or {}).get("files", {})
+    origins = origins or {}
     return [
-        DatasetRecord(name, table[file]["sha256"][:16], f"{output.ref.uri}/{file}", context)
+        DatasetRecord(name, table[file]["sha256"][:16], origins.get(name, f"{output.ref.uri}/{file}"), context)
         for file, name in files.items()
         if file in table
     ]
 
 
 def data_datasets(store: ObjectStore, data: PhaseOutput) -> list[DatasetRecord]:
+    """The data artifact's prompts, demonstrations and human preferences, with the sources the user named."""
+    names = {"prompts": "prompts", "demonstrations": "demonstrations", "human_preferences": "human-preferences"}
+    parents = ((read_manifest(store, data.ref.key) or {}).get("metadata") or {}).get("parents") or {}
+    origins = {names[field]: source for field, source in parents.items() if field in names}
     files = {PROMPTS_FILE: "prompts", DEMONSTRATIONS_FILE: "demonstrations", PAIRS_FILE: "human-preferences"}
-    return datasets_of(store, data, files, "training")
+    return datasets_of(store, data, files, "training", origins)
 
 
 def iteration_metrics(result: Any) -> tuple[dict[str, float], dict[str, float]]:

@@ -1,7 +1,7 @@
 """What each phase's artifact folder holds: the file names, and the readers every later phase uses.
 
 data/        base_model/, prompts.parquet (split, prompt), demonstrations.parquet (prompt, response),
-             judge.json, and optionally reward_base_model/ and preferences.parquet (human pairs)
+             judge.json, and optionally reward_base_model/, preferences.parquet (human pairs) and sources.json
 sft/, policy/, reward_model/    save_pretrained folders (a LoRA policy adds adapter/)
 preferences/ preferences.parquet (prompt, chosen, rejected, labeler, chosen_gold, rejected_gold)
 evaluation/  metrics.json, samples.parquet
@@ -25,6 +25,7 @@ REWARD_BASE_DIR = "reward_base_model"  # a separate reward-model backbone, when 
 PROMPTS_FILE = "prompts.parquet"
 DEMONSTRATIONS_FILE = "demonstrations.parquet"
 JUDGE_FILE = "judge.json"
+SOURCES_FILE = "sources.json"  # data field -> where the user's dataset was read (hub commit pinned)
 PAIRS_FILE = "preferences.parquet"  # preference pairs, human or collected
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.parquet"

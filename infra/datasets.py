@@ -71,21 +71,28 @@ def _load_csv(path: Path) -> list[Any]:
 TABLE_LOADERS = {".parquet": _load_parquet, ".jsonl": _load_jsonl, ".csv": _load_csv}
 
 
-def read_table(path: Path, formats: tuple[str, ...] = (".parquet", ".jsonl")) -> list[dict[str, Any]]:
-    """The rows of a user's table in one of ``formats``; DatasetError names the file, and the row where one is at
-    fault, for a wrong type, a missing or empty file, unreadable content or a row that is not an object."""
+def read_table(
+    path: Path, formats: tuple[str, ...] = (".parquet", ".jsonl"), name: str | None = None
+) -> list[dict[str, Any]]:
+    """The rows of a user's table in one of ``formats``; DatasetError names the file (as ``name``, e.g. the URI it
+    was downloaded from), and the row where one is at fault, for a wrong type, a missing or empty file, unreadable
+    content or a row that is not an object."""
+    name = name or str(path)
     if path.suffix not in formats:
-        raise DatasetError(f"{path}: unsupported file type {path.suffix!r}; use {' or '.join(formats)}")
+        raise DatasetError(f"{name}: unsupported file type {path.suffix!r}; use {' or '.join(formats)}")
     if not path.is_file():
-        raise DatasetError(f"{path}: no such file")
+        raise DatasetError(f"{name}: no such file")
     if path.stat().st_size == 0:
-        raise DatasetError(f"{path}: the file is empty")
-    rows = TABLE_LOADERS[path.suffix](path)
+        raise DatasetError(f"{name}: the file is empty")
+    try:
+        rows = TABLE_LOADERS[path.suffix](path)
+    except DatasetError as e:
+        raise DatasetError(str(e).replace(str(path), name, 1)) from e
     if not rows:
-        raise DatasetError(f"{path}: no rows")
+        raise DatasetError(f"{name}: no rows")
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
-            raise DatasetError(f"{path}: row {number}: expected an object with columns, got {type(row).__name__}")
+            raise DatasetError(f"{name}: row {number}: expected an object with columns, got {type(row).__name__}")
     return rows
 
 
@@ -100,15 +107,21 @@ def bad_text(value: Any) -> str | None:
     return None
 
 
-def read_text_table(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[dict[str, str]]:
-    """Read a user's ``.parquet`` or ``.jsonl`` file whose ``required`` (and present ``optional``) columns must
-    hold non-empty UTF-8 text in every row. DatasetError names the file, the row (1-based) and the column."""
+def text_rows(
+    label: str, rows: list[dict[str, Any]], required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> list[dict[str, str]]:
+    """The ``required`` (and present ``optional``) columns of ``rows``, which must hold non-empty UTF-8 text in every
+    row. DatasetError names the source (``label``), the row (1-based) and the column."""
     table = []
-    for number, row in enumerate(read_table(path), start=1):
+    for number, row in enumerate(rows, start=1):
         if missing := [c for c in required if c not in row]:
-            raise DatasetError(f"{path}: row {number}: missing column(s) {missing}; required: {list(required)}")
+            raise DatasetError(
+                f"{label}: row {number}: missing column(s) {missing}; required: {list(required)} (it has "
+                f"{sorted(row)}; map other names with data.columns, e.g. data.columns: {{{missing[0]}: yours}})"
+            )
         for column in (*required, *(c for c in optional if c in row)):
             if problem := bad_text(row[column]):
-                raise DatasetError(f"{path}: row {number}, column {column!r}: {problem}")
+                raise DatasetError(f"{label}: row {number}, column {column!r}: {problem}")
         table.append({c: row[c] for c in (*required, *optional) if c in row})
     return table
+

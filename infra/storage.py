@@ -156,6 +156,11 @@ class ObjectStore(ABC):
     def full_uri(self, key: str) -> str:
         """Absolute location of key, e.g. 's3://bucket/prefix/key' or '/abs/root/key'."""
 
+    @abstractmethod
+    def fingerprint(self, key: str) -> str:
+        """What identifies the object's content without reading it where the backend can (S3: ETag and size; a
+        file: its sha256); ObjectNotFoundError naming the key if absent."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
 
@@ -296,6 +301,15 @@ class LocalStore(ObjectStore):
     def full_uri(self, key: str) -> str:
         clean = _check_key(key, allow_empty=True)
         return str(self.root / clean) if clean else self.uri
+
+    def fingerprint(self, key: str) -> str:
+        path = self._path(key)
+        with self._os_errors("read", key):
+            sha = hashlib.sha256()
+            with path.open("rb") as f:
+                while chunk := f.read(_CHUNK):
+                    sha.update(chunk)
+        return f"sha256:{sha.hexdigest()}"
 
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -502,6 +516,12 @@ class S3Store(ObjectStore):
 
     def full_uri(self, key: str) -> str:
         return f"s3://{_join(self.bucket, self._key(key, allow_empty=True))}"
+
+    def fingerprint(self, key: str) -> str:
+        k = self._key(key)
+        with self._s3_errors("head", k, head=True):
+            head = self._client.head_object(Bucket=self.bucket, Key=k)
+        return f"etag:{head['ETag'].strip(chr(34))}:size:{head['ContentLength']}"
 
 
 def open_store(uri: str, client_factory: S3ClientFactory | None = None) -> ObjectStore:

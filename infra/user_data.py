@@ -1,6 +1,7 @@
-"""The user's own data, checked before anything is written: every row of every file against the base model's
-tokenizer and the longest sequence training keeps, and the gold judge tried on it. DatasetError names the file,
-the row and the column of the first problem."""
+"""The user's own data, checked before anything is written: every row of every source (a file, a hub dataset, a
+dataset folder or an object in a bucket: infra/sources.py) against the base model's tokenizer and the longest
+sequence training keeps, and the gold judge tried on it. DatasetError names the source, the row and the column of
+the first problem."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.artifacts import SPLITS, USER_SPLITS
-from infra.datasets import DatasetError, read_text_table
-from infra.storage import folder_digest
+from infra.datasets import DatasetError, text_rows
+from infra.sources import Source, StoreOpener, chat_renderer, load_rows, resolve, to_columns
+from infra.storage import folder_digest, open_store
 from rlhf_core import world
 from rlhf_core.data import DataConfig, load_gold_scorer
 from rlhf_core.modeling import load_tokenizer
@@ -25,6 +27,7 @@ class Dataset:
     prompts: dict[str, list[str]]
     demonstrations: list[tuple[str, str]]
     preferences: list[dict] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # data field -> where it was read (a hub commit pinned)
 
 
 def _split_of(prompt: str) -> str:
@@ -73,44 +76,66 @@ def _gold(config: DataConfig, path: str, rows: list[dict[str, str]], column: str
     return scores
 
 
-def read_user_data(config: DataConfig, tokenizer, max_tokens: int | None) -> Dataset:
-    """Read and check the user's files; DatasetError names the file, row and column of the first problem."""
+def read_source(
+    config: DataConfig, name: str, tokenizer, open_store: StoreOpener, required: tuple[str, ...], optional=()
+) -> tuple[Source, list[dict[str, str]]]:
+    """The data field ``name``'s rows in our text columns, its source resolved; DatasetError names source, row and
+    column."""
+    source = resolve(f"data.{name}", getattr(config, name), open_store)
+    rows = load_rows(source, dataset_config=config.dataset_config, open_store=open_store)
+    mapped = to_columns(rows, name=name, label=source.label, columns=config.columns, render=chat_renderer(tokenizer))
+    return source, text_rows(source.label, mapped, required, optional)
+
+
+def read_user_data(config: DataConfig, tokenizer, max_tokens: int | None, open_store: StoreOpener) -> Dataset:
+    """Read and check the user's data; DatasetError names the source, row and column of the first problem."""
     check = _RowChecker(tokenizer, max_tokens)
     prompts: dict[str, list[str]] = {split: [] for split in SPLITS}
     demonstrations: list[tuple[str, str]] = []
+    sources: dict[str, str] = {}
     if config.prompts is not None and config.demonstrations is not None:
-        for number, row in enumerate(read_text_table(Path(config.prompts), ("prompt",), ("split",)), start=1):
+        source, rows = read_source(config, "prompts", tokenizer, open_store, ("prompt",), ("split",))
+        label, sources["prompts"] = source.label, source.label
+        for number, row in enumerate(rows, start=1):
             split = row.get("split", _split_of(row["prompt"]))
             if split not in USER_SPLITS:
                 raise DatasetError(
-                    f"{config.prompts}: row {number}, column 'split': {split!r} is not one of {list(USER_SPLITS)}"
+                    f"{label}: row {number}, column 'split': {split!r} is not one of {list(USER_SPLITS)}"
                 )
-            if check.tokens(config.prompts, number, "prompt", row["prompt"]) + 3 > (max_tokens or math.inf):
-                raise DatasetError(f"{config.prompts}: row {number}, column 'prompt': leaves no room for a response")
+            if check.tokens(label, number, "prompt", row["prompt"]) + 3 > (max_tokens or math.inf):
+                raise DatasetError(f"{label}: row {number}, column 'prompt': leaves no room for a response")
             prompts[split].append(row["prompt"])
         for split in USER_SPLITS:
             if not prompts[split]:
-                raise DatasetError(f"{config.prompts}: no {split!r} prompts; every split needs some")
-        rows = read_text_table(Path(config.demonstrations), ("prompt", "response"))
+                raise DatasetError(f"{label}: no {split!r} prompts; every split needs some")
+        source, rows = read_source(config, "demonstrations", tokenizer, open_store, ("prompt", "response"))
+        sources["demonstrations"] = source.label
         for number, row in enumerate(rows, start=1):
-            check.fits(config.demonstrations, number, row, ("response",))
+            check.fits(source.label, number, row, ("response",))
         demonstrations = [(row["prompt"], row["response"]) for row in rows]
         prompts["sft"] = list(dict.fromkeys(p for p, _ in demonstrations))
     preferences = []
     if config.human_preferences is not None:
-        path = config.human_preferences
-        rows = read_text_table(Path(path), ("prompt", "chosen", "rejected"))
+        required = ("prompt", "chosen", "rejected")
+        source, rows = read_source(config, "human_preferences", tokenizer, open_store, required)
+        label = sources["human_preferences"] = source.label
         for number, row in enumerate(rows, start=1):
             if row["chosen"].strip() == row["rejected"].strip():
-                raise DatasetError(f"{path}: row {number}, column 'rejected': identical to 'chosen'")
-            check.fits(path, number, row, ("chosen", "rejected"))
-        chosen_gold = _gold(config, path, rows, "chosen")
-        rejected_gold = _gold(config, path, rows, "rejected")
+                raise DatasetError(f"{label}: row {number}, column 'rejected': identical to 'chosen'")
+            check.fits(label, number, row, ("chosen", "rejected"))
+        chosen_gold = _gold(config, label, rows, "chosen")
+        rejected_gold = _gold(config, label, rows, "rejected")
         preferences = [
             {**row, "labeler": "human", "chosen_gold": c, "rejected_gold": r}
             for row, c, r in zip(rows, chosen_gold, rejected_gold, strict=True)
         ]
-    return Dataset(prompts, demonstrations, preferences)
+    return Dataset(prompts, demonstrations, preferences, sources)
+
+
+def aws_env_store(uri: str):
+    """A store with the AWS environment's credentials: how sources in a bucket are read when no Prefect block is
+    configured."""
+    return open_store(uri)
 
 
 def model_tokenizer(name_or_path: str, field: str, trust_remote_code: bool = False):
@@ -129,14 +154,19 @@ def base_tokenizer(config: DataConfig, trust_remote_code: bool = False):
 
 
 def check_data(
-    config: DataConfig, seed: int, trust_remote_code: bool = False, max_tokens: int | None = None
+    config: DataConfig,
+    seed: int,
+    trust_remote_code: bool = False,
+    max_tokens: int | None = None,
+    open_store: StoreOpener = aws_env_store,
 ) -> Dataset:
-    """Everything the data phase will write, read and checked first: run it before anything is written."""
+    """Everything the data phase will write, read and checked first: run it before anything is written.
+    ``open_store`` opens a bucket a source lives in (with storage.aws_credentials_block where one is set)."""
     if config.gold_reward is not None:
         load_gold_scorer(config.gold_reward)
     if config.reward_model is not None:
         model_tokenizer(config.reward_model, "data.reward_model", trust_remote_code)
-    dataset = read_user_data(config, base_tokenizer(config, trust_remote_code), max_tokens)
+    dataset = read_user_data(config, base_tokenizer(config, trust_remote_code), max_tokens, open_store)
     if config.prompts is None:
         generated = world.make_world(seed, config.world)
         dataset.demonstrations = generated.demonstrations
@@ -145,17 +175,17 @@ def check_data(
     return dataset
 
 
-def local_inputs_digest(config: DataConfig) -> str | None:
-    """Digest of the local things the data phase reads (base- and reward-model folders, the user's files, the judge's
-    source), so editing any of them in place invalidates the cache. None when there are none."""
+def inputs_digest(config: DataConfig, open_store: StoreOpener = aws_env_store) -> str | None:
+    """Digest of what the data phase reads besides its config (base- and reward-model folders, the user's data by
+    content digest, pinned hub commit or object ETag, the judge's source), so a change to any of them invalidates
+    the cache (a hub dataset's moving branch only when its commit moved). None when there are none."""
     parts = [
         f"{name}={folder_digest(Path(model))}"
         for name, model in (("base_model", config.base_model), ("reward_model", config.reward_model))
         if model is not None and Path(model).is_dir()
     ]
-    for name, path in config.user_files.items():
-        content = hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).is_file() else "missing"
-        parts.append(f"{name}={content}")
+    for name, spec in config.user_sources.items():
+        parts.append(f"{name}={resolve(f'data.{name}', spec, open_store).identity}")
     if config.gold_reward is not None:
         try:
             source = inspect.getsource(inspect.getmodule(load_gold_scorer(config.gold_reward)))

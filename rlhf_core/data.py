@@ -35,19 +35,30 @@ class DataConfig(BaseModel):
     )
     prompts: str | None = Field(
         None,
-        description="Your prompts: a .parquet or .jsonl file with a text column 'prompt' and an optional 'split' "
-        "column (preference, ppo or eval); without it a prompt's split comes from a hash of its text (40% "
-        "preference, 40% ppo, 20% eval). Needs data.demonstrations and data.gold_reward. Null: the toy world's.",
+        description="Your prompts, from a source (a .parquet/.jsonl/.csv file, hf://OWNER/NAME[@REVISION][:SPLIT], "
+        "a dataset folder[:SPLIT] or s3://BUCKET/KEY.parquet): a 'prompt' column (text, or chat messages) or "
+        "'messages', and an optional 'split' column (preference, ppo or eval); without it a prompt's split comes "
+        "from a hash of its text (40% preference, 40% ppo, 20% eval). Needs data.demonstrations and "
+        "data.gold_reward. Null: the toy world's.",
     )
     demonstrations: str | None = Field(
         None,
-        description="Your SFT demonstrations: a .parquet or .jsonl file with text columns 'prompt' and 'response'. "
-        "Goes with data.prompts.",
+        description="Your SFT demonstrations, from a source as for data.prompts: 'prompt' and 'response' (or TRL's "
+        "prompt/completion), or 'messages' ending with the answer. Goes with data.prompts.",
     )
     human_preferences: str | None = Field(
         None,
-        description="Human preference pairs: a .parquet or .jsonl file with text columns 'prompt', 'chosen' and "
-        "'rejected', added to every reward model's training data besides the pairs collected each iteration.",
+        description="Human preference pairs, from a source as for data.prompts: 'prompt', 'chosen' and 'rejected' "
+        "(TRL's preference format), or 'chosen'/'rejected' holding whole conversations (text as in HH-RLHF, or "
+        "lists of {role, content}) whose shared start is the prompt; added to every reward model's training data.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Our column name -> yours, for sources with other names, e.g. {prompt: question, response: "
+        "answer}; applied to every data source before its format is recognized.",
+    )
+    dataset_config: str | None = Field(
+        None, description="The configuration (load_dataset's name) of hub or dataset-folder sources that have several."
     )
     gold_reward: str | None = Field(
         None,
@@ -75,14 +86,14 @@ class DataConfig(BaseModel):
         return self
 
     @property
-    def user_files(self) -> dict[str, str]:
-        """The user's dataset files by field name."""
-        files = {
+    def user_sources(self) -> dict[str, str]:
+        """The user's data sources by field name."""
+        sources = {
             "prompts": self.prompts,
             "demonstrations": self.demonstrations,
             "human_preferences": self.human_preferences,
         }
-        return {name: path for name, path in files.items() if path is not None}
+        return {name: spec for name, spec in sources.items() if spec is not None}
 
 
 def load_gold_scorer(spec: str | None) -> GoldScorer:

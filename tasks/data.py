@@ -14,11 +14,14 @@ from infra.artifacts import (
     PAIRS_FILE,
     PROMPTS_FILE,
     REWARD_BASE_DIR,
+    SOURCES_FILE,
     SPLITS,
 )
 from infra.catalog import DATA
+from infra.credentials import open_configured_store
 from infra.datasets import write_rows
-from infra.user_data import check_data
+from infra.sources import StoreOpener
+from infra.user_data import aws_env_store, check_data
 from rlhf_core import world
 from rlhf_core.data import DataConfig
 from rlhf_core.modeling import load_policy, load_tokenizer
@@ -49,10 +52,17 @@ def copy_base_model(
 
 
 def write_data(
-    out_dir: Path, seed: int, config: DataConfig, *, trust_remote_code: bool = False, max_tokens: int | None = None
+    out_dir: Path,
+    seed: int,
+    config: DataConfig,
+    *,
+    trust_remote_code: bool = False,
+    max_tokens: int | None = None,
+    open_store: StoreOpener = aws_env_store,
 ) -> dict[str, float]:
-    """Check, then write the data artifact's files into ``out_dir``; returns its counts (bare names)."""
-    dataset = check_data(config, seed, trust_remote_code, max_tokens)
+    """Check, then write the data artifact's files into ``out_dir`` (with ``sources.json``: where each of the user's
+    datasets was read, a hub dataset's commit pinned); returns its counts (bare names)."""
+    dataset = check_data(config, seed, trust_remote_code, max_tokens, open_store)
     if config.base_model is None:
         save_base_model(out_dir / BASE_MODEL_DIR, seed, config.world)
     else:
@@ -65,6 +75,8 @@ def write_data(
     if dataset.preferences:
         write_rows(out_dir / PAIRS_FILE, dataset.preferences)
     (out_dir / JUDGE_FILE).write_text(json.dumps({"gold_reward": config.gold_reward}))
+    if dataset.sources:
+        (out_dir / SOURCES_FILE).write_text(json.dumps(dataset.sources, indent=1))
     return {
         "demonstrations": len(dataset.demonstrations),
         "eval_prompts": len(dataset.prompts["eval"]),
@@ -81,14 +93,29 @@ def prepare_data(
     inputs_digest: str | None = None,
     max_tokens: int | None = None,
 ) -> PhaseOutput:
-    """``inputs_digest`` (see :func:`infra.user_data.local_inputs_digest`) puts the content of local inputs in the
-    cache key; ``max_tokens`` is the longest prompt + response training keeps, which every user row must fit."""
+    """``inputs_digest`` (see :func:`infra.user_data.inputs_digest`) puts the identity of what the data is read from
+    in the cache key; ``max_tokens`` is the longest prompt + response training keeps, which every user row must fit."""
     inputs = {"config": config, "seed": seed, "inputs_digest": inputs_digest, "max_tokens": max_tokens}
     key = artifact_key(context, "data", "world", inputs)
     if done := existing_output(context, key):
         return done
     with tempfile.TemporaryDirectory(prefix="rlhf-data-") as tmp:
-        counts = write_data(Path(tmp), seed, config, trust_remote_code=context.trust_remote_code, max_tokens=max_tokens)
+        counts = write_data(
+            Path(tmp),
+            seed,
+            config,
+            trust_remote_code=context.trust_remote_code,
+            max_tokens=max_tokens,
+            open_store=lambda uri: open_configured_store(uri, context.aws_credentials_block),
+        )
+        sources = Path(tmp) / SOURCES_FILE
         return publish(
-            context, key, Path(tmp), phase="prepare-data", config=config, seed=seed, metrics=DATA.namespaced(counts)
+            context,
+            key,
+            Path(tmp),
+            phase="prepare-data",
+            config=config,
+            seed=seed,
+            metrics=DATA.namespaced(counts),
+            parents=json.loads(sources.read_text()) if sources.exists() else None,
         )

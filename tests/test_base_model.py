@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from flows.config import load_config
 from infra.artifacts import PhaseInputs, read_prompts, reward_init_dir
-from infra.user_data import local_inputs_digest
+from infra.user_data import inputs_digest
 from rlhf_core import world
 from rlhf_core.data import DataConfig
 from rlhf_core.modeling import load_policy, load_tokenizer, sample_responses
@@ -85,11 +85,11 @@ def test_editing_a_local_base_model_changes_its_digest(gpt2_dir, tmp_path):
     copy.mkdir()
     for file in gpt2_dir.iterdir():
         (copy / file.name).write_bytes(file.read_bytes())
-    first = local_inputs_digest(DataConfig(base_model=str(copy)))
-    assert first == local_inputs_digest(DataConfig(base_model=str(gpt2_dir)))
+    first = inputs_digest(DataConfig(base_model=str(copy)))
+    assert first == inputs_digest(DataConfig(base_model=str(gpt2_dir)))
     (copy / "config.json").write_text((copy / "config.json").read_text().replace('"n_layer": 1', '"n_layer": 1 '))
-    assert local_inputs_digest(DataConfig(base_model=str(copy))) != first
-    assert local_inputs_digest(DataConfig(base_model="some-org/some-hub-model")) is None
+    assert inputs_digest(DataConfig(base_model=str(copy))) != first
+    assert inputs_digest(DataConfig(base_model="some-org/some-hub-model")) is None
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from test_flow import RLHF, rlhf_run, summary
 from flows.config import ConfigError, load_config
 from infra.artifacts import read_prompts
 from infra.datasets import DatasetError
-from infra.user_data import check_data, local_inputs_digest
+from infra.user_data import check_data, inputs_digest
 from rlhf_core import world
 from tasks.data import write_data
 
@@ -81,11 +81,11 @@ def test_prompts_without_a_split_column_split_by_their_text(user_files, tmp_path
 
 
 def test_editing_a_user_file_changes_the_data_digest(user_files):
-    before = local_inputs_digest(user_config(user_files))
-    assert before == local_inputs_digest(user_config(user_files))
+    before = inputs_digest(user_config(user_files))
+    assert before == inputs_digest(user_config(user_files))
     with open(user_files["prompts"], "a") as f:
         f.write(json.dumps({"prompt": "describe ocean :", "split": "eval"}) + "\n")
-    assert local_inputs_digest(user_config(user_files)) != before
+    assert inputs_digest(user_config(user_files)) != before
 
 
 def _parquet(rows: list[dict], schema: pa.Schema | None = None):
@@ -106,7 +106,7 @@ BAD_DATASETS = [
     # (field, file name, writer, expected message)
     ("prompts", "p.jsonl", _text(b""), r"p\.jsonl: the file is empty"),
     ("prompts", "p.jsonl", _text(b"\n\n"), r"p\.jsonl: no rows"),
-    ("prompts", "p.csv", _text(b"prompt\nx\n"), r"p\.csv: unsupported file type '\.csv'"),
+    ("prompts", "p.txt", _text(b"prompt\nx\n"), r"p\.txt: unsupported file type '\.txt'"),
     (
         "prompts",
         "p.jsonl",
@@ -225,6 +225,13 @@ def test_the_pipeline_runs_on_user_files_and_judge(user_files, pipeline_env, tmp
     assert [it["iteration"] for it in result["iterations"]] == [1]
     root = Path(result["artifacts_uri"])
     manifests = {p.parent.relative_to(root).as_posix(): json.loads(p.read_text()) for p in root.rglob("MANIFEST.json")}
+    data = next(m for k, m in manifests.items() if k.startswith("data/world"))
+    assert data["metadata"]["parents"] == user_files  # where each dataset was read, in the data artifact's manifest
+    from mlflow.tracking import MlflowClient
+
+    parent = MlflowClient(result["mlflow_tracking_uri"]).get_run(result["mlflow_run_id"])
+    sources = {i.dataset.name: json.loads(i.dataset.source)["uri"] for i in parent.inputs.dataset_inputs}
+    assert sources["human-preferences"] == user_files["human_preferences"]
     reward = next(m for k, m in manifests.items() if k.startswith("iteration-001/reward_model"))
     preferences = reward["metadata"]["parents"]["preferences"]
     assert len(preferences) == 2 and "data/world" in preferences[0]  # the human pairs, then the collected ones
