@@ -200,7 +200,9 @@ def check_inputs(config: PipelineConfig) -> None:
     """Read and check every user-supplied input (files, judge, base model's tokenizer) and reach the object
     store before anything is written: DatasetError or ValueError names the file, row and column, or the config
     field; StorageError the bucket and what to check (a missing bucket or denied access fails here, at once)."""
-    check_data(config.data, config.seed, config.trust_remote_code, config.max_tokens, source_store_opener(config))
+    check_data(
+        config.data, config.seed, config.trust_remote_code, config.max_tokens, open_store=source_store_opener(config)
+    )
     store = open_configured_store(config.storage.uri, config.storage.aws_credentials_block)
     store.exists(f"{config.storage.prefix}/.probe")
 
@@ -258,7 +260,7 @@ def record_iteration(
     samples = read_rows(fetch(context, result.evaluation) / SAMPLES_FILE)[: config.evaluation.n_samples_logged]
     parent.log_table(samples, catalog.SAMPLES_ARTIFACT.format(iteration=iteration))
     preferences = publishing.datasets_of(
-        context.store, result.new_preferences, {PAIRS_FILE: f"preferences-iteration-{iteration}"}, "training"
+        context.store, result.new_preferences, {PAIRS_FILE: f"preferences-iteration-{iteration}"}, context="training"
     )
     tracker.log_datasets(parent.run_id, preferences)
     print(f"iteration {iteration}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items()))

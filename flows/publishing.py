@@ -38,7 +38,12 @@ def champion_metric(config: PipelineConfig) -> str:
 
 
 def datasets_of(
-    store: ObjectStore, output: PhaseOutput, files: dict[str, str], context: str, origins: dict[str, str] | None = None
+    store: ObjectStore,
+    output: PhaseOutput,
+    files: dict[str, str],
+    *,
+    context: str,
+    origins: dict[str, str] | None = None,
 ) -> list[DatasetRecord]:
     """A record per file of an artifact that holds one (``file -> dataset name``), digested by its content; its
     source is where the data came from (``origins``, by dataset name: a user's file, hub dataset or bucket), else the
@@ -58,7 +63,7 @@ def data_datasets(store: ObjectStore, data: PhaseOutput) -> list[DatasetRecord]:
     parents = ((read_manifest(store, data.ref.key) or {}).get("metadata") or {}).get("parents") or {}
     origins = {names[field]: source for field, source in parents.items() if field in names}
     files = {PROMPTS_FILE: "prompts", DEMONSTRATIONS_FILE: "demonstrations", PAIRS_FILE: "human-preferences"}
-    return datasets_of(store, data, files, "training", origins)
+    return datasets_of(store, data, files, context="training", origins=origins)
 
 
 def iteration_metrics(result: Any) -> tuple[dict[str, float], dict[str, float]]:

@@ -124,4 +124,3 @@ def text_rows(
                 raise DatasetError(f"{label}: row {number}, column {column!r}: {problem}")
         table.append({c: row[c] for c in (*required, *optional) if c in row})
     return table
-

@@ -77,7 +77,13 @@ def _gold(config: DataConfig, path: str, rows: list[dict[str, str]], column: str
 
 
 def read_source(
-    config: DataConfig, name: str, tokenizer, open_store: StoreOpener, required: tuple[str, ...], optional=()
+    config: DataConfig,
+    name: str,
+    tokenizer,
+    open_store: StoreOpener,
+    *,
+    required: tuple[str, ...],
+    optional: tuple[str, ...] = (),
 ) -> tuple[Source, list[dict[str, str]]]:
     """The data field ``name``'s rows in our text columns, its source resolved; DatasetError names source, row and
     column."""
@@ -94,7 +100,7 @@ def read_user_data(config: DataConfig, tokenizer, max_tokens: int | None, open_s
     demonstrations: list[tuple[str, str]] = []
     sources: dict[str, str] = {}
     if config.prompts is not None and config.demonstrations is not None:
-        source, rows = read_source(config, "prompts", tokenizer, open_store, ("prompt",), ("split",))
+        source, rows = read_source(config, "prompts", tokenizer, open_store, required=("prompt",), optional=("split",))
         label, sources["prompts"] = source.label, source.label
         for number, row in enumerate(rows, start=1):
             split = row.get("split", _split_of(row["prompt"]))
@@ -108,7 +114,7 @@ def read_user_data(config: DataConfig, tokenizer, max_tokens: int | None, open_s
         for split in USER_SPLITS:
             if not prompts[split]:
                 raise DatasetError(f"{label}: no {split!r} prompts; every split needs some")
-        source, rows = read_source(config, "demonstrations", tokenizer, open_store, ("prompt", "response"))
+        source, rows = read_source(config, "demonstrations", tokenizer, open_store, required=("prompt", "response"))
         sources["demonstrations"] = source.label
         for number, row in enumerate(rows, start=1):
             check.fits(source.label, number, row, ("response",))
@@ -117,7 +123,7 @@ def read_user_data(config: DataConfig, tokenizer, max_tokens: int | None, open_s
     preferences = []
     if config.human_preferences is not None:
         required = ("prompt", "chosen", "rejected")
-        source, rows = read_source(config, "human_preferences", tokenizer, open_store, required)
+        source, rows = read_source(config, "human_preferences", tokenizer, open_store, required=required)
         label = sources["human_preferences"] = source.label
         for number, row in enumerate(rows, start=1):
             if row["chosen"].strip() == row["rejected"].strip():
@@ -158,6 +164,7 @@ def check_data(
     seed: int,
     trust_remote_code: bool = False,
     max_tokens: int | None = None,
+    *,
     open_store: StoreOpener = aws_env_store,
 ) -> Dataset:
     """Everything the data phase will write, read and checked first: run it before anything is written.

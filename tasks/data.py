@@ -62,7 +62,7 @@ def write_data(
 ) -> dict[str, float]:
     """Check, then write the data artifact's files into ``out_dir`` (with ``sources.json``: where each of the user's
     datasets was read, a hub dataset's commit pinned); returns its counts (bare names)."""
-    dataset = check_data(config, seed, trust_remote_code, max_tokens, open_store)
+    dataset = check_data(config, seed, trust_remote_code, max_tokens, open_store=open_store)
     if config.base_model is None:
         save_base_model(out_dir / BASE_MODEL_DIR, seed, config.world)
     else:
