@@ -64,14 +64,21 @@ class IterationResult(BaseModel):
 
 
 def run_phase(phase: Any, phases: dict[str, str], label: str, **kwargs: Any) -> PhaseOutput:
-    """Run a phase task and record whether Prefect served it from cache. A cached reference whose
-    artifact has since vanished from the store is recomputed rather than trusted."""
+    """Run a phase task and record whether Prefect served it from cache. Cache keys leave out where the store lives,
+    so a cached reference is looked up by its key in this run's store: found, it is used (its URI this store's); not
+    there (made in another store, or deleted since), the phase runs here."""
     state = phase(**kwargs, return_state=True)
     output: PhaseOutput = state.result()
-    if state.name == "Cached" and not is_complete(kwargs["context"].store, output.ref.key):
-        get_run_logger().warning(f"{label}: cached artifact {output.ref.uri} is gone; recomputing")
+    store = kwargs["context"].store
+    if state.name == "Cached" and not is_complete(store, output.ref.key):
+        get_run_logger().info(
+            f"{label}: Prefect's cache knows this phase's artifact {output.ref.key}, but {store.uri} does not hold it "
+            "(it was made in another store, or removed): computing it here"
+        )
         state = phase.with_options(refresh_cache=True)(**kwargs, return_state=True)
         output = state.result()
+    elif state.name == "Cached":
+        output = output.model_copy(update={"artifact": output.artifact | {"uri": store.full_uri(output.ref.key)}})
     phases[label] = state.name
     return output
 

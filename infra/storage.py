@@ -588,8 +588,16 @@ def folder_digest(local_dir: Path) -> str:
     return _digest(_file_table(Path(local_dir)), {})
 
 
-def upload_dir(store: ObjectStore, local_dir: Path, key: str, metadata: dict[str, Any] | None = None) -> ArtifactRef:
-    """Upload every file under local_dir to key/<relpath>, then seal it with key/MANIFEST.json."""
+def upload_dir(
+    store: ObjectStore,
+    local_dir: Path,
+    key: str,
+    metadata: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> ArtifactRef:
+    """Upload every file under local_dir to key/<relpath>, then seal it with key/MANIFEST.json. ``metadata`` is part
+    of the digest (what the artifact is); ``provenance`` is recorded beside it but not digested (which run made it:
+    the same content made by another run is the same artifact)."""
     key = _check_key(key)
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
@@ -614,6 +622,7 @@ def upload_dir(store: ObjectStore, local_dir: Path, key: str, metadata: dict[str
         "metadata": metadata,
         "digest": digest,
         "created_at": datetime.now(UTC).isoformat(),
+        **({"provenance": provenance} if provenance else {}),
     }
     store.put_bytes(_join(key, MANIFEST), json.dumps(manifest, sort_keys=True, indent=1).encode())
     return ArtifactRef(uri=store.full_uri(key), key=key, digest=digest)

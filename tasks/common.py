@@ -133,14 +133,13 @@ def phase_key(name: str, inputs: dict[str, Any]) -> str:
 
 
 def phase_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Prefect ``cache_key_fn``: the phase key of the task's arguments, less the run context except
-    where its artifacts live."""
+    """Prefect ``cache_key_fn``: the phase key of the task's arguments, less the run context except the key prefix
+    its artifacts go under. Where the store lives is left out: the same inputs make the same artifact key in any
+    store, and the flow looks a cached key up in the current store (flows/pipeline.run_phase)."""
     inputs = {k: v for k, v in parameters.items() if k not in NOT_IN_CACHE_KEY}
     run = parameters.get("context")
     if run is not None:
-        inputs["_store"] = [run.store_uri, run.prefix]
-        if run.aws_credentials_block:  # its endpoint may make the same uri another store; the name only
-            inputs["_store"].append(run.aws_credentials_block)
+        inputs["_prefix"] = run.prefix
     return f"{context.task.name}-{phase_key(context.task.name, inputs)}"
 
 
@@ -216,12 +215,14 @@ def publish(
     mlflow_run_id: str | None = None,
 ) -> PhaseOutput:
     """Upload a finished artifact folder (manifest last, recording the phase, its iteration, the artifacts it was
-    made from, its config, seed, metrics and MLflow run) and return its reference."""
+    made from, its config, seed and metrics; the MLflow run that made it beside them, outside the digest) and return
+    its reference. ``parents`` are store-relative
+    keys: the digest covers the metadata, and must not change with where the store lives."""
     metadata = {"phase": phase, "config": config.model_dump(), "seed": seed, "metrics": metrics}
     metadata |= {"parents": parents} if parents is not None else {}
     metadata |= {"iteration": iteration} if iteration is not None else {}
-    metadata |= {"mlflow_run_id": mlflow_run_id} if mlflow_run_id is not None else {}
-    ref = upload_dir(context.store, local_dir, key, metadata=metadata)
+    provenance = {"mlflow_run_id": mlflow_run_id} if mlflow_run_id is not None else None
+    ref = upload_dir(context.store, local_dir, key, metadata=metadata, provenance=provenance)
     return PhaseOutput(artifact=ref.to_dict(), metrics=metrics, mlflow_run_id=mlflow_run_id)
 
 
@@ -232,9 +233,8 @@ def existing_output(context: RunContext, key: str) -> PhaseOutput | None:
         return None
     manifest = read_manifest(context.store, key) or {}
     ref, metadata = ArtifactRef(context.store.full_uri(key), key, manifest["digest"]), manifest.get("metadata", {})
-    return PhaseOutput(
-        artifact=ref.to_dict(), metrics=metadata.get("metrics", {}), mlflow_run_id=metadata.get("mlflow_run_id")
-    )
+    run_id = manifest.get("provenance", {}).get("mlflow_run_id")
+    return PhaseOutput(artifact=ref.to_dict(), metrics=metadata.get("metrics", {}), mlflow_run_id=run_id)
 
 
 ProgressHook = Callable[[str, int, int], None]

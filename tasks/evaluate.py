@@ -86,7 +86,7 @@ def evaluate_task(
             iteration=iteration,
             config=config,
             seed=seed,
-            parents={"policy": policy.ref.uri, "sft": sft.ref.uri, "reward_model": reward.ref.uri},
+            parents={"policy": policy.ref.key, "sft": sft.ref.key, "reward_model": reward.ref.key},
             metrics=EVALUATION.namespaced(metrics),
         )
 
@@ -112,7 +112,7 @@ def evaluation_batch_task(
             iteration=iteration,
             config=config,
             seed=seed,
-            parents={"evaluation": evaluation.ref.uri},
+            parents={"evaluation": evaluation.ref.key},
             metrics=HUMAN_EVALUATION.namespaced({"pairs": len(pairs)}),
         )
 
@@ -142,6 +142,6 @@ def human_evaluation_task(
             iteration=iteration,
             config=config,
             seed=seed,
-            parents={"batch": batch.ref.uri, "labels": [ref.ref.uri for ref in labels]},
+            parents={"batch": batch.ref.key, "labels": [ref.ref.key for ref in labels]},
             metrics=HUMAN_EVALUATION.namespaced(metrics),
         )

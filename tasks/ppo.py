@@ -146,6 +146,6 @@ def ppo_task(
             iteration=iteration,
             config=config,
             seed=seed,
-            parents={"policy": policy.ref.uri, "reference": sft.ref.uri, "reward_model": reward.ref.uri},
+            parents={"policy": policy.ref.key, "reference": sft.ref.key, "reward_model": reward.ref.key},
             metrics=PPO.namespaced(metrics),
         )

@@ -61,7 +61,7 @@ def preferences_task(
             iteration=iteration,
             config=config,
             seed=seed,
-            parents={"policy": policy.ref.uri, "data": data.ref.uri},
+            parents={"policy": policy.ref.key, "data": data.ref.key},
             metrics=PREFERENCES.namespaced(metrics),
         )
 
@@ -111,7 +111,7 @@ def labeling_batch_task(
             iteration=iteration,
             config=config,
             seed=seed,
-            parents={"policy": policy.ref.uri, "data": data.ref.uri},
+            parents={"policy": policy.ref.key, "data": data.ref.key},
             metrics=PREFERENCES.namespaced(metrics),
         )
 
@@ -148,6 +148,6 @@ def human_preferences_task(
             iteration=iteration,
             config=config,
             seed=seed,
-            parents={"batch": batch.ref.uri, "labels": [ref.ref.uri for ref in labels]},
+            parents={"batch": batch.ref.key, "labels": [ref.ref.key for ref in labels]},
             metrics=PREFERENCES.namespaced(stats),
         )

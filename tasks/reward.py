@@ -136,6 +136,6 @@ def reward_task(
             iteration=iteration,
             config=config,
             seed=seed,
-            parents={"init": init.ref.uri, "preferences": [p.ref.uri for p in preferences]},
+            parents={"init": init.ref.key, "preferences": [p.ref.key for p in preferences]},
             metrics=REWARD.namespaced(metrics),
         )

@@ -92,6 +92,6 @@ def sft_task(
             phase="sft",
             config=config,
             seed=seed,
-            parents={"data": data.ref.uri},
+            parents={"data": data.ref.key},
             metrics=SFT.namespaced(metrics),
         )

@@ -360,6 +360,34 @@ def test_rerun_of_the_same_config_is_served_from_cache(first_run: dict, workdir:
     assert recomputed == []  # nothing was trained again, so no phase logged a run
 
 
+def artifact_digests(root: Path) -> dict[str, str]:
+    return {
+        p.parent.relative_to(root).as_posix(): json.loads(p.read_text())["digest"] for p in root.rglob("MANIFEST.json")
+    }
+
+
+def test_an_artifact_does_not_depend_on_where_the_store_lives(
+    first_run: dict, workdir: Path, pipeline_env: dict, tmp_path: Path
+):
+    """The same config in folder A, then B, then A again, then B moved: the same keys and digests in A and B, and
+    the runs after the first in each place fully cached."""
+    folder_b = tmp_path / "b"
+    folder_b.mkdir()
+    rlhf_run(pipeline_env, folder_b, f"tracking.uri=sqlite:///{folder_b}/mlflow.db")
+    in_b = summary(folder_b)
+    assert in_b["phases"] == dict.fromkeys(PHASES, "Completed")  # A's cache entries, but B's store is empty
+    assert artifact_digests(Path(in_b["artifacts_uri"])) == artifact_digests(Path(first_run["artifacts_uri"]))
+    assert in_b["final_policy_uri"].startswith(str(folder_b))
+
+    rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db")
+    assert summary(workdir)["phases"] == dict.fromkeys(PHASES, "Cached")
+    moved = tmp_path / "moved"
+    folder_b.rename(moved)
+    rlhf_run(pipeline_env, moved, f"tracking.uri=sqlite:///{moved}/mlflow.db")
+    assert summary(moved)["phases"] == dict.fromkeys(PHASES, "Cached")
+    assert summary(moved)["final_policy_uri"].startswith(str(moved))  # the cached reference, in this store
+
+
 def test_changing_a_ppo_setting_reruns_ppo_and_what_follows_only(first_run: dict, workdir: Path, pipeline_env: dict):
     rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db", "ppo.lr=0.0005")
     phases = summary(workdir)["phases"]
