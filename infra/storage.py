@@ -593,6 +593,7 @@ def upload_dir(
     local_dir: Path,
     key: str,
     metadata: dict[str, Any] | None = None,
+    *,
     provenance: dict[str, Any] | None = None,
 ) -> ArtifactRef:
     """Upload every file under local_dir to key/<relpath>, then seal it with key/MANIFEST.json. ``metadata`` is part
