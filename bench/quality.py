@@ -22,7 +22,7 @@ from flows.config import PipelineConfig, load_config
 from infra.artifacts import BASE_MODEL_DIR, PhaseInputs
 from rlhf_core.world import gold_components
 from tasks.data import write_data
-from tasks.evaluate import run_evaluation
+from tasks.evaluate import run_baseline, run_evaluation
 from tasks.ppo import run_ppo
 from tasks.preferences import run_preferences
 from tasks.reward import reward_start, run_reward
@@ -66,6 +66,7 @@ def run_seed(config: PipelineConfig, root: Path) -> list[dict[str, float]]:
     data, sft = root / "data", root / "sft"
     write_data(data, seed, config.data)
     run_sft(data / BASE_MODEL_DIR, data, sft, config=config.sft, seed=seed)
+    baseline = run_baseline(data, sft, config=config.evaluation, seed=seed * 1000)  # as the pipeline samples it
     print(f"  data + SFT: {time.perf_counter() - start:.0f} s", flush=True)
     policy, preference_dirs, rows = sft, [], []
     for k in range(1, config.iterations + 1):
@@ -88,7 +89,9 @@ def run_seed(config: PipelineConfig, root: Path) -> list[dict[str, float]]:
         policy = it / "policy"
         (it / "evaluation").mkdir()
         with timed(phase_s, "evaluation"):
-            metrics, samples = run_evaluation(inputs, it / "evaluation", config=config.evaluation, seed=iteration_seed)
+            metrics, samples = run_evaluation(
+                inputs, it / "evaluation", baseline=baseline, config=config.evaluation, seed=iteration_seed
+            )
         rows.append(
             {
                 "iteration": k,

@@ -53,6 +53,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     headers = {
         "iteration": "iter",
         "win_rate_vs_sft": "win vs SFT",
+        "win_rate_stderr": "± s.e.",
         "gold_reward": "gold",
         "reward": "RM score",
         "kl": "KL",
@@ -65,7 +66,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
     columns = [c for c in headers if any(c in row for row in summary["iterations"]) or c == "iteration"]
     for column in columns:
         table.add_column(headers[column], justify="right")
-    table.add_row("SFT", "0.500", f"{summary['sft']['gold_reward']:.3f}", *["-"] * (len(columns) - 3))
+    at_sft = {"win_rate_vs_sft": "0.500", "gold_reward": f"{summary['sft']['gold_reward']:.3f}"}
+    table.add_row("SFT", *(at_sft.get(c, "-") for c in columns[1:]))
     for row in summary["iterations"]:
         table.add_row(str(row["iteration"]), *(f"{row[c]:.3f}" for c in columns[1:]))
     return table

@@ -33,7 +33,7 @@ from infra.tracking import RunLogger, Tracker, default_tracking_uri
 from infra.user_data import check_data, inputs_digest
 from tasks.common import PhaseOutput, RunContext, TrackingContext, fetch
 from tasks.data import prepare_data
-from tasks.evaluate import evaluate_task, evaluation_batch_task, human_evaluation_task
+from tasks.evaluate import evaluate_task, evaluation_batch_task, human_evaluation_task, sft_baseline_task
 from tasks.ppo import ppo_task
 from tasks.preferences import human_preferences_task, labeling_batch_task, preferences_task
 from tasks.reward import reward_task
@@ -141,7 +141,7 @@ def human_evaluation_phase(
 
 @flow(name="rlhf-iteration", flow_run_name="iteration-{iteration}", log_prints=True)
 def iteration_flow(
-    config: PipelineConfig, context: RunContext, state: PipelineState, iteration: int
+    config: PipelineConfig, context: RunContext, state: PipelineState, iteration: int, *, baseline: PhaseOutput
 ) -> IterationResult:
     """One RLHF iteration: preferences from the current policy, a reward model on all preferences so far
     (continuing from the last one with ``reward.warm_start``), PPO from the current policy against the SFT
@@ -181,6 +181,7 @@ def iteration_flow(
         data=state.data,
         policy=policy,
         sft=state.sft,
+        baseline=baseline,
         reward=reward,
         config=config.evaluation,
         **common,
@@ -335,13 +336,23 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
         phases: dict[str, str] = {}
         state = start_or_resume(config, context, lineage, phases)
         tracker.log_datasets(parent.run_id, publishing.data_datasets(context.store, state.data))
+        baseline = run_phase(  # iteration 0's seed: the SFT model's responses, the same for every iteration
+            sft_baseline_task,
+            phases,
+            "sft-baseline",
+            context=context,
+            data=state.data,
+            sft=state.sft,
+            config=config.evaluation,
+            seed=config.seed * 1000,
+        )
         artifacts_uri = context.store.full_uri(config.storage.prefix)
         run_url = (
             mlflow_run_url(tracking_uri, tracker.experiment_id, parent.run_id) or f"{tracking_uri}#{parent.run_id}"
         )
         history = []
         for iteration in range(state.iteration + 1, state.iteration + config.iterations + 1):
-            result = iteration_flow(config, context, state, iteration)
+            result = iteration_flow(config, context, state, iteration, baseline=baseline)
             state, phases = result.state, phases | result.phases
             row, registration = record_iteration(tracker, parent, context=context, result=result, config=config)
             history.append(row)

@@ -4,6 +4,7 @@ data/        base_model/, prompts.parquet (split, prompt), demonstrations.parque
              judge.json, and optionally reward_base_model/, preferences.parquet (human pairs) and sources.json
 sft/, policy/, reward_model/    save_pretrained folders (a LoRA policy adds adapter/)
 preferences/ preferences.parquet (prompt, chosen, rejected, labeler, chosen_gold, rejected_gold)
+sft/baseline-*  baseline.parquet: the SFT model's held-out responses, sampled once, every evaluation's baseline
 evaluation/  metrics.json, samples.parquet
 """
 
@@ -29,6 +30,7 @@ SOURCES_FILE = "sources.json"  # data field -> where the user's dataset was read
 PAIRS_FILE = "preferences.parquet"  # preference pairs, human or collected
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.parquet"
+BASELINE_FILE = "baseline.parquet"  # the SFT model's held-out responses (prompt, sft, sft_gold)
 
 
 @dataclass(frozen=True)

@@ -145,8 +145,9 @@ EVALUATION = Phase(
     "eval",
     "iteration-{iteration}/evaluation",
     {
-        "win_rate_vs_sft": "Share of held-out prompts where the policy's response beats the SFT model's by gold "
-        "reward (ties count one half).",
+        "win_rate_vs_sft": "Share of matched (policy, SFT baseline) response pairs on held-out prompts where the "
+        "policy's beats the SFT model's by gold reward (ties count one half); the baseline is sampled once per run.",
+        "win_rate_stderr": "Standard error of win_rate_vs_sft over prompts (a prompt's samples averaged first).",
         "gold_reward": "Gold reward of the policy's responses.",
         "sft_gold_reward": "Gold reward of the SFT model's responses.",
         "reward": "Reward-model score of the policy's responses (this iteration's reward model, normalized).",
@@ -182,6 +183,7 @@ ITERATION = Phase(
     "pipeline-{flow_run_name}",
     {
         "win_rate_vs_sft": EVALUATION.metrics["win_rate_vs_sft"],
+        "win_rate_stderr": EVALUATION.metrics["win_rate_stderr"],
         "gold_reward": EVALUATION.metrics["gold_reward"],
         "sft_gold_reward": EVALUATION.metrics["sft_gold_reward"],
         "gold/{attribute}": EVALUATION.metrics["gold/{attribute}"],
@@ -197,6 +199,7 @@ ITERATION = Phase(
 )
 EVALUATION_SUMMARY = (
     "win_rate_vs_sft",
+    "win_rate_stderr",
     "gold_reward",
     "sft_gold_reward",
     "reward",

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 _ITERATION_PREFIX = f"{catalog.ITERATION.namespace}/"
 COLUMNS = {  # iteration metric -> table heading, in table order
     "win_rate_vs_sft": "win rate vs SFT (gold)",
+    "win_rate_stderr": "± s.e.",
     "human_win_rate_vs_sft": "win rate vs SFT (people)",
     "gold_reward": "gold reward",
     "reward": "RM score",

@@ -23,6 +23,12 @@ class EvalConfig(BaseModel):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for policy and SFT samples.")
     batch_size: int = Field(256, ge=1, description="Prompts per generation batch.")
     n_samples_logged: int = Field(32, ge=0, description="Sample completions logged to MLflow as a table.")
+    samples_per_prompt: int = Field(
+        1,
+        ge=1,
+        description="Responses per held-out prompt from the policy and from the SFT baseline; the win rate is over "
+        "matched pairs (the policy's j-th response against the baseline's j-th), its standard error over prompts.",
+    )
     human_pairs: int = Field(
         0,
         ge=0,
@@ -36,6 +42,19 @@ def win_rate(policy_gold: list[float], baseline_gold: list[float]) -> float:
     """Share of prompts where the policy's response beats the baseline's; ties count one half."""
     wins = sum(1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(policy_gold, baseline_gold, strict=True))
     return wins / len(policy_gold)
+
+
+def win_rate_stderr(policy_gold: list[float], baseline_gold: list[float], samples_per_prompt: int) -> float:
+    """Standard error of :func:`win_rate` over prompts: the pairs of one prompt (``samples_per_prompt`` consecutive
+    ones) are averaged first, since they are not independent; 0 for a single prompt."""
+    scores = [1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(policy_gold, baseline_gold, strict=True)]
+    k = samples_per_prompt
+    per_prompt = [sum(scores[i : i + k]) / k for i in range(0, len(scores), k)]
+    n = len(per_prompt)
+    if n < 2:
+        return 0.0
+    mean = sum(per_prompt) / n
+    return (sum((x - mean) ** 2 for x in per_prompt) / (n - 1) / n) ** 0.5
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -53,12 +72,44 @@ def _sample(model, tokenizer, prompts, config: EvalConfig) -> list[Samples]:
     ]
 
 
+def repeated(prompts: list[str], config: EvalConfig) -> list[str]:
+    """Each prompt ``samples_per_prompt`` times in a row: the order policy and baseline samples are matched in."""
+    return [p for p in prompts for _ in range(config.samples_per_prompt)]
+
+
+def _gold_parts(prefix: str, prompts: list[str], texts: list[str], gold_breakdown: GoldBreakdown) -> dict[str, float]:
+    parts = [gold_breakdown(p, t) for p, t in zip(prompts, texts, strict=True)]
+    return {f"{prefix}/{name}": sum(part[name] for part in parts) / len(parts) for name in parts[0]}
+
+
+@torch.no_grad()
+def sample_baseline(
+    sft_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    gold_fn: GoldScorer | None,
+    config: EvalConfig,
+    seed: int,
+) -> list[dict]:
+    """The SFT model's responses to the held-out prompts (``samples_per_prompt`` each, with their gold rewards),
+    drawn once from a stream of their own: every iteration's policy is compared with the same baseline."""
+    torch.manual_seed(seed)
+    prompts = repeated(prompts, config)
+    texts = [t for s in _sample(sft_model, tokenizer, prompts, config) for t in s.texts]
+    rows = [{"prompt": p, "sft": t} for p, t in zip(prompts, texts, strict=True)]
+    if gold_fn is not None:
+        for row, gold in zip(rows, gold_fn(prompts, texts), strict=True):
+            row["sft_gold"] = float(gold)
+    return rows
+
+
 @torch.no_grad()
 def evaluate_policy(
     policy: PreTrainedModel,
     sft_model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    baseline: list[dict],
     *,
     reward_fn: RewardFunction | None,
     gold_fn: GoldScorer | None,
@@ -66,14 +117,14 @@ def evaluate_policy(
     seed: int,
     gold_breakdown: GoldBreakdown | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """One sample per prompt from the policy and from the SFT model (also the KL reference).
-    Returns the summary metrics (with ``gold_breakdown``, the mean of each gold attribute as ``gold/<name>`` and
-    ``sft_gold/<name>``) and the completions, a row per prompt."""
+    """The policy's responses to the baseline's prompts (:func:`sample_baseline`), matched with the baseline's: the
+    win rate and its standard error, gold reward, reward-model score, KL to the SFT model (also the KL reference),
+    entropy, length. Returns the summary metrics (with ``gold_breakdown``, the mean of each gold attribute as
+    ``gold/<name>`` and ``sft_gold/<name>``) and the matched pairs, a row each."""
     torch.manual_seed(seed)
+    prompts, sft_texts = [row["prompt"] for row in baseline], [row["sft"] for row in baseline]
     policy_batches = _sample(policy, tokenizer, prompts, config)
-    sft_batches = _sample(sft_model, tokenizer, prompts, config)
     policy_texts = [t for s in policy_batches for t in s.texts]
-    sft_texts = [t for s in sft_batches for t in s.texts]
     kl, entropy, length, reward, has_eos = [], [], [], [], []
     for s in policy_batches:
         response_mask = s.response_mask
@@ -107,18 +158,18 @@ def evaluate_policy(
         metrics["reward"] = torch.cat(reward).mean().item()
     rows = [{"prompt": p, "policy": a, "sft": b} for p, a, b in zip(prompts, policy_texts, sft_texts, strict=True)]
     if gold_fn is not None:
-        policy_gold, sft_gold = gold_fn(prompts, policy_texts), gold_fn(prompts, sft_texts)
+        policy_gold, sft_gold = gold_fn(prompts, policy_texts), [row["sft_gold"] for row in baseline]
         metrics |= {
             "win_rate_vs_sft": win_rate(policy_gold, sft_gold),
+            "win_rate_stderr": win_rate_stderr(policy_gold, sft_gold, config.samples_per_prompt),
             "gold_reward": sum(policy_gold) / len(policy_gold),
             "sft_gold_reward": sum(sft_gold) / len(sft_gold),
         }
         for row, pg, sg in zip(rows, policy_gold, sft_gold, strict=True):
             row |= {"policy_gold": pg, "sft_gold": sg}
     if gold_breakdown is not None:
-        for side, texts in (("gold", policy_texts), ("sft_gold", sft_texts)):
-            parts = [gold_breakdown(p, t) for p, t in zip(prompts, texts, strict=True)]
-            metrics |= {f"{side}/{name}": sum(part[name] for part in parts) / len(parts) for name in parts[0]}
+        metrics |= _gold_parts("gold", prompts, policy_texts, gold_breakdown)
+        metrics |= _gold_parts("sft_gold", prompts, sft_texts, gold_breakdown)
     return metrics, rows
 
 

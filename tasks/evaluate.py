@@ -6,11 +6,19 @@ import json
 import tempfile
 from pathlib import Path
 
-from infra.artifacts import METRICS_FILE, SAMPLES_FILE, PhaseInputs, data_judge, data_judge_breakdown, read_prompts
+from infra.artifacts import (
+    BASELINE_FILE,
+    METRICS_FILE,
+    SAMPLES_FILE,
+    PhaseInputs,
+    data_judge,
+    data_judge_breakdown,
+    read_prompts,
+)
 from infra.catalog import EVALUATION, HUMAN_EVALUATION
 from infra.datasets import read_rows, write_rows
 from infra.labeling import read_batch, read_imports, write_batch
-from rlhf_core.evaluate import EvalConfig, evaluate_policy, evaluation_pairs, human_win_rate
+from rlhf_core.evaluate import EvalConfig, evaluate_policy, evaluation_pairs, human_win_rate, sample_baseline
 from rlhf_core.modeling import load_policy, load_tokenizer
 from rlhf_core.reward import load_reward_function
 from tasks.common import (
@@ -26,23 +34,40 @@ from tasks.common import (
 )
 
 
+def run_baseline(
+    data_dir: Path, sft_dir: Path, *, config: EvalConfig, seed: int, trust_remote_code: bool = False
+) -> list[dict]:
+    """The SFT model's responses to the held-out prompts, with their gold rewards: the baseline of every
+    iteration's evaluation."""
+    tokenizer, sft = load_tokenizer(sft_dir, trust_remote_code), load_policy(sft_dir, trust_remote_code).eval()
+    prompts = read_prompts(data_dir, "eval")
+    return sample_baseline(sft, tokenizer, prompts, gold_fn=data_judge(data_dir), config=config, seed=seed)
+
+
 def run_evaluation(
-    inputs: PhaseInputs, out_dir: Path, *, config: EvalConfig, seed: int, trust_remote_code: bool = False
+    inputs: PhaseInputs,
+    out_dir: Path,
+    *,
+    baseline: list[dict],
+    config: EvalConfig,
+    seed: int,
+    trust_remote_code: bool = False,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Evaluate ``inputs.policy`` against ``inputs.sft`` (scored by ``inputs.reward`` where given); write
-    ``metrics.json`` and the sample table to ``out_dir``."""
+    """Evaluate ``inputs.policy`` against the SFT model's ``baseline`` responses (:func:`run_baseline`; the KL is to
+    ``inputs.sft``, the score ``inputs.reward``'s where given); write ``metrics.json`` and the sample table to
+    ``out_dir``."""
     if inputs.sft is None:
         raise ValueError("evaluation compares the policy with the SFT model: inputs.sft is required")
     tokenizer = load_tokenizer(inputs.policy, trust_remote_code)
     policy = load_policy(inputs.policy, trust_remote_code).eval()
     sft = load_policy(inputs.sft, trust_remote_code).eval()
     reward_fn = load_reward_function(inputs.reward, tokenizer, trust_remote_code) if inputs.reward else None
-    prompts, judge = read_prompts(inputs.data, "eval"), data_judge(inputs.data)
+    judge = data_judge(inputs.data)
     metrics, rows = evaluate_policy(
         policy,
         sft,
         tokenizer,
-        prompts,
+        baseline,
         reward_fn=reward_fn,
         gold_fn=judge,
         gold_breakdown=data_judge_breakdown(inputs.data),
@@ -54,6 +79,33 @@ def run_evaluation(
     return metrics, rows
 
 
+@phase_task("sft-baseline")
+def sft_baseline_task(
+    context: RunContext, *, data: PhaseOutput, sft: PhaseOutput, config: EvalConfig, seed: int
+) -> PhaseOutput:
+    """The SFT model's held-out responses, sampled once with a seed of their own and reused by every iteration's
+    evaluation, so that the baseline does not move with the policy or the config."""
+    inputs = {"data": data, "sft": sft, "config": config, "seed": seed}
+    key = artifact_key(context, "sft", "baseline", inputs)
+    if done := existing_output(context, key):
+        return done
+    rows = run_baseline(
+        fetch(context, data), fetch(context, sft), config=config, seed=seed, trust_remote_code=context.trust_remote_code
+    )
+    with tempfile.TemporaryDirectory(prefix="rlhf-baseline-") as tmp:
+        write_rows(Path(tmp) / BASELINE_FILE, rows)
+        return publish(
+            context,
+            key,
+            Path(tmp),
+            phase="sft-baseline",
+            config=config,
+            seed=seed,
+            metrics={},
+            parents={"data": data.ref.key, "sft": sft.ref.key},
+        )
+
+
 @phase_task("evaluate")
 def evaluate_task(
     context: RunContext,
@@ -61,12 +113,14 @@ def evaluate_task(
     data: PhaseOutput,
     policy: PhaseOutput,
     sft: PhaseOutput,
+    baseline: PhaseOutput,
     reward: PhaseOutput,
     config: EvalConfig,
     seed: int,
     iteration: int,
 ) -> PhaseOutput:
     inputs = {"data": data, "policy": policy, "sft": sft, "reward": reward, "config": config, "seed": seed}
+    inputs["baseline"] = baseline
     key = artifact_key(context, f"iteration-{iteration:03d}", "evaluation", inputs)
     if done := existing_output(context, key):
         return done
@@ -74,7 +128,12 @@ def evaluate_task(
     params = {"evaluation": config.model_dump(), "seed": seed}
     with phase_workspace(context, EVALUATION, key, iteration=iteration, params=params) as work:
         metrics, _ = run_evaluation(
-            dirs, work.out_dir, config=config, seed=seed, trust_remote_code=context.trust_remote_code
+            dirs,
+            work.out_dir,
+            baseline=read_rows(fetch(context, baseline) / BASELINE_FILE),
+            config=config,
+            seed=seed,
+            trust_remote_code=context.trust_remote_code,
         )
         work.log(metrics, iteration)
         return publish(
@@ -86,7 +145,12 @@ def evaluate_task(
             iteration=iteration,
             config=config,
             seed=seed,
-            parents={"policy": policy.ref.key, "sft": sft.ref.key, "reward_model": reward.ref.key},
+            parents={
+                "policy": policy.ref.key,
+                "sft": sft.ref.key,
+                "baseline": baseline.ref.key,
+                "reward_model": reward.ref.key,
+            },
             metrics=EVALUATION.namespaced(metrics),
         )
 

@@ -18,7 +18,7 @@ from rlhf_core.data import DataConfig
 from rlhf_core.modeling import load_policy, load_tokenizer, sample_responses
 from rlhf_core.reward import load_reward_function, score_texts
 from tasks.data import write_data
-from tasks.evaluate import run_evaluation
+from tasks.evaluate import run_baseline, run_evaluation
 from tasks.ppo import run_ppo
 from tasks.preferences import run_preferences
 from tasks.reward import run_reward
@@ -68,6 +68,7 @@ def test_every_phase_runs_on_a_gpt2_base_model(gpt2_dir, tmp_path):
     metrics, rows = run_evaluation(
         PhaseInputs(data, tmp_path / "policy", sft, tmp_path / "reward"),
         tmp_path / "evaluation",
+        baseline=run_baseline(data, sft, config=config.evaluation, seed=0),
         config=config.evaluation,
         seed=1,
     )
@@ -137,6 +138,7 @@ def test_a_separate_reward_model_with_its_own_tokenizer(gpt2_reward_dir, tmp_pat
     evaluation, _ = run_evaluation(
         PhaseInputs(data, tmp_path / "policy", sft, tmp_path / "reward"),
         tmp_path / "evaluation",
+        baseline=run_baseline(data, sft, config=config.evaluation, seed=0),
         config=config.evaluation,
         seed=1,
     )

@@ -41,7 +41,7 @@ TINY = [
     "evaluation.max_new_tokens=12",
     "evaluation.n_samples_logged=4",
 ]
-PHASES = ["data", "sft"] + [
+PHASES = ["data", "sft", "sft-baseline"] + [
     f"iteration-{k}/{p}" for k in (1, 2) for p in ("preferences", "reward", "ppo", "evaluation")
 ]
 
@@ -102,7 +102,7 @@ def test_end_to_end_run_writes_summary_artifacts_and_tracking(first_run: dict, w
     manifests = {p.parent.relative_to(root).as_posix(): json.loads(p.read_text()) for p in root.rglob("MANIFEST.json")}
     folders = sorted(k.rsplit("-", 1)[0] for k in manifests)
     assert folders == sorted(
-        ["data/world", "sft/policy"]
+        ["data/world", "sft/policy", "sft/baseline"]
         + [
             f"iteration-00{k}/{name}"
             for k in (1, 2)
@@ -110,7 +110,7 @@ def test_end_to_end_run_writes_summary_artifacts_and_tracking(first_run: dict, w
         ]
     )
     ppo_2 = next(m for k, m in manifests.items() if k.startswith("iteration-002/policy"))
-    assert ppo_2["metadata"]["parents"]["reference"].endswith(next(k for k in manifests if k.startswith("sft/")))
+    assert ppo_2["metadata"]["parents"]["reference"].endswith(next(k for k in manifests if k.startswith("sft/policy")))
     assert ppo_2["metadata"]["parents"]["policy"].endswith(
         next(k for k in manifests if k.startswith("iteration-001/policy"))
     )
@@ -119,7 +119,7 @@ def test_end_to_end_run_writes_summary_artifacts_and_tracking(first_run: dict, w
     reward_1 = next(k for k in manifests if k.startswith("iteration-001/reward_model"))
     assert reward_2["metadata"]["parents"]["init"].endswith(reward_1)  # reward.warm_start: continues the last one
     assert next(m for k, m in manifests.items() if k == reward_1)["metadata"]["parents"]["init"].endswith(
-        next(k for k in manifests if k.startswith("sft/"))
+        next(k for k in manifests if k.startswith("sft/policy"))
     )
     policy_dir = root / next(k for k in manifests if k.startswith("iteration-002/policy"))
     assert (policy_dir / "model.safetensors").exists() and (policy_dir / "tokenizer.json").exists()
@@ -322,7 +322,7 @@ def test_report_renders_in_a_real_browser(first_run: dict, workdir: Path, pipeli
     body = [r for r in rows if r]
     assert [r[0] for r in body] == ["SFT", "1", "2"]
     for row, it in zip(body[1:], first_run["iterations"], strict=True):
-        assert row[1] == f"{it['win_rate_vs_sft']:.3f}" and row[2] == f"{it['gold_reward']:.3f}"
+        assert row[1:4] == [f"{it[k]:.3f}" for k in ("win_rate_vs_sft", "win_rate_stderr", "gold_reward")]
     assert re.search(r'<img [^>]*src="data:image/png;base64,', dom)  # plots embedded: the page stands alone
     assert first_run["mlflow_run_id"] in dom and "Sample completions" in dom
 
@@ -391,7 +391,7 @@ def test_an_artifact_does_not_depend_on_where_the_store_lives(
 def test_changing_a_ppo_setting_reruns_ppo_and_what_follows_only(first_run: dict, workdir: Path, pipeline_env: dict):
     rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db", "ppo.lr=0.0005")
     phases = summary(workdir)["phases"]
-    cached = {"data", "sft", "iteration-1/preferences", "iteration-1/reward"}
+    cached = {"data", "sft", "sft-baseline", "iteration-1/preferences", "iteration-1/reward"}
     assert {name for name, state in phases.items() if state == "Cached"} == cached
     assert all(state == "Completed" for name, state in phases.items() if name not in cached)
 
@@ -434,6 +434,7 @@ def test_end_to_end_on_s3(tmp_path: Path, pipeline_env: dict, s3_endpoint: str, 
         "iteration-001/policy",
         "iteration-001/preferences",
         "iteration-001/reward_model",
+        "sft/baseline",
         "sft/policy",
     ]
     assert any(

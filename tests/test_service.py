@@ -342,7 +342,7 @@ def _check_service(
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page["Contents"]]
     artifacts = f"{root}/pipelines/default/"
     folders = {k.removeprefix(artifacts).rsplit("-", 1)[0] for k in keys if k.endswith("MANIFEST.json")}
-    assert folders == {"data/world", "sft/policy"} | {
+    assert folders == {"data/world", "sft/policy", "sft/baseline"} | {
         f"iteration-00{k}/{name}" for k in (1, 2) for name in ("preferences", "reward_model", "policy", "evaluation")
     }
     assert f"{artifacts}lineages/{LINEAGE}/latest.json" in keys
