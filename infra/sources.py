@@ -101,9 +101,9 @@ def _dataset_rows(dataset: Any) -> Iterator[dict[str, Any]]:
         yield from (dict(zip(columns, values, strict=True)) for values in zip(*batch.values(), strict=True))
 
 
-def _pick_split(source: Source, loaded: Any, split: str | None) -> Any:
+def _pick_split(source: Source, loaded: Any, split: str | None, base: str) -> Any:
     """A Dataset from what ``load_dataset``/``load_from_disk`` gave: the named split, else ``train``, else the only
-    one."""
+    one. ``base``: the source without its split, for the message."""
     if not hasattr(loaded, "keys"):  # a single Dataset
         return loaded
     splits = list(loaded.keys())
@@ -112,8 +112,7 @@ def _pick_split(source: Source, loaded: Any, split: str | None) -> Any:
         raise DatasetError(
             f"{source.field}={source.spec!r}: "
             + (f"no split {split!r}" if split else "several splits and no 'train'")
-            + f"; it has {splits}: name one as {source.spec.split(':')[0] if source.kind == 'hub' else source.spec}"
-            ":SPLIT"
+            + f"; it has {splits}: name one as {base}:SPLIT"
         )
     return loaded[chosen]
 
@@ -138,14 +137,16 @@ def load_rows(source: Source, *, dataset_config: str | None = None, open_store: 
             match = _HUB_SPEC.fullmatch(source.label)
             assert match is not None  # resolve() made it
             loaded = datasets.load_dataset(match["repo"], name=dataset_config, revision=match["revision"])
-            dataset = _pick_split(source, loaded, match["split"])
+            dataset = _pick_split(
+                source, loaded, match["split"], source.spec.rsplit(":", 1)[0] if match["split"] else source.spec
+            )
         else:
             folder, split = _folder_and_split(source.spec) or (Path(source.spec), None)
             if (folder / "dataset_info.json").exists() or (folder / "dataset_dict.json").exists():
                 loaded = datasets.load_from_disk(str(folder))  # what save_to_disk wrote
             else:  # a hub repository's layout, read the way a hub id is
                 loaded = datasets.load_dataset(str(folder), name=dataset_config)
-            dataset = _pick_split(source, loaded, split)
+            dataset = _pick_split(source, loaded, split, str(folder))
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
         if isinstance(e, DatasetError):
             raise

@@ -68,7 +68,9 @@ def test_a_folder_in_hub_layout_is_read_like_a_hub_dataset(files: dict[str, str]
     test_split = user_config({**files, "human_preferences": f"{folder}:test"})
     assert len(check_data(test_split, 0, max_tokens=MAX_TOKENS).preferences) == 7
     missing = user_config({**files, "human_preferences": f"{folder}:validation"})
-    with pytest.raises(DatasetError, match=r"no split 'validation'; it has \['train', 'test'\]"):
+    with pytest.raises(
+        DatasetError, match=rf"no split 'validation'; it has \['train', 'test'\]: name one as {folder}:SPL"
+    ):
         check_data(missing, 0, max_tokens=MAX_TOKENS)
 
     # the folder's content is in the cache key, and where it was read is recorded with the data artifact
