@@ -73,6 +73,35 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+class PhaseBars:
+    """A progress bar per phase, its clock the phase's own: phases run one after another, so a phase's first report
+    stops the clock of the one before (once: stopping a stopped bar again would move its end)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress, self.bars, self.stopped = progress, {}, set()
+
+    def stop(self, bar: Any) -> None:
+        if bar not in self.stopped:
+            self.progress.stop_task(bar)
+            self.stopped.add(bar)
+
+    def __call__(self, phase: str, step: int, total: int) -> None:
+        if phase not in self.bars:
+            for bar in self.bars.values():
+                self.stop(bar)
+            self.bars[phase] = self.progress.add_task(phase, total=total or None)
+        self.progress.update(self.bars[phase], completed=step)
+        if total and step >= total:
+            self.stop(self.bars[phase])
+
+    def finish(self) -> None:
+        """Stop every clock and fill every bar (a phase without a step count shows its steps as done)."""
+        for bar in self.bars.values():
+            self.stop(bar)
+            task = next(t for t in self.progress.tasks if t.id == bar)
+            self.progress.update(bar, total=task.completed or 1)
+
+
 def quiet_libraries() -> None:
     """Leave the terminal to the progress bars: only warnings from Prefect, transformers and MLflow."""
     import logging
@@ -111,26 +140,15 @@ def run(
     with Progress(
         TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as progress:
-        bars: dict[str, Any] = {}
-
-        def on_progress(phase: str, step: int, total: int) -> None:
-            if phase not in bars:
-                for bar in bars.values():  # phases run one after another: the one before is done
-                    progress.stop_task(bar)
-                bars[phase] = progress.add_task(phase, total=total or None)
-            progress.update(bars[phase], completed=step)
-            if total and step >= total:
-                progress.stop_task(bars[phase])  # its elapsed time stays the phase's own
-
-        PROGRESS_HOOKS.append(on_progress)
+        bars = PhaseBars(progress)
+        PROGRESS_HOOKS.append(bars)
         try:
             summary = rlhf_pipeline(pipeline_config)
         except (StorageError, DivergenceError, LabelTimeout) as e:  # said in full already: no traceback
             fail(e, 1)
         finally:
-            PROGRESS_HOOKS.remove(on_progress)
-            for bar in bars.values():
-                progress.update(bar, total=progress.tasks[bar].completed or 1)
+            PROGRESS_HOOKS.remove(bars)
+            bars.finish()
     console.print(summary_table(summary))
     console.print(
         f"artifacts: {summary['artifacts_uri']}\nMLflow: {summary['mlflow_tracking_uri']} "

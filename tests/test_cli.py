@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import version
 
 import yaml
@@ -25,3 +26,37 @@ def test_config_reference_is_the_default_config_and_shows_optional_sections() ->
     # Sections that are off by default (null) still show the fields a user can set, commented out.
     assert lines[lines.index("# deepspeed:") + 1].startswith("#   zero_stage:")
     assert any(line.startswith("  #   r: 8 ") for line in lines)
+
+
+def test_each_phase_bar_keeps_its_own_duration() -> None:
+    """Phases report one after another; each bar's clock stops when the next phase starts (or its steps are done),
+    and stays where it stopped however many phases follow."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from flows.cli import PhaseBars
+
+    now = [0.0]
+    progress = Progress(console=Console(file=open(os.devnull, "w")), get_time=lambda: now[0])  # noqa: SIM115
+    bars = PhaseBars(progress)
+    schedule = [
+        ("sft", 1, 10, 0.0),
+        ("sft", 10, 10, 56.0),
+        ("iteration-1/preferences", 1, 0, 60.0),
+        ("iteration-1/reward", 1, 0, 68.0),
+        ("iteration-1/ppo", 40, 40, 86.0),
+        ("iteration-1/evaluation", 1, 0, 151.0),
+    ]
+    for phase, step, total, at in schedule:
+        now[0] = at
+        bars(phase, step, total)
+    now[0] = 400.0  # long after: the clocks must not have moved
+    bars.finish()
+    elapsed = {task.description: task.finished_time for task in progress.tasks}
+    assert elapsed == {
+        "sft": 56.0,
+        "iteration-1/preferences": 8.0,
+        "iteration-1/reward": 18.0,
+        "iteration-1/ppo": 0.0,  # its first report was its last step
+        "iteration-1/evaluation": 249.0,  # the last phase runs until the pipeline ends
+    }
