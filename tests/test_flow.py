@@ -56,6 +56,11 @@ def rlhf_run(env: dict, cwd: Path, *overrides: str, check: bool = True) -> subpr
     return proc
 
 
+def rlhf(env: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """One ``rlhf`` command (export, report, ...) in ``cwd``, its output captured."""
+    return subprocess.run([RLHF, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
 def summary(cwd: Path) -> dict:
     return json.loads((cwd / "summary.json").read_text())
 
@@ -226,14 +231,7 @@ def test_export_writes_a_loadable_model_with_its_card(first_run: dict, workdir: 
 
     tracking = ["--set", f"tracking.uri={first_run['mlflow_tracking_uri']}"]
     out = workdir / "export-champion"
-    done = subprocess.run(
-        [RLHF, "export", "--out", str(out), *tracking],
-        cwd=workdir,
-        env=pipeline_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = rlhf(pipeline_env, workdir, "export", "--out", str(out), *tracking)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md",
@@ -265,47 +263,20 @@ def test_export_writes_a_loadable_model_with_its_card(first_run: dict, workdir: 
 
     # --iteration picks another version; an existing folder is refused and left as it was
     run_one = ["--run", first_run["mlflow_run_id"], "--iteration", "1"]  # that run's policy of iteration 1
-    one = subprocess.run(
-        [RLHF, "export", "--out", str(workdir / "export-1"), *run_one, *tracking],
-        cwd=workdir,
-        env=pipeline_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    one = rlhf(pipeline_env, workdir, "export", "--out", str(workdir / "export-1"), *run_one, *tracking)
     assert one.returncode == 0 and "(iteration 1)" in one.stdout, one.stderr[-3000:]
-    again = subprocess.run(
-        [RLHF, "export", "--out", str(out), *tracking],
-        cwd=workdir,
-        env=pipeline_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = rlhf(pipeline_env, workdir, "export", "--out", str(out), *tracking)
     assert again.returncode == 2 and f"{out} already exists" in again.stderr
     assert (out / "README.md").read_text() == card
-    missing = subprocess.run(
-        [RLHF, "export", "--out", str(workdir / "x"), "--iteration", "7", *tracking],
-        cwd=workdir,
-        env=pipeline_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    missing = rlhf(pipeline_env, workdir, "export", "--out", str(workdir / "x"), "--iteration", "7", *tracking)
     assert missing.returncode == 2 and "no version for iteration 7 (it has [1, 2])" in missing.stderr
     assert not (workdir / "x").exists()
 
 
 def test_report_renders_in_a_real_browser(first_run: dict, workdir: Path, pipeline_env: dict):
     page = workdir / "report.html"
-    done = subprocess.run(
-        [RLHF, "report", "--out", str(page), "--set", f"tracking.uri={first_run['mlflow_tracking_uri']}"],
-        cwd=workdir,
-        env=pipeline_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    tracking = f"tracking.uri={first_run['mlflow_tracking_uri']}"
+    done = rlhf(pipeline_env, workdir, "report", "--out", str(page), "--set", tracking)
     assert done.returncode == 0, done.stderr[-3000:]
     chromium = shutil.which("chromium")
     assert chromium, "the report test needs Debian's chromium: `make test` installs it (apt-get install chromium)"

@@ -19,7 +19,7 @@ from typing import Any
 
 import boto3
 import pytest
-from test_flow import RLHF, TINY
+from test_flow import RLHF, TINY, rlhf
 from test_stack import free_ports, live_processes
 from typer.testing import CliRunner
 
@@ -393,25 +393,11 @@ def _check_registry_export_and_report(
     assert str(client.get_model_version_by_alias(name, "newest").version) == versions["2"]
     tracking = ["--set", f"tracking.uri={stack['MLFLOW_TRACKING_URI']}"]
     out = tmp_path / "exported"
-    done = subprocess.run(
-        [RLHF, "export", "--lineage", LINEAGE, "--out", str(out), *tracking],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = rlhf(env, tmp_path, "export", "--lineage", LINEAGE, "--out", str(out), *tracking)
     assert done.returncode == 0 and f"(iteration {champion})" in done.stdout, done.stderr[-3000:]
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
     page = tmp_path / "lineage.html"
-    done = subprocess.run(
-        [RLHF, "report", "--lineage", LINEAGE, "--out", str(page), *tracking],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = rlhf(env, tmp_path, "report", "--lineage", LINEAGE, "--out", str(page), *tracking)
     assert done.returncode == 0, done.stderr[-3000:]
     html = page.read_text()
     assert f"RLHF lineage {LINEAGE}" in html and f"<td>2</td>\n<td>{win[1]:.3f}</td>" in html
