@@ -298,10 +298,14 @@ class PhaseLog:
     def __init__(self, phase: Phase, iteration: int | None, total_steps: int, run: RunLogger | None = None) -> None:
         self.phase, self.total_steps, self.run = phase, total_steps, run
         self.label = phase.run(iteration)
+        self.report_progress(0)  # the phase's clock starts now, not at its first report (which may be its last)
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
         if self.run is not None:
             self.run.log_metrics(self.phase.namespaced(metrics), step)
+        self.report_progress(step)
+
+    def report_progress(self, step: int) -> None:
         for hook in PROGRESS_HOOKS:
             hook(self.label, step, self.total_steps)
 

@@ -60,3 +60,29 @@ def test_each_phase_bar_keeps_its_own_duration() -> None:
         "iteration-1/ppo": 0.0,  # its first report was its last step
         "iteration-1/evaluation": 249.0,  # the last phase runs until the pipeline ends
     }
+
+
+def test_a_phase_bar_starts_when_its_phase_starts() -> None:
+    """A phase that reports once, at its end (evaluation), still shows how long it ran: its log announces it."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from flows.cli import PhaseBars
+    from infra.catalog import EVALUATION
+    from tasks.common import PROGRESS_HOOKS, PhaseLog
+
+    now = [10.0]
+    progress = Progress(console=Console(file=open(os.devnull, "w")), get_time=lambda: now[0])  # noqa: SIM115
+    bars = PhaseBars(progress)
+    PROGRESS_HOOKS.append(bars)
+    try:
+        log = PhaseLog(EVALUATION, 2, total_steps=0)
+        now[0] = 10.5
+        log({"win_rate_vs_sft": 0.7}, 2)
+        now[0] = 10.75
+        PhaseLog(EVALUATION, 3, total_steps=0)
+    finally:
+        PROGRESS_HOOKS.remove(bars)
+    bars.finish()
+    elapsed = {task.description: task.finished_time for task in progress.tasks}
+    assert elapsed["iteration-2/evaluation"] == 0.75  # from its start at 10.0, not from its report at 10.5
