@@ -106,14 +106,7 @@ def export(
     name = registered_model_name(runs[0].data.tags.get("lineage") or None if runs else pipeline_config.lineage)
     try:
         if run is not None and alias is None:  # the run's own policy: its last iteration's, or --iteration's
-            versions = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == run]
-            versions = [v for v in versions if iteration is None or v.tags.get("rlhf.iteration") == str(iteration)]
-            if not versions:
-                raise LookupError(
-                    f"run {run} registered no version of {name!r}"
-                    + (f" for iteration {iteration}" if iteration else "")
-                )
-            version = max(versions, key=lambda v: int(v.version))
+            version = find_version(client, name, iteration=iteration, run_id=run)
         else:
             version = find_version(
                 client, name, alias=alias or (CHAMPION if iteration is None else None), iteration=iteration

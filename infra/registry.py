@@ -190,19 +190,30 @@ def register_iteration(
     )
 
 
-def find_version(client: MlflowClient, name: str, *, alias: str | None = None, iteration: int | None = None):
-    """The version of ``name`` with ``alias``, or the newest one registered for ``iteration``; LookupError says
-    what exists."""
+def find_version(
+    client: MlflowClient,
+    name: str,
+    *,
+    alias: str | None = None,
+    iteration: int | None = None,
+    run_id: str | None = None,
+):
+    """The version of ``name`` with ``alias``, or the newest one registered (by pipeline run ``run_id``, where given)
+    for ``iteration``; LookupError says what exists."""
     if alias is not None:
         try:
             return client.get_model_version_by_alias(name, alias)
         except MlflowException as e:
             raise LookupError(f"registered model {name!r} has no version with alias {alias!r}: {e.message}") from e
     versions = client.search_model_versions(f"name = '{name}'")
+    if run_id is not None:
+        versions = [v for v in versions if v.run_id == run_id]
     if not versions:
-        raise LookupError(f"no registered model {name!r} (or it has no versions)")
+        what = f"run {run_id} registered no version of {name!r}" if run_id else f"no registered model {name!r}"
+        raise LookupError(what)
     matching = [v for v in versions if iteration is None or v.tags.get(TAG_ITERATION) == str(iteration)]
     if not matching:
         have = sorted({int(v.tags[TAG_ITERATION]) for v in versions if TAG_ITERATION in v.tags})
-        raise LookupError(f"registered model {name!r} has no version for iteration {iteration} (it has {have})")
+        whose = f" from run {run_id}" if run_id else ""
+        raise LookupError(f"{name!r} has no version{whose} for iteration {iteration} (it has {have})")
     return max(matching, key=lambda v: int(v.version))

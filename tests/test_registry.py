@@ -92,6 +92,12 @@ def test_champion_moves_only_when_an_iteration_beats_it(tracker: Tracker, policy
     assert str(find_version(client, name, iteration=2).version) == "2"
     with pytest.raises(LookupError, match="no version for iteration 9"):
         find_version(client, name, iteration=9)
+    version_3 = client.get_model_version(name, "3")
+    assert find_version(client, name, run_id=version_3.run_id).version == version_3.version
+    with pytest.raises(LookupError, match=f"no version from run {version_3.run_id} for iteration 2"):
+        find_version(client, name, iteration=2, run_id=version_3.run_id)
+    with pytest.raises(LookupError, match="run elsewhere registered no version"):
+        find_version(client, name, run_id="elsewhere")
 
 
 def test_logged_model_is_linked_to_its_run_and_carries_the_metrics(tracker: Tracker, policy_dir: Path) -> None:
