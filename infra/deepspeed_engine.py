@@ -125,7 +125,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         ensure_process_group_env()
-        optimizer, scheduler = optimizer_and_scheduler(module, optimization)
+        optimizer, scheduler = optimizer_and_scheduler(module, optimization, fused=False)  # ZeRO owns the params
         self.config = config
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=module,

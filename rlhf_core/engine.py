@@ -54,12 +54,14 @@ class Optimization:
 
 
 def optimizer_and_scheduler(
-    module: nn.Module, optimization: Optimization
+    module: nn.Module, optimization: Optimization, *, fused: bool = True
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the trainable parameters, with the warmup and decay ``optimization`` names."""
+    """AdamW over the trainable parameters, with the warmup and decay ``optimization`` names. ``fused``: one
+    kernel for all parameters (the same update, several times faster per step) where the parameters allow it."""
     o = optimization
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    fused = fused and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused or None)
 
     def lr_lambda(step: int) -> float:
         if step < o.warmup_steps:

@@ -133,7 +133,8 @@ def truncate_after_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) 
 @dataclass
 class Samples:
     """Sampled responses to left-padded prompts. query_responses: (B, P + R); responses and
-    response_mask: (B, R); has_eos: (B,) bool."""
+    response_mask: (B, R); has_eos: (B,) bool; where asked for, the log-probs of the sampled tokens and the
+    entropy of the distributions they were drawn from, (B, R) each."""
 
     prompts: list[str]
     query_responses: Tensor
@@ -143,6 +144,8 @@ class Samples:
     response_mask: Tensor
     has_eos: Tensor
     texts: list[str]
+    logprobs: Tensor | None = None
+    entropy: Tensor | None = None
 
 
 @torch.no_grad()
@@ -153,9 +156,11 @@ def sample_responses(
     max_new_tokens: int,
     *,
     temperature: float = 1.0,
+    with_logprobs: bool = False,
 ) -> Samples:
     """Batched sampling with left padding and the KV cache, from the full distribution (no top-k or
-    top-p: the log-probs PPO recomputes must be those of the distribution sampled from)."""
+    top-p: the log-probs PPO recomputes must be those of the distribution sampled from). ``with_logprobs``
+    keeps each step's logits, already divided by the temperature, for the samples' log-probs and entropy."""
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, model.device)
     out = model.generate(
         input_ids=prompt_ids,
@@ -168,16 +173,24 @@ def sample_responses(
         use_cache=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        return_dict_in_generate=True,
+        output_scores=with_logprobs,
     )
     context_length = prompt_ids.shape[1]
     responses, response_mask = truncate_after_eos(
-        out[:, context_length:], tokenizer.eos_token_id, tokenizer.pad_token_id
+        out.sequences[:, context_length:], tokenizer.eos_token_id, tokenizer.pad_token_id
     )
     has_eos = (responses == tokenizer.eos_token_id).any(-1)
     query_responses = torch.cat([prompt_ids, responses], 1)
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    return Samples(prompts, query_responses, attention_mask, context_length, responses, response_mask, has_eos, texts)
+    samples = Samples(
+        prompts, query_responses, attention_mask, context_length, responses, response_mask, has_eos, texts
+    )
+    if with_logprobs:
+        logits = torch.stack(out.scores, 1).float()  # (B, R, V)
+        samples.logprobs, samples.entropy = selective_log_softmax(logits, responses), entropy_from_logits(logits)
+    return samples
 
 
 def response_logprobs(
@@ -200,6 +213,15 @@ def response_logprobs(
     logits = logits[:, context_length - 1 : -1].float() / temperature
     logprobs = selective_log_softmax(logits, query_responses[:, context_length:])
     return logprobs, entropy_from_logits(logits) if with_entropy else None
+
+
+def trim_padding(query_responses: Tensor, attention_mask: Tensor, context_length: int) -> tuple[Tensor, Tensor, int]:
+    """Drop the columns that are padding in every row: left of the longest prompt, right of the longest
+    response. (B, P + R) -> (B, P' + R') twice, and the new context length P'. The response columns kept
+    are the first R' of the old ones: slice response-aligned (B, R) tensors with ``[:, :R']``."""
+    columns = attention_mask.any(0).nonzero().squeeze(1)
+    start, end = int(columns[0]), int(columns[-1]) + 1
+    return query_responses[:, start:end], attention_mask[:, start:end], context_length - start
 
 
 def token_scores(scorer: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

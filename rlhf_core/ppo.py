@@ -34,7 +34,7 @@ from rlhf_core.losses import (
     policy_loss,
     value_loss,
 )
-from rlhf_core.modeling import Samples, response_logprobs, sample_responses, token_scores
+from rlhf_core.modeling import Samples, response_logprobs, sample_responses, token_scores, trim_padding
 from rlhf_core.reward import RewardFunction
 from rlhf_core.types import GoldScorer, MetricsCallback
 
@@ -79,6 +79,11 @@ class PPOConfig(BaseModel):
     target_kl: float | None = Field(
         0.1, gt=0, description="Stop an update early once the minibatch approx-KL to the rollout policy exceeds this."
     )
+    group_by_length: bool = Field(
+        True,
+        description="Form each epoch's minibatches from rollouts of similar length, in random order, so that they "
+        "carry little padding to train on; else uniformly random minibatches.",
+    )
 
 
 def make_kl_controller(config: PPOConfig) -> KLController:
@@ -114,19 +119,56 @@ class Rollout:
 def collect_rollout(
     models: PPOModels, tokenizer: PreTrainedTokenizerBase, prompts: list[str], config: PPOConfig
 ) -> Rollout:
-    """Sample responses, then score them with every model: policy and reference log-probs, critic
-    values, and the reward model's score (less the missing-EOS penalty)."""
+    """Sample responses, then score them with every model: reference log-probs, critic values, and the
+    reward model's score (less the missing-EOS penalty). The policy's log-probs are those it sampled with:
+    the same distribution a recompute would give, up to float rounding, for one forward less."""
     policy, critic = models.policy.module, models.critic.module
-    samples = sample_responses(policy, tokenizer, prompts, config.max_new_tokens, temperature=config.temperature)
-    qr, attention_mask, ctx = samples.query_responses, samples.attention_mask, samples.context_length
-    logprobs, entropy = response_logprobs(
-        policy, qr, attention_mask, ctx, temperature=config.temperature, with_entropy=True
+    samples = sample_responses(
+        policy, tokenizer, prompts, config.max_new_tokens, temperature=config.temperature, with_logprobs=True
     )
+    qr, attention_mask, ctx = samples.query_responses, samples.attention_mask, samples.context_length
     ref_logprobs, _ = response_logprobs(models.reference, qr, attention_mask, ctx, temperature=config.temperature)
     values = token_scores(critic, qr, attention_mask)[:, ctx - 1 : -1]
     rm_scores = models.reward(samples)
     scores = rm_scores - config.missing_eos_penalty * (~samples.has_eos).float()
-    return Rollout(samples, logprobs, ref_logprobs, values, entropy, scores, rm_scores)
+    return Rollout(samples, samples.logprobs, ref_logprobs, values, samples.entropy, scores, rm_scores)
+
+
+def length_grouped_minibatches(lengths: Tensor, minibatch_size: int, generator: torch.Generator) -> list[Tensor]:
+    """Index minibatches of rows of similar length, in random order: a random permutation, stably sorted by
+    length, cut into minibatches, which are then shuffled. lengths: (B,) -> index tensors covering range(B)."""
+    order = torch.randperm(len(lengths), generator=generator)
+    minibatches = order[lengths[order].argsort(stable=True)].split(minibatch_size)
+    return [minibatches[i] for i in torch.randperm(len(minibatches), generator=generator)]
+
+
+@dataclass
+class Minibatch:
+    """Rows of a rollout without the columns that are padding in all of them. query_responses,
+    attention_mask: (b, P' + R'); the response-aligned tensors: (b, R')."""
+
+    query_responses: Tensor
+    attention_mask: Tensor
+    context_length: int
+    response_mask: Tensor
+    logprobs: Tensor
+    values: Tensor
+    advantages: Tensor
+    returns: Tensor
+
+
+def rollout_minibatch(rollout: Rollout, index: Tensor, *, advantages: Tensor, returns: Tensor) -> Minibatch:
+    """The rows ``index`` of a rollout and its advantages and returns, trimmed of padding (an exact saving: padding
+    is masked out of every loss, and causal attention never lets it change a real position)."""
+    samples = rollout.samples
+    qr, attention_mask, ctx = trim_padding(
+        samples.query_responses[index], samples.attention_mask[index], samples.context_length
+    )
+    width = qr.shape[1] - ctx
+    response_mask, logprobs, values, advantages, returns = (
+        t[index, :width] for t in (samples.response_mask, rollout.logprobs, rollout.values, advantages, returns)
+    )
+    return Minibatch(qr, attention_mask, ctx, response_mask, logprobs, values, advantages, returns)
 
 
 def ppo_update(
@@ -140,29 +182,29 @@ def ppo_update(
 ) -> dict[str, float]:
     """Several epochs of clipped policy and value updates over minibatches of one rollout batch,
     stopped early when the approx-KL to the rollout policy passes ``target_kl``."""
-    samples, response_mask = rollout.samples, rollout.samples.response_mask
+    lengths = rollout.samples.response_mask.sum(1)
     policy, critic = models.policy.module, models.critic.module
     policy.train()
     critic.train()
     stats: dict[str, list[float]] = {}
     stopped = False
     for _ in range(config.epochs):
-        for index in torch.randperm(len(response_mask), generator=generator).split(config.minibatch_size):
-            qr, attention_mask = samples.query_responses[index], samples.attention_mask[index]
-            ctx = samples.context_length
+        if config.group_by_length:
+            minibatches = length_grouped_minibatches(lengths, config.minibatch_size, generator)
+        else:
+            minibatches = torch.randperm(len(lengths), generator=generator).split(config.minibatch_size)
+        for index in minibatches:
+            mb = rollout_minibatch(rollout, index, advantages=advantages, returns=returns)
+            qr, attention_mask, ctx = mb.query_responses, mb.attention_mask, mb.context_length
             logprobs, _ = response_logprobs(policy, qr, attention_mask, ctx, temperature=config.temperature)
             pg_loss, pg_stats = policy_loss(
-                logprobs, rollout.logprobs[index], advantages[index], response_mask[index], clip_range=config.clip_range
+                logprobs, mb.logprobs, mb.advantages, mb.response_mask, clip_range=config.clip_range
             )
             models.policy.backward(pg_loss)
             models.policy.step()
             values = token_scores(critic, qr, attention_mask)[:, ctx - 1 : -1]
             vf_loss, vf_stats = value_loss(
-                values,
-                rollout.values[index],
-                returns[index],
-                response_mask[index],
-                clip_range_value=config.clip_range_value,
+                values, mb.values, mb.returns, mb.response_mask, clip_range_value=config.clip_range_value
             )
             models.critic.backward(config.vf_coef * vf_loss)
             models.critic.step()

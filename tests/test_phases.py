@@ -98,35 +98,65 @@ def test_truncate_after_eos():
 
 
 def test_recomputed_logprobs_match_the_sampling_distribution(sft_dir):
-    """Left padding, the KV cache and the temperature agree between generate and the training forward pass."""
+    """Left padding, the KV cache and the temperature agree between generate and the training forward pass: the
+    log-probs and entropies PPO keeps from sampling are those a recompute gives, up to float rounding."""
     tokenizer, model = load_tokenizer(sft_dir), load_policy(sft_dir).eval()
     torch.manual_seed(0)
     prompts = ["explain briefly ocean :", "give a detailed account of space to an expert :"]
-    samples = sample_responses(model, tokenizer, prompts, max_new_tokens=6, temperature=0.7)
-    torch.manual_seed(0)
-    from rlhf_core.modeling import encode_prompts
-
-    ids, mask = encode_prompts(tokenizer, prompts)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=6,
-        do_sample=True,
+    samples = sample_responses(model, tokenizer, prompts, max_new_tokens=6, temperature=0.7, with_logprobs=True)
+    logprobs, entropy = response_logprobs(
+        model,
+        samples.query_responses,
+        samples.attention_mask,
+        samples.context_length,
         temperature=0.7,
-        top_k=0,
-        top_p=1.0,
-        output_logits=True,
-        return_dict_in_generate=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    generated = torch.stack(out.logits, 1).float() / 0.7
-    expected = torch.log_softmax(generated, -1).gather(-1, out.sequences[:, ids.shape[1] :, None])[..., 0]
-    logprobs, _ = response_logprobs(
-        model, samples.query_responses, samples.attention_mask, samples.context_length, temperature=0.7
+        with_entropy=True,
     )
     m = samples.response_mask.bool()
-    torch.testing.assert_close(logprobs[m], expected[m], atol=1e-4, rtol=0)
+    torch.testing.assert_close(samples.logprobs[m], logprobs[m], atol=1e-4, rtol=0)
+    torch.testing.assert_close(samples.entropy[m], entropy[m], atol=1e-4, rtol=0)
+    hotter = response_logprobs(
+        model, samples.query_responses, samples.attention_mask, samples.context_length, temperature=1.0
+    )[0]
+    assert (hotter[m] - samples.logprobs[m]).abs().max() > 1e-2  # the comparison can tell temperatures apart
+
+
+def test_trimmed_minibatch_scores_as_the_padded_one(sft_dir):
+    """Dropping the columns that are padding in every row changes no log-prob or value on a real token."""
+    from rlhf_core.modeling import token_scores, trim_padding
+
+    tokenizer, model = load_tokenizer(sft_dir), load_policy(sft_dir).eval()
+    torch.manual_seed(0)
+    prompts = ["explain briefly ocean :", "give a detailed account of space to an expert :", "tell me about art :"]
+    samples = sample_responses(model, tokenizer, prompts, max_new_tokens=12)
+    rows = torch.tensor([0, 2])  # the longest prompt is left out: leading columns are padding in both rows
+    qr, mask, ctx = samples.query_responses[rows], samples.attention_mask[rows], samples.context_length
+    trimmed_qr, trimmed_mask, trimmed_ctx = trim_padding(qr, mask, ctx)
+    width = trimmed_qr.shape[1] - trimmed_ctx
+    assert trimmed_ctx < ctx and width == samples.response_mask[rows].sum(1).max()
+    response_mask = samples.response_mask[rows, :width].bool()
+    full = response_logprobs(model, qr, mask, ctx)[0][:, :width]
+    trimmed = response_logprobs(model, trimmed_qr, trimmed_mask, trimmed_ctx)[0]
+    torch.testing.assert_close(trimmed[response_mask], full[response_mask], atol=1e-5, rtol=0)
+    critic = load_scorer(sft_dir)
+    full_values = token_scores(critic, qr, mask)[:, ctx - 1 : ctx - 1 + width]
+    trimmed_values = token_scores(critic, trimmed_qr, trimmed_mask)[:, trimmed_ctx - 1 : -1]
+    torch.testing.assert_close(trimmed_values[response_mask], full_values[response_mask], atol=1e-5, rtol=0)
+
+
+def test_length_grouped_minibatches_cover_every_row_once_and_group_by_length():
+    from rlhf_core.ppo import length_grouped_minibatches
+
+    lengths = torch.tensor([5, 30, 6, 29, 7, 31, 4, 28, 8, 27, 3, 32])
+    minibatches = length_grouped_minibatches(lengths, 4, torch.Generator().manual_seed(0))
+    assert sorted(torch.cat(minibatches).tolist()) == list(range(12))
+    groups = sorted(sorted(lengths[index].tolist()) for index in minibatches)
+    assert groups == [[3, 4, 5, 6], [7, 8, 27, 28], [29, 30, 31, 32]]
+    orders = {
+        tuple(tuple(i.tolist()) for i in length_grouped_minibatches(lengths, 4, torch.Generator().manual_seed(s)))
+        for s in range(8)
+    }
+    assert len(orders) > 1  # the order of the minibatches is random
 
 
 def test_preferences_labels_and_agreement(sft_dir):
