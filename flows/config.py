@@ -12,6 +12,7 @@ from infra.credentials import StorageConfig, refuse_credentials
 from infra.deepspeed_engine import DeepSpeedConfig
 from infra.lineage import check_lineage_name
 from rlhf_core.data import DataConfig
+from rlhf_core.dpo import DPOConfig
 from rlhf_core.evaluate import EvalConfig
 from rlhf_core.ppo import PPOConfig
 from rlhf_core.preferences import PreferenceConfig
@@ -58,7 +59,7 @@ class TrackingConfig(BaseModel):
 
 
 class PipelineConfig(BaseModel):
-    """SFT, then iterations of preference collection, reward modeling, PPO and evaluation."""
+    """SFT, then iterations of preference collection, reward modeling and PPO (or DPO), and evaluation."""
 
     model_config = ConfigDict(extra="forbid")
     seed: int = Field(0, description="Seed of the world, every phase's sampling and initialization.")
@@ -75,7 +76,13 @@ class PipelineConfig(BaseModel):
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning.")
     preferences: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Preference collection.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward-model training.")
-    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO with a KL penalty.")
+    algorithm: Literal["ppo", "dpo"] = Field(
+        "ppo",
+        description="Each iteration's policy phase: ppo (a reward model, then PPO against it) or dpo (DPO on the "
+        "preference pairs; no reward model is trained).",
+    )
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO with a KL penalty (algorithm: ppo).")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="Direct preference optimization (algorithm: dpo).")
     evaluation: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
     deepspeed: DeepSpeedConfig | None = Field(
         None,
@@ -97,8 +104,8 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _lora_on_torch_only(self) -> PipelineConfig:
-        if self.deepspeed is not None and self.ppo.lora is not None:
-            raise ValueError("ppo.lora with deepspeed is not supported yet: set one of them to null")
+        if self.deepspeed is not None and (self.ppo.lora is not None or self.dpo.lora is not None):
+            raise ValueError("ppo.lora or dpo.lora with deepspeed is not supported yet: set one of them to null")
         return self
 
     @property

@@ -33,6 +33,7 @@ from infra.tracking import RunLogger, Tracker, default_tracking_uri
 from infra.user_data import check_data, inputs_digest
 from tasks.common import PhaseOutput, RunContext, TrackingContext, fetch
 from tasks.data import prepare_data
+from tasks.dpo import dpo_task
 from tasks.evaluate import evaluate_task, evaluation_batch_task, human_evaluation_task, sft_baseline_task
 from tasks.ppo import ppo_task
 from tasks.preferences import human_preferences_task, labeling_batch_task, preferences_task
@@ -86,9 +87,11 @@ def run_phase(phase: Any, phases: dict[str, str], label: str, **kwargs: Any) -> 
 def preferences_phase(
     config: PipelineConfig, state: PipelineState, phases: dict[str, str], **common: Any
 ) -> PhaseOutput:
-    """The iteration's preferences: from the simulated labelers, or from people, for whom the run publishes a
-    labeling batch and waits (flows/labeling.py). ``common``: context, seed and iteration."""
-    label, inputs = f"iteration-{common['iteration']}", {"data": state.data, "policy": state.policy}
+    """The iteration's preferences on pairs sampled from the current policy (from the SFT model for offline DPO):
+    from the simulated labelers, or from people, for whom the run publishes a labeling batch and waits
+    (flows/labeling.py). ``common``: context, seed and iteration."""
+    sampler = state.sft if config.algorithm == "dpo" and not config.dpo.online else state.policy
+    label, inputs = f"iteration-{common['iteration']}", {"data": state.data, "policy": sampler}
     if config.preferences.source == "simulated":
         return run_phase(
             preferences_task, phases, f"{label}/preferences", config=config.preferences, **inputs, **common
@@ -143,37 +146,51 @@ def human_evaluation_phase(
 def iteration_flow(
     config: PipelineConfig, context: RunContext, state: PipelineState, iteration: int, *, baseline: PhaseOutput
 ) -> IterationResult:
-    """One RLHF iteration: preferences from the current policy, a reward model on all preferences so far
-    (continuing from the last one with ``reward.warm_start``), PPO from the current policy against the SFT
-    reference, and evaluation."""
+    """One RLHF iteration: preferences from the current policy, then the policy phase and evaluation. With PPO, a
+    reward model on all preferences so far (continuing from the last one with ``reward.warm_start``) and PPO from
+    the current policy against it and the SFT reference; with DPO, DPO on the preference pairs (no reward model)."""
     common = {"context": context, "seed": config.seed * 1000 + iteration, "iteration": iteration}
     label, phases = f"iteration-{iteration}", {}  # a subflow gets copies of its arguments: it reports back
     new_preferences = preferences_phase(config, state, phases, **common)
     preferences = [*state.preferences, new_preferences]
-    reward = run_phase(
-        reward_task,
-        phases,
-        f"{label}/reward",
-        data=state.data,
-        sft=state.sft,
-        preferences=preferences,
-        previous=state.reward,
-        config=config.reward,
-        deepspeed=config.deepspeed,
-        **common,
-    )
-    policy = run_phase(
-        ppo_task,
-        phases,
-        f"{label}/ppo",
-        data=state.data,
-        policy=state.policy,
-        sft=state.sft,
-        reward=reward,
-        config=config.ppo,
-        deepspeed=config.deepspeed,
-        **common,
-    )
+    if config.algorithm == "dpo":
+        reward = None
+        policy = run_phase(
+            dpo_task,
+            phases,
+            f"{label}/dpo",
+            policy=state.policy,
+            sft=state.sft,
+            preferences=preferences if config.dpo.pairs == "all" else [new_preferences],
+            config=config.dpo,
+            deepspeed=config.deepspeed,
+            **common,
+        )
+    else:
+        reward = run_phase(
+            reward_task,
+            phases,
+            f"{label}/reward",
+            data=state.data,
+            sft=state.sft,
+            preferences=preferences,
+            previous=state.reward,
+            config=config.reward,
+            deepspeed=config.deepspeed,
+            **common,
+        )
+        policy = run_phase(
+            ppo_task,
+            phases,
+            f"{label}/ppo",
+            data=state.data,
+            policy=state.policy,
+            sft=state.sft,
+            reward=reward,
+            config=config.ppo,
+            deepspeed=config.deepspeed,
+            **common,
+        )
     evaluation = run_phase(
         evaluate_task,
         phases,

@@ -69,8 +69,10 @@ def data_datasets(store: ObjectStore, data: PhaseOutput) -> list[DatasetRecord]:
 def iteration_metrics(result: Any) -> tuple[dict[str, float], dict[str, float]]:
     """The iteration's headline row (the summary table's) and the gold reward's attributes, bare names."""
     evaluation = result.evaluation.metrics
-    row = {name: evaluation[catalog.EVALUATION.key(name)] for name in catalog.EVALUATION_SUMMARY}
-    row["rm_val_accuracy"] = result.state.reward.metrics[catalog.REWARD.key("val_accuracy")]
+    keys = {name: catalog.EVALUATION.key(name) for name in catalog.EVALUATION_SUMMARY}
+    row = {name: evaluation[key] for name, key in keys.items() if key in evaluation}  # no reward without a RM
+    if result.state.reward is not None:
+        row["rm_val_accuracy"] = result.state.reward.metrics[catalog.REWARD.key("val_accuracy")]
     row["labeler_agreement"] = result.new_preferences.metrics[catalog.PREFERENCES.key("labeler_agreement")]
     if result.human_evaluation is not None:
         row["human_win_rate_vs_sft"] = result.human_evaluation.metrics[catalog.HUMAN_EVALUATION.key("win_rate_vs_sft")]

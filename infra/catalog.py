@@ -141,6 +141,26 @@ PPO = Phase(
     },
 )
 
+DPO = Phase(
+    "dpo",
+    "iteration-{iteration}/dpo",
+    {
+        "loss": "DPO (or IPO) loss, mean over the steps since the last report.",
+        "rewards_chosen": "Implicit reward beta * log(policy / reference) of the chosen responses, mean.",
+        "rewards_rejected": "The same for the rejected responses.",
+        "reward_margin": "Implicit reward of the chosen response less the rejected one's, mean.",
+        "reward_accuracy": "Share of pairs whose chosen response has the higher implicit reward.",
+        "logratio_chosen": "log(policy / reference) of the chosen responses (per token with dpo.loss_type ipo), mean: "
+        "how far the policy moved from its reference on preferred text.",
+        "logratio_rejected": "The same for the rejected responses.",
+        "logps_chosen": "The policy's log-probability of the chosen responses, mean.",
+        "logps_rejected": "The same for the rejected responses.",
+        "steps": "Optimizer steps taken.",
+        "train_pairs": "Preference pairs trained on (dpo.pairs: every iteration's, or the latest).",
+        **_OPTIMIZER,
+    },
+)
+
 EVALUATION = Phase(
     "eval",
     "iteration-{iteration}/evaluation",
@@ -211,7 +231,8 @@ EVALUATION_SUMMARY = (
 # go to every phase run at tracking.system_metrics_interval; MLflow names them, not this catalog.
 
 PHASES = {
-    phase.namespace: phase for phase in (DATA, SFT, PREFERENCES, REWARD, PPO, EVALUATION, HUMAN_EVALUATION, ITERATION)
+    phase.namespace: phase
+    for phase in (DATA, SFT, PREFERENCES, REWARD, PPO, DPO, EVALUATION, HUMAN_EVALUATION, ITERATION)
 }
 
 

@@ -134,3 +134,36 @@ def kl_shaped_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) 
     rewards = -kl_coef * kl * mask
     last = (mask.sum(1).long() - 1).clamp(min=0)
     return rewards.index_put((torch.arange(len(scores), device=scores.device), last), scores, accumulate=True)
+
+
+def dpo_loss(
+    chosen_logratios: Tensor,
+    rejected_logratios: Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Direct preference optimization on the policy-to-reference log-ratios of the chosen and rejected responses,
+    with h = beta * (chosen - rejected). (B,), (B,) -> scalar loss and detached stats.
+
+    sigmoid (Rafailov et al. 2023, eq. 7): -log sigma(h); with ``label_smoothing`` e > 0 it is conservative DPO
+    (cDPO, Mitchell 2023), for labels flipped with probability e: -(1 - e) log sigma(h) - e log sigma(-h).
+    ipo (Azar et al. 2023, eq. 17): (chosen - rejected - 1 / (2 beta))^2. IPO's log-ratios are meant per token:
+    pass length-normalized ones (means over response tokens, not sums), as :mod:`rlhf_core.dpo` does for it.
+    Stats: the implicit rewards beta * log-ratio, their margin, and how often the chosen one is higher."""
+    margin = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
+    elif loss_type == "ipo":
+        losses = (margin - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"dpo loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
+    with torch.no_grad():
+        stats = {
+            "rewards_chosen": beta * chosen_logratios.mean(),
+            "rewards_rejected": beta * rejected_logratios.mean(),
+            "reward_margin": beta * margin.mean(),
+            "reward_accuracy": (margin > 0).float().mean(),
+        }
+    return losses.mean(), stats

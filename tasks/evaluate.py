@@ -114,11 +114,12 @@ def evaluate_task(
     policy: PhaseOutput,
     sft: PhaseOutput,
     baseline: PhaseOutput,
-    reward: PhaseOutput,
+    reward: PhaseOutput | None,
     config: EvalConfig,
     seed: int,
     iteration: int,
 ) -> PhaseOutput:
+    """``reward``: the iteration's reward model, whose score of the policy's responses is reported; None (DPO)."""
     inputs = {"data": data, "policy": policy, "sft": sft, "reward": reward, "config": config, "seed": seed}
     inputs["baseline"] = baseline
     key = artifact_key(context, f"iteration-{iteration:03d}", "evaluation", inputs)
@@ -145,12 +146,8 @@ def evaluate_task(
             iteration=iteration,
             config=config,
             seed=seed,
-            parents={
-                "policy": policy.ref.key,
-                "sft": sft.ref.key,
-                "baseline": baseline.ref.key,
-                "reward_model": reward.ref.key,
-            },
+            parents={"policy": policy.ref.key, "sft": sft.ref.key, "baseline": baseline.ref.key}
+            | ({"reward_model": reward.ref.key} if reward is not None else {}),
             metrics=EVALUATION.namespaced(metrics),
         )
 

@@ -367,6 +367,35 @@ def test_changing_a_ppo_setting_reruns_ppo_and_what_follows_only(first_run: dict
     assert all(state == "Completed" for name, state in phases.items() if name not in cached)
 
 
+def test_dpo_pipeline_trains_no_reward_model_and_caches(first_run: dict, workdir: Path, pipeline_env: dict):
+    """algorithm: dpo on the first run's store: the phases up to iteration 1's preferences are the PPO run's (cached),
+    then DPO replaces reward model and PPO; evaluated and registered alike, and a rerun is fully cached."""
+    dpo = ["algorithm=dpo", "dpo.epochs=1", "dpo.batch_size=8", "dpo.log_every=2"]
+    rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db", *dpo)
+    result = summary(workdir)
+    shared = ["data", "sft", "sft-baseline", "iteration-1/preferences"]
+    mine = ["iteration-1/dpo", "iteration-1/evaluation", "iteration-2/preferences", "iteration-2/dpo"]
+    assert result["phases"] == dict.fromkeys(shared, "Cached") | dict.fromkeys(
+        [*mine, "iteration-2/evaluation"], "Completed"
+    )
+    for row in result["iterations"]:
+        assert 0 <= row["win_rate_vs_sft"] <= 1 and "rm_val_accuracy" not in row and "reward" not in row
+    policy_key = result["final_policy_uri"].removeprefix(f"{workdir}/rlhf-artifacts/")
+    manifest = json.loads((Path(result["final_policy_uri"]) / "MANIFEST.json").read_text())["metadata"]
+    assert manifest["phase"] == "dpo" and manifest["parents"]["reference"].startswith("pipelines/default/sft/policy-")
+    assert len(manifest["parents"]["preferences"]) == 2 and policy_key.startswith("pipelines/default/iteration-002/")
+    client = MlflowClient(result["mlflow_tracking_uri"])
+    [dpo_run] = client.search_runs(
+        [client.get_run(result["mlflow_run_id"]).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}' and tags.mlflow.runName = 'iteration-2/dpo'",
+    )
+    assert {"dpo/loss", "dpo/reward_accuracy", "dpo/reward_margin", "dpo/logratio_chosen"} <= set(dpo_run.data.metrics)
+    assert result["registered_model"]["version"]
+
+    rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db", *dpo)
+    assert set(summary(workdir)["phases"].values()) == {"Cached"}
+
+
 def test_bad_config_fails_before_anything_is_written(tmp_path: Path, pipeline_env: dict):
     for override, named in (
         ("ppo.kl_coeff=0.1", "ppo.kl_coeff"),

@@ -83,5 +83,5 @@ def test_lora_adapters_carry_over_iterations_and_merge(tmp_path):
 
 
 def test_lora_with_deepspeed_is_refused_by_name():
-    with pytest.raises(ConfigError, match="ppo.lora with deepspeed is not supported yet"):
+    with pytest.raises(ConfigError, match="ppo.lora or dpo.lora with deepspeed is not supported yet"):
         load_config(None, ["ppo.lora={r: 4}", "deepspeed={zero_stage: 2}"])

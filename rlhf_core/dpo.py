@@ -1,0 +1,164 @@
+"""Direct preference optimization (Rafailov et al. 2023): the policy fit to preference pairs directly, its implicit
+reward beta * log(policy / reference), with no reward model and no RL loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from rlhf_core.checkpoint import Checkpointer, check_finite, checkpoint_due
+from rlhf_core.engine import Engine
+from rlhf_core.lora import LoRAConfig
+from rlhf_core.losses import dpo_loss, masked_sum, selective_log_softmax
+from rlhf_core.modeling import EncodedPairs, batch_schedule, encode_prompt_responses, position_ids_from_mask
+from rlhf_core.preferences import PreferencePair
+from rlhf_core.types import MetricsCallback
+
+
+class DPOConfig(BaseModel):
+    """DPO as each iteration's policy phase (``algorithm: dpo``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    beta: float = Field(0.1, gt=0, description="Strength of the KL regularization to the reference (DPO's beta).")
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid",
+        description="sigmoid: the DPO loss; ipo: IPO's squared loss (Azar et al. 2023) on per-token (length-"
+        "normalized) log-ratios.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Conservative DPO (cDPO): the assumed probability that a label is flipped."
+    )
+    reference: Literal["sft", "previous"] = Field(
+        "sft",
+        description="The frozen reference: the SFT model, or the previous iteration's policy (iterative DPO "
+        "recipes differ on this).",
+    )
+    pairs: Literal["all", "latest"] = Field(
+        "all", description="Train on the preference pairs of every iteration so far, or on the latest iteration's."
+    )
+    online: bool = Field(
+        True,
+        description="Iterative (online) DPO: each iteration's pairs are sampled from the current policy and labeled "
+        "(Dong et al. 2024); false: always sampled from the SFT model (offline DPO, on the SFT distribution).",
+    )
+    epochs: int = Field(2, ge=1, description="Passes over the training pairs.")
+    batch_size: int = Field(32, ge=1, description="Preference pairs per optimizer step.")
+    lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate (linear warmup, cosine decay).")
+    warmup_steps: int = Field(5, ge=0, description="Optimizer steps of linear learning-rate warmup.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
+    max_length: int = Field(48, ge=4, description="Prompt + response tokens kept; longer responses are truncated.")
+    log_every: int = Field(5, ge=1, description="Report metrics every this many optimizer steps.")
+    checkpoint_every: int = Field(
+        50, ge=0, description="Save a resumable checkpoint every this many optimizer steps; 0: never."
+    )
+    lora: LoRAConfig | None = Field(
+        None, description="Train the policy as LoRA adapters, the SFT reference being the same model with them off."
+    )
+
+
+def sequence_logprobs(model: nn.Module, batch: EncodedPairs, *, mean: bool = False) -> Tensor:
+    """Log-probability of each row's response (EOS included) under ``model``: the sum over its tokens, or with
+    ``mean`` the per-token mean. -> (B,)."""
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids_from_mask(batch.attention_mask),
+        use_cache=False,
+    ).logits[:, :-1]
+    mask = batch.response_mask[:, 1:]
+    total = masked_sum(selective_log_softmax(logits.float(), batch.input_ids[:, 1:]), mask, dim=1)
+    return total / mask.sum(1).clamp(min=1) if mean else total
+
+
+@dataclass
+class PairBatch:
+    chosen: EncodedPairs
+    rejected: EncodedPairs
+
+
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, pairs: list[PreferencePair], max_length: int, device: torch.device
+) -> PairBatch:
+    prompts = [p.prompt for p in pairs]
+    return PairBatch(
+        encode_prompt_responses(tokenizer, prompts, [p.chosen for p in pairs], max_length, device=device),
+        encode_prompt_responses(tokenizer, prompts, [p.rejected for p in pairs], max_length, device=device),
+    )
+
+
+def pair_logratios(
+    policy: nn.Module, reference: nn.Module, batch: PairBatch, *, mean: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Log-ratios log policy - log reference of the chosen and rejected responses (B,) each, with gradients
+    through the policy, and the policy's own chosen and rejected log-probs (detached) for the logs."""
+    with torch.no_grad():
+        ref_chosen = sequence_logprobs(reference, batch.chosen, mean=mean)
+        ref_rejected = sequence_logprobs(reference, batch.rejected, mean=mean)
+    chosen = sequence_logprobs(policy, batch.chosen, mean=mean)
+    rejected = sequence_logprobs(policy, batch.rejected, mean=mean)
+    return chosen - ref_chosen, rejected - ref_rejected, chosen.detach(), rejected.detach()
+
+
+@dataclass
+class DPOResult:
+    steps: int
+    history: list[dict[str, float]]
+
+
+def train_dpo(
+    engine: Engine,
+    reference: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[PreferencePair],
+    config: DPOConfig,
+    *,
+    seed: int,
+    on_metrics: MetricsCallback | None = None,
+    checkpointer: Checkpointer | None = None,
+) -> DPOResult:
+    """Fit ``engine.module`` to the pairs with the DPO (or IPO) loss against the frozen ``reference``. Logged every
+    ``config.log_every`` steps: the loss, implicit-reward accuracy and margin, and the log-ratio of the chosen
+    response (KL-like: how far the policy moved from the reference on preferred text)."""
+    policy = engine.module
+    schedule = batch_schedule(len(pairs), config.batch_size, config.epochs, seed)
+    start, history, window = 0, [], []
+    if checkpointer is not None and (state := checkpointer.restore()):
+        engine.load_full_state_dict(state["weights"]["model"])
+        engine.load_state_dict(state["engine"])
+        start, history = state["step"], state["history"]
+    mean = config.loss_type == "ipo"
+    policy.train()
+    for step in range(start + 1, len(schedule) + 1):
+        batch = encode_pairs(
+            tokenizer, [pairs[i] for i in schedule[step - 1].tolist()], config.max_length, policy.device
+        )
+        chosen, rejected, chosen_logps, rejected_logps = pair_logratios(policy, reference, batch, mean=mean)
+        loss, stats = dpo_loss(
+            chosen, rejected, beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing
+        )
+        check_finite("dpo", step, loss=loss.item())
+        engine.backward(loss)
+        update = engine.step()
+        window.append(
+            {"loss": loss.item(), **{k: v.item() for k, v in stats.items()}}
+            | {"logratio_chosen": chosen.mean().item(), "logratio_rejected": rejected.mean().item()}
+            | {"logps_chosen": chosen_logps.mean().item(), "logps_rejected": rejected_logps.mean().item()}
+        )
+        if step % config.log_every == 0 or step == len(schedule):
+            metrics = {k: sum(row[k] for row in window) / len(window) for k in window[0]} | update
+            history.append(metrics)
+            window = []
+            if on_metrics:
+                on_metrics(metrics, step)
+        if checkpoint_due(checkpointer, step, len(schedule)):
+            checkpointer.save(
+                step, {"model": engine.full_state_dict()}, {"engine": engine.state_dict(), "history": history}
+            )
+    policy.eval()
+    return DPOResult(len(schedule), history)

@@ -1,0 +1,135 @@
+"""DPO phase (``algorithm: dpo``): the policy fit to the preference pairs directly, against a frozen reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from infra.artifacts import read_pairs
+from infra.catalog import DPO
+from infra.deepspeed_engine import DeepSpeedConfig
+from rlhf_core.checkpoint import Checkpointer
+from rlhf_core.dpo import DPOConfig, train_dpo
+from rlhf_core.engine import Optimization
+from rlhf_core.lora import ADAPTER_DIR, add_lora
+from rlhf_core.modeling import load_policy, load_tokenizer
+from rlhf_core.sft import num_training_steps
+from rlhf_core.types import MetricsCallback
+from tasks.common import (
+    PhaseOutput,
+    RunContext,
+    artifact_key,
+    checkpoint_every,
+    existing_output,
+    fetch,
+    make_engine,
+    phase_task,
+    phase_workspace,
+    publish,
+)
+from tasks.ppo import load_policy_and_reference
+
+
+def run_dpo(
+    policy_dir: Path,
+    reference_dir: Path,
+    sft_dir: Path,
+    preference_dirs: list[Path],
+    out_dir: Path,
+    *,
+    config: DPOConfig,
+    seed: int,
+    on_metrics: MetricsCallback | None = None,
+    trust_remote_code: bool = False,
+    checkpointer: Checkpointer | None = None,
+    deepspeed: DeepSpeedConfig | None = None,
+) -> dict[str, float]:
+    """DPO from ``policy_dir`` on the pairs in ``preference_dirs`` against ``reference_dir`` (with LoRA and an SFT
+    reference: the policy with its adapters off); saves the new policy to ``out_dir``, returns the last metrics."""
+    tokenizer = load_tokenizer(policy_dir, trust_remote_code)
+    if config.lora is not None and reference_dir == sft_dir:
+        policy, reference = load_policy_and_reference(policy_dir, sft_dir, config.lora, trust_remote_code)
+    else:
+        policy = load_policy(policy_dir, trust_remote_code)
+        policy = add_lora(policy, config.lora) if config.lora is not None else policy
+        reference = load_policy(reference_dir, trust_remote_code).eval().requires_grad_(False)
+    pairs = [pair for d in preference_dirs for pair in read_pairs(d)]
+    optimization = Optimization(
+        lr=config.lr,
+        total_steps=num_training_steps(len(pairs), config.batch_size, config.epochs),
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+    )
+    engine = make_engine(policy, optimization, deepspeed, config.batch_size)
+    result = train_dpo(
+        engine, reference, tokenizer, pairs, config, seed=seed, on_metrics=on_metrics, checkpointer=checkpointer
+    )
+    if config.lora is None:
+        policy.save_pretrained(out_dir, state_dict=engine.full_state_dict())
+    else:  # the adapters, and the merged model every other phase loads as any causal LM
+        policy.save_pretrained(out_dir / ADAPTER_DIR)
+        policy.merge_and_unload().save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return result.history[-1] | {"steps": result.steps, "train_pairs": len(pairs)}
+
+
+@phase_task("dpo")
+def dpo_task(
+    context: RunContext,
+    *,
+    policy: PhaseOutput,
+    sft: PhaseOutput,
+    preferences: list[PhaseOutput],
+    config: DPOConfig,
+    seed: int,
+    iteration: int,
+    deepspeed: DeepSpeedConfig | None = None,
+) -> PhaseOutput:
+    """``policy``: the current policy, where DPO starts (and its reference with ``dpo.reference: previous``);
+    ``preferences``: the pairs to train on (every iteration's, or the latest, as ``dpo.pairs`` says)."""
+    reference = policy if config.reference == "previous" else sft
+    inputs = {"policy": policy, "sft": sft, "preferences": preferences, "config": config, "seed": seed}
+    inputs["deepspeed"] = deepspeed
+    key = artifact_key(context, f"iteration-{iteration:03d}", "policy", inputs)
+    if done := existing_output(context, key):
+        return done
+    preference_dirs = [fetch(context, p) for p in preferences]
+    n_pairs = sum(len(read_pairs(d)) for d in preference_dirs)
+    with phase_workspace(
+        context,
+        DPO,
+        key,
+        iteration=iteration,
+        params={"dpo": config.model_dump(), "seed": seed},
+        total_steps=num_training_steps(n_pairs, config.batch_size, config.epochs),
+        checkpoint_every=checkpoint_every(config.checkpoint_every, deepspeed),
+    ) as work:
+        metrics = run_dpo(
+            fetch(context, policy),
+            fetch(context, reference),
+            fetch(context, sft),
+            preference_dirs,
+            work.out_dir,
+            config=config,
+            seed=seed,
+            on_metrics=work.log,
+            trust_remote_code=context.trust_remote_code,
+            checkpointer=work.checkpointer,
+            deepspeed=deepspeed,
+        )
+        return publish(
+            context,
+            key,
+            work.out_dir,
+            mlflow_run_id=work.mlflow_run_id,
+            phase="dpo",
+            iteration=iteration,
+            config=config,
+            seed=seed,
+            parents={
+                "policy": policy.ref.key,
+                "reference": reference.ref.key,
+                "preferences": [p.ref.key for p in preferences],
+            },
+            metrics=DPO.namespaced(metrics),
+        )
