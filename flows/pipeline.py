@@ -367,10 +367,11 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
         run_url = (
             mlflow_run_url(tracking_uri, tracker.experiment_id, parent.run_id) or f"{tracking_uri}#{parent.run_id}"
         )
-        history = []
+        history, alarms = [], []
         for iteration in range(state.iteration + 1, state.iteration + config.iterations + 1):
             result = iteration_flow(config, context, state, iteration, baseline=baseline)
             state, phases = result.state, phases | result.phases
+            alarms += publishing.alarms_of(iteration, state.policy)
             row, registration = record_iteration(tracker, parent, context=context, result=result, config=config)
             history.append(row)
             publishing.iteration_artifacts(
@@ -393,5 +394,6 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
             "artifacts_uri": artifacts_uri,
             "final_policy_uri": state.policy.ref.uri,
             **registration.summary(),
+            "alarms": alarms,
             "phases": phases,
         }

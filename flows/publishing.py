@@ -18,6 +18,7 @@ from infra.registry import PolicyLocation, Registration, log_policy_model, regis
 from infra.report import build_report, note_markdown, plot_report, render_html
 from infra.storage import ObjectStore, read_manifest
 from infra.tracking import DatasetRecord, RunLogger, Tracker
+from rlhf_core.alarms import ALARMS
 from tasks.common import PhaseOutput, RunContext, fetch
 
 NOTE_TAG = "mlflow.note.content"  # what MLflow's UI shows as the run's description
@@ -83,6 +84,17 @@ def iteration_metrics(result: Any) -> tuple[dict[str, float], dict[str, float]]:
         if k.startswith((f"{prefix}gold/", f"{prefix}sft_gold/"))
     }
     return row, parts
+
+
+def alarms_of(iteration: int, policy: PhaseOutput) -> list[dict[str, Any]]:
+    """The training-health alarms a PPO phase raised (``ppo/alarm/<name>``: the step), as summary lines."""
+    prefix = catalog.PPO.key("alarm/any").removesuffix("any")
+    return [
+        {"iteration": iteration, "phase": "ppo", "alarm": key.removeprefix(prefix), "step": int(step)}
+        | {"what": ALARMS[key.removeprefix(prefix)]}
+        for key, step in policy.metrics.items()
+        if key.startswith(prefix)
+    ]
 
 
 def register_policy(

@@ -138,6 +138,8 @@ PPO = Phase(
         "approx_kl": "k3 estimate of KL(rollout policy || updated policy), mean over minibatches.",
         "early_stopped": "1 when the update stopped at ppo.target_kl.",
         "minibatch_updates": "Optimizer steps the update took.",
+        "alarm/{name}": "The step at which a training-health alarm first fired (length_hacking, entropy_collapse, "
+        "reward_exploitation: rlhf_core/alarms.py), logged once at the phase's end; absent: it never fired.",
     },
 )
 
@@ -247,6 +249,7 @@ TAG_FLOW_RUN = "prefect_flow_run_id"
 TAG_FLOW_RUN_URL = "prefect_flow_run_url"
 TAG_LINEAGE = "lineage"
 TAG_RESUMED_FROM = "rlhf.resumed_from_step"
+TAG_ALARM = "rlhf.alarm.{name}"  # on a PPO phase run: what a training-health alarm saw (rlhf_core/alarms.py)
 TAG_CODE_VERSION = "rlhf.code_version"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_REGISTERED_MODEL = "rlhf.registered_model"

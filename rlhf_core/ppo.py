@@ -11,7 +11,8 @@ cannot read the policy's tokens, so there the critic starts from the SFT backbon
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from rlhf_core.alarms import Alarm, AlarmConfig, check_alarms
 from rlhf_core.checkpoint import Checkpointer, DivergenceError, check_finite, checkpoint_due, rng_state, set_rng_state
 from rlhf_core.engine import Engine
 from rlhf_core.kl_control import AdaptiveKLController, FixedKLController, KLController
@@ -79,11 +81,18 @@ class PPOConfig(BaseModel):
     target_kl: float | None = Field(
         0.1, gt=0, description="Stop an update early once the minibatch approx-KL to the rollout policy exceeds this."
     )
+    alarms: AlarmConfig = Field(
+        default_factory=AlarmConfig, description="Thresholds of the training-health alarms (length hacking, ...)."
+    )
+    stop_on_alarm: bool = Field(False, description="Stop the phase with an error at its first training-health alarm.")
     group_by_length: bool = Field(
         True,
         description="Form each epoch's minibatches from rollouts of similar length, in random order, so that they "
         "carry little padding to train on; else uniformly random minibatches.",
     )
+
+
+AlarmCallback = Callable[[Alarm], None]
 
 
 def make_kl_controller(config: PPOConfig) -> KLController:
@@ -252,6 +261,7 @@ class PPOResult:
     steps: int
     history: list[dict[str, float]]
     kl_coef: float
+    alarms: list[Alarm]
 
 
 def check_divergence(metrics: dict[str, float], config: PPOConfig, step: int) -> None:
@@ -274,6 +284,7 @@ class LoopState:
     kl_controller: KLController
     rng: random.Random
     generator: torch.Generator
+    alarms: list[Alarm] = field(default_factory=list)  # each alarm once, at the step it first fired
 
     def next_prompts(self, prompts: list[str], n: int) -> list[str]:
         """The next ``n`` prompts, passing over all of them in a new random order whenever a pass runs out."""
@@ -291,6 +302,7 @@ class LoopState:
             "order": self.order,
             "history": self.history,
             "kl_coef": self.kl_controller.value,
+            "alarms": [alarm.to_dict() for alarm in self.alarms],
         }
         checkpointer.save(self.step, weights, state)
 
@@ -305,6 +317,21 @@ class LoopState:
         set_rng_state(state["rng"], self.generator, self.rng)
         self.step, self.order, self.history = state["step"], state["order"], state["history"]
         self.kl_controller.value = state["kl_coef"]
+        self.alarms = [Alarm(**alarm) for alarm in state.get("alarms", [])]
+
+    def raise_alarms(self, config: PPOConfig, on_alarm: AlarmCallback | None) -> None:
+        """Record the alarms the history raises for the first time; stop on one with ``config.stop_on_alarm``."""
+        fired = {alarm.name for alarm in self.alarms}
+        for alarm in check_alarms(self.history, config.alarms):
+            if alarm.name in fired:
+                continue
+            self.alarms.append(alarm)
+            if on_alarm:
+                on_alarm(alarm)
+            if config.stop_on_alarm:
+                raise DivergenceError(
+                    f"ppo: alarm {alarm.name} at step {alarm.step}: {alarm.message} (ppo.stop_on_alarm)"
+                )
 
 
 def train_ppo(
@@ -317,10 +344,11 @@ def train_ppo(
     gold_fn: GoldScorer | None = None,
     on_metrics: MetricsCallback | None = None,
     checkpointer: Checkpointer | None = None,
+    on_alarm: AlarmCallback | None = None,
 ) -> PPOResult:
-    """Alternate rollouts and PPO updates for ``config.steps`` steps. With a checkpointer it saves every
-    ``checkpointer.every`` steps (weights, optimizers, RNGs, prompt order, KL controller) and continues
-    from its latest checkpoint."""
+    """Alternate rollouts and PPO updates for ``config.steps`` steps, watching the training-health alarms (each
+    reported once to ``on_alarm``). With a checkpointer it saves every ``checkpointer.every`` steps (weights,
+    optimizers, RNGs, prompt order, KL controller, alarms) and continues from its latest checkpoint."""
     loop = LoopState(0, [], [], make_kl_controller(config), random.Random(seed), torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)
     if checkpointer is not None:
@@ -354,6 +382,7 @@ def train_ppo(
         loop.history.append(metrics)
         if on_metrics:
             on_metrics(metrics, step)
+        loop.raise_alarms(config, on_alarm)
         if checkpoint_due(checkpointer, step, config.steps):
             loop.save(checkpointer, models)
-    return PPOResult(config.steps, loop.history, loop.kl_controller.value)
+    return PPOResult(config.steps, loop.history, loop.kl_controller.value, loop.alarms)

@@ -9,16 +9,18 @@ import torch
 from torch import nn
 
 from infra.artifacts import PhaseInputs, data_judge, read_prompts
-from infra.catalog import PPO
+from infra.catalog import PPO, TAG_ALARM
 from infra.deepspeed_engine import DeepSpeedConfig, inference_module
+from rlhf_core.alarms import Alarm
 from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.engine import Optimization
 from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, LoRAConfig, add_lora, load_lora
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
-from rlhf_core.ppo import PPOConfig, PPOModels, train_ppo
+from rlhf_core.ppo import AlarmCallback, PPOConfig, PPOModels, train_ppo
 from rlhf_core.reward import load_reward_function
 from rlhf_core.types import MetricsCallback
 from tasks.common import (
+    PhaseLog,
     PhaseOutput,
     RunContext,
     artifact_key,
@@ -26,6 +28,7 @@ from tasks.common import (
     existing_output,
     fetch_inputs,
     make_engine,
+    phase_logger,
     phase_task,
     phase_workspace,
     publish,
@@ -58,10 +61,11 @@ def run_ppo(
     trust_remote_code: bool = False,
     checkpointer: Checkpointer | None = None,
     deepspeed: DeepSpeedConfig | None = None,
+    on_alarm: AlarmCallback | None = None,
 ) -> dict[str, float]:
     """PPO from ``inputs.policy`` with the SFT model as frozen reference and a critic started from the reward
     model (from the SFT model when the reward model has a tokenizer of its own); saves the new policy to
-    ``out_dir`` and returns the last step's metrics."""
+    ``out_dir`` and returns the last step's metrics, with ``alarm/<name>``: the step of each alarm that fired."""
     if inputs.sft is None or inputs.reward is None:
         raise ValueError("PPO needs the SFT model (its reference) and a reward model: inputs.sft, inputs.reward")
     tokenizer = load_tokenizer(inputs.policy, trust_remote_code)
@@ -89,6 +93,7 @@ def run_ppo(
         gold_fn=data_judge(inputs.data),
         on_metrics=on_metrics,
         checkpointer=checkpointer,
+        on_alarm=on_alarm,
     )
     if config.lora is None:
         policy.save_pretrained(out_dir, state_dict=policy_engine.full_state_dict())
@@ -96,7 +101,18 @@ def run_ppo(
         policy.save_pretrained(out_dir / ADAPTER_DIR)
         policy.merge_and_unload().save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return result.history[-1]
+    return result.history[-1] | {f"alarm/{alarm.name}": alarm.step for alarm in result.alarms}
+
+
+def alarm_reporter(log: PhaseLog) -> AlarmCallback:
+    """A training-health alarm as a named warning in the phase's log and a tag on its MLflow run."""
+
+    def report(alarm: Alarm) -> None:
+        phase_logger().warning(f"{log.label}: alarm {alarm.name} at step {alarm.step}: {alarm.message}")
+        if log.run is not None:
+            log.run.set_tags({TAG_ALARM.format(name=alarm.name): f"step {alarm.step}: {alarm.message}"})
+
+    return report
 
 
 @phase_task("ppo")
@@ -136,7 +152,10 @@ def ppo_task(
             trust_remote_code=context.trust_remote_code,
             checkpointer=work.checkpointer,
             deepspeed=deepspeed,
+            on_alarm=alarm_reporter(work.log),
         )
+        if alarms := {name: step for name, step in metrics.items() if name.startswith("alarm/")}:
+            work.log(alarms, config.steps)
         return publish(
             context,
             key,

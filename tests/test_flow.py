@@ -360,11 +360,25 @@ def test_an_artifact_does_not_depend_on_where_the_store_lives(
 
 
 def test_changing_a_ppo_setting_reruns_ppo_and_what_follows_only(first_run: dict, workdir: Path, pipeline_env: dict):
-    rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db", "ppo.lr=0.0005")
-    phases = summary(workdir)["phases"]
+    # and an entropy floor no policy is under: the entropy alarm fires at step 2 of each PPO phase
+    alarm = ["ppo.alarms.window=1", "ppo.alarms.entropy_floor=100"]
+    rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db", "ppo.lr=0.0005", *alarm)
+    result = summary(workdir)
+    phases = result["phases"]
     cached = {"data", "sft", "sft-baseline", "iteration-1/preferences", "iteration-1/reward"}
     assert {name for name, state in phases.items() if state == "Cached"} == cached
     assert all(state == "Completed" for name, state in phases.items() if name not in cached)
+    assert [(a["iteration"], a["alarm"], a["step"]) for a in result["alarms"]] == [
+        (1, "entropy_collapse", 2),
+        (2, "entropy_collapse", 2),
+    ]
+    client = MlflowClient(result["mlflow_tracking_uri"])
+    [ppo_run] = client.search_runs(
+        [client.get_run(result["mlflow_run_id"]).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}' and tags.mlflow.runName = 'iteration-2/ppo'",
+    )
+    assert ppo_run.data.tags["rlhf.alarm.entropy_collapse"].startswith("step 2: entropy")
+    assert ppo_run.data.metrics["ppo/alarm/entropy_collapse"] == 2
 
 
 def test_dpo_pipeline_trains_no_reward_model_and_caches(first_run: dict, workdir: Path, pipeline_env: dict):
