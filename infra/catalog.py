@@ -111,6 +111,10 @@ REWARD = Phase(
         "steps": "Optimizer steps taken.",
         "train_pairs": "Training pairs (all preferences so far, less the validation share).",
         "stopped_early": "1 when validation accuracy stopped improving before reward.max_epochs.",
+        "ensemble_val_accuracy": "Share of validation pairs the ensemble's aggregate reward orders as the labelers "
+        "did (reward.ensemble_size > 1; val_accuracy is the first member's).",
+        "ensemble_disagreement": "Standard deviation of the members' normalized scores of the current policy's "
+        "samples, mean (reward.ensemble_size > 1).",
         "reward_gain": "Output gain that normalizes scores on the current policy's samples to std 1.",
         "reward_bias": "Output bias that normalizes those scores to mean 0.",
     },
@@ -130,6 +134,8 @@ PPO = Phase(
         "response_length_p95": "Response tokens, 95th percentile.",
         "eos_rate": "Share of responses that end with EOS within ppo.max_new_tokens.",
         "explained_variance": "How much of the returns' variance the critic's values explain (1 is perfect).",
+        "rm_disagreement": "Standard deviation of the reward-ensemble members' scores of a rollout, mean over the "
+        "batch (reward.ensemble_size > 1): rising, the policy is going where the reward models do not agree.",
         "kl_coef": "KL coefficient used for this step (adaptive with ppo.adaptive_kl).",
         "policy_loss": "Clipped surrogate loss, mean over the update's minibatches.",
         "value_loss": "Clipped value loss, mean over the update's minibatches.",

@@ -18,7 +18,8 @@ ALARMS = {
     "entropy_collapse": "per-token entropy fell below ppo.alarms.entropy_floor, or by more than "
     "ppo.alarms.entropy_drop",
     "reward_exploitation": "the reward model's score rose while the gold reward fell, both by more than "
-    "ppo.alarms.exploitation_gap",
+    "ppo.alarms.exploitation_gap; or, with a reward ensemble, while the members' disagreement grew past "
+    "ppo.alarms.disagreement_growth",
 }
 
 
@@ -38,6 +39,13 @@ class AlarmConfig(BaseModel):
         0.25,
         ge=0,
         description="Reward-model exploitation: the score rose and the gold reward fell, each by more than this.",
+    )
+
+    disagreement_growth: float = Field(
+        0.5,
+        gt=0,
+        description="Reward-model exploitation: the ensemble's disagreement grew by more than this fraction while its "
+        "score rose (reward.ensemble_size > 1).",
     )
 
 
@@ -78,4 +86,9 @@ def check_alarms(history: list[dict[str, float]], config: AlarmConfig) -> list[A
             f"reward-model score {reward_0:.2f} -> {reward_1:.2f} while gold reward {gold[0]:.2f} -> {gold[1]:.2f}"
         )
         alarms.append(Alarm("reward_exploitation", step, message))
+    elif all("rm_disagreement" in h for h in history) and reward_1 > reward_0:
+        spread_0, spread_1 = ends("rm_disagreement")
+        if spread_1 > (1 + config.disagreement_growth) * spread_0:
+            message = f"reward-model score {reward_0:.2f} -> {reward_1:.2f} while the ensemble's disagreement went "
+            alarms.append(Alarm("reward_exploitation", step, message + f"{spread_0:.2f} -> {spread_1:.2f}"))
     return alarms

@@ -167,3 +167,16 @@ def dpo_loss(
             "reward_accuracy": (margin > 0).float().mean(),
         }
     return losses.mean(), stats
+
+
+def aggregate_rewards(member_scores: Tensor, how: str = "mean", uncertainty_coef: float = 1.0) -> Tensor:
+    """One reward from an ensemble's scores (Coste et al. 2023, "Reward Model Ensembles Help Mitigate
+    Overoptimization"): ``mean``; ``min``, the worst case; or ``mean_minus_std``, the mean less ``uncertainty_coef``
+    times the members' (population) standard deviation, penalizing what the members disagree on. (K, B) -> (B,)."""
+    if how == "mean":
+        return member_scores.mean(0)
+    if how == "min":
+        return member_scores.min(0).values
+    if how == "mean_minus_std":
+        return member_scores.mean(0) - uncertainty_coef * member_scores.std(0, correction=0)
+    raise ValueError(f"reward aggregate must be 'mean', 'min' or 'mean_minus_std', got {how!r}")

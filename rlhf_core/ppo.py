@@ -122,6 +122,7 @@ class Rollout:
     entropy: Tensor
     scores: Tensor
     rm_scores: Tensor
+    rm_disagreement: Tensor | None = None  # (B,): the ensemble members' standard deviation, for an ensemble
 
 
 @torch.no_grad()
@@ -138,9 +139,11 @@ def collect_rollout(
     qr, attention_mask, ctx = samples.query_responses, samples.attention_mask, samples.context_length
     ref_logprobs, _ = response_logprobs(models.reference, qr, attention_mask, ctx, temperature=config.temperature)
     values = token_scores(critic, qr, attention_mask)[:, ctx - 1 : -1]
-    rm_scores = models.reward(samples)
+    member_scores = models.reward.member_scores(samples)
+    rm_scores = models.reward.aggregate(member_scores)
     scores = rm_scores - config.missing_eos_penalty * (~samples.has_eos).float()
-    return Rollout(samples, samples.logprobs, ref_logprobs, values, samples.entropy, scores, rm_scores)
+    disagreement = member_scores.std(0, correction=0) if len(member_scores) > 1 else None
+    return Rollout(samples, samples.logprobs, ref_logprobs, values, samples.entropy, scores, rm_scores, disagreement)
 
 
 def length_grouped_minibatches(lengths: Tensor, minibatch_size: int, generator: torch.Generator) -> list[Tensor]:
@@ -253,6 +256,8 @@ def rollout_metrics(
     }
     if gold is not None:
         metrics["gold_reward"] = sum(gold) / len(gold)
+    if rollout.rm_disagreement is not None:
+        metrics["rm_disagreement"] = rollout.rm_disagreement.mean().item()
     return metrics
 
 

@@ -4,8 +4,9 @@ labeler preferences, early-stopped on validation accuracy, and normalized on pol
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.checkpoint import Checkpointer, check_finite, checkpoint_due
 from rlhf_core.engine import Engine
-from rlhf_core.losses import bradley_terry_loss
+from rlhf_core.losses import aggregate_rewards, bradley_terry_loss
 from rlhf_core.modeling import (
     Samples,
     batch_schedule,
@@ -52,6 +53,23 @@ class RewardConfig(BaseModel):
     checkpoint_every: int = Field(
         50, ge=0, description="Save a resumable checkpoint every this many optimizer steps; 0: never."
     )
+    ensemble_size: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Reward models trained in the phase, each with its own seed (and its own resample of the pairs "
+        "with reward.bootstrap); PPO and evaluation score with their aggregate (reward.aggregate). The critic starts "
+        "from the first.",
+    )
+    bootstrap: bool = Field(False, description="Train each ensemble member on a bootstrap resample of the pairs.")
+    aggregate: Literal["mean", "min", "mean_minus_std"] = Field(
+        "mean",
+        description="How an ensemble's scores become one reward: mean, min (worst case) or mean_minus_std (the mean "
+        "less reward.uncertainty_coef times the members' standard deviation), as in Coste et al. 2023.",
+    )
+    uncertainty_coef: float = Field(
+        1.0, ge=0, description="Weight of the members' standard deviation (mean_minus_std)."
+    )
     strength_margins: list[float] | None = Field(
         None,
         min_length=4,
@@ -66,6 +84,12 @@ class RewardConfig(BaseModel):
         if self.strength_margins is None:
             return None
         return torch.tensor([self.strength_margins[p.strength - 1] if p.strength else 0.0 for p in pairs])
+
+
+def bootstrap_resample(pairs: list[PreferencePair], seed: int) -> list[PreferencePair]:
+    """As many pairs as given, drawn from them with replacement."""
+    rng = random.Random(seed)
+    return [rng.choice(pairs) for _ in pairs]
 
 
 def split_pairs(pairs: list[PreferencePair], val_fraction: float, seed: int) -> tuple[list, list]:
@@ -234,30 +258,52 @@ def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> b
     return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
 
 
+ENSEMBLE_DIR = "ensemble"  # members 2..k of a reward ensemble, as ENSEMBLE_DIR/member-<i>; the first at the root
+
+
 @dataclass
 class RewardFunction:
     """The reward model as PPO and evaluation call it on policy samples. With ``tokenizer`` None it shares the
     policy's vocabulary and reads the sampled token ids; otherwise it is a separate model with its own
-    tokenizer, and the decoded prompt and response are re-tokenized for it (EOS appended, as in training)."""
+    tokenizer, and the decoded prompt and response are re-tokenized for it (EOS appended, as in training).
+    ``members``: the rest of an ensemble, scored alike and aggregated as the first model's config says."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase | None = None
+    members: list[PreTrainedModel] = field(default_factory=list)
 
     @torch.no_grad()
-    def __call__(self, samples: Samples) -> Tensor:
-        """Normalized reward of each sample. -> (B,) on the samples' device."""
+    def member_scores(self, samples: Samples) -> Tensor:
+        """Normalized reward of each sample under each ensemble member. -> (K, B) on the samples' device."""
+        return torch.stack([self.score(model, samples) for model in [self.model, *self.members]])
+
+    def score(self, model: PreTrainedModel, samples: Samples) -> Tensor:
         if self.tokenizer is None:
-            return reward_scores(self.model, samples.query_responses, samples.attention_mask)
-        max_length = getattr(self.model.config, "reward_max_length", None) or self.tokenizer.model_max_length
-        scores = score_texts(self.model, self.tokenizer, samples.prompts, samples.texts, max_length=max_length)
+            return reward_scores(model, samples.query_responses, samples.attention_mask)
+        max_length = getattr(model.config, "reward_max_length", None) or self.tokenizer.model_max_length
+        scores = score_texts(model, self.tokenizer, samples.prompts, samples.texts, max_length=max_length)
         return scores.to(samples.query_responses.device)
+
+    def aggregate(self, member_scores: Tensor) -> Tensor:
+        """The ensemble's reward from its members' scores, as ``reward.aggregate`` said when it was trained."""
+        config = self.model.config
+        how = getattr(config, "reward_aggregate", "mean")
+        return aggregate_rewards(member_scores, how, getattr(config, "reward_uncertainty_coef", 1.0))
+
+    def __call__(self, samples: Samples) -> Tensor:
+        """Normalized (and, for an ensemble, aggregated) reward of each sample. -> (B,) on the samples' device."""
+        return self.aggregate(self.member_scores(samples))
 
 
 def load_reward_function(
     reward_dir: str | Path, policy_tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool = False
 ) -> RewardFunction:
-    """A frozen reward model and its tokenizer from ``reward_dir``, re-tokenizing only when that tokenizer is not
-    the policy's."""
+    """A frozen reward model (with the rest of its ensemble, if it has one) and its tokenizer from ``reward_dir``,
+    re-tokenizing only when that tokenizer is not the policy's."""
     model = load_scorer(reward_dir, trust_remote_code).eval().requires_grad_(False)
+    members = [
+        load_scorer(member, trust_remote_code).eval().requires_grad_(False)
+        for member in sorted((Path(reward_dir) / ENSEMBLE_DIR).glob("member-*"), key=lambda p: int(p.name[7:]))
+    ]
     tokenizer = load_tokenizer(reward_dir, trust_remote_code)
-    return RewardFunction(model, None if same_vocabulary(tokenizer, policy_tokenizer) else tokenizer)
+    return RewardFunction(model, None if same_vocabulary(tokenizer, policy_tokenizer) else tokenizer, members)

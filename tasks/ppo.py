@@ -76,6 +76,7 @@ def run_ppo(
     if config.lora is None:  # with LoRA the reference is the policy itself, adapters off
         reference = inference_module(reference, deepspeed)
     reward_fn.model = inference_module(reward_fn.model, deepspeed)
+    reward_fn.members = [inference_module(member, deepspeed) for member in reward_fn.members]
     updates = config.steps * config.epochs * -(-config.rollout_batch_size // config.minibatch_size)
     optimization = Optimization(
         lr=config.lr, total_steps=updates, max_grad_norm=config.max_grad_norm, min_lr_ratio=1.0

@@ -5,13 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from infra.artifacts import read_pairs, reward_init_dir
 from infra.catalog import REWARD
 from infra.deepspeed_engine import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.modeling import load_scorer, load_tokenizer
-from rlhf_core.reward import RewardConfig, normalize_reward_model, split_pairs, train_reward_model
+from rlhf_core.reward import (
+    ENSEMBLE_DIR,
+    RewardConfig,
+    RewardFunction,
+    bootstrap_resample,
+    normalize_reward_model,
+    score_texts,
+    split_pairs,
+    train_reward_model,
+)
 from rlhf_core.sft import num_training_steps
 from rlhf_core.types import MetricsCallback
 from tasks.common import (
@@ -40,40 +50,78 @@ def run_reward(
     checkpointer: Checkpointer | None = None,
     deepspeed: DeepSpeedConfig | None = None,
 ) -> dict[str, float]:
-    """Train a reward model from ``init_dir``'s backbone on all pairs in ``preference_dirs``; normalize it
-    on the responses of the last one (the current policy's samples); save it to ``out_dir``."""
+    """Train a reward model from ``init_dir``'s backbone on all pairs in ``preference_dirs`` (``config.ensemble_size``
+    of them, the first at ``out_dir``, the rest in ``out_dir/ensemble``); normalize each on the responses of the last
+    one (the current policy's samples). The first member reports its steps and resumes from checkpoints."""
     tokenizer = load_tokenizer(init_dir, trust_remote_code)
-    torch.manual_seed(seed)  # a fresh scalar head (from a backbone): the same seed gives the same reward model
-    model = load_scorer(init_dir, trust_remote_code)
-    model.config.reward_gain, model.config.reward_bias = 1.0, 0.0  # a previous reward model trains on raw scores
     pairs = [pair for d in preference_dirs for pair in read_pairs(d)]
     train, val = split_pairs(pairs, config.val_fraction, seed)
-    total = num_training_steps(len(train), config.batch_size, config.max_epochs)
-    engine = phase_engine(model, config, total, deepspeed)
-    result = train_reward_model(
-        engine, tokenizer, train, val, config=config, seed=seed, on_metrics=on_metrics, checkpointer=checkpointer
-    )
     latest = read_pairs(preference_dirs[-1])
-    norm = normalize_reward_model(
-        model,
-        tokenizer,
-        [p.prompt for p in latest] * 2,
-        [p.chosen for p in latest] + [p.rejected for p in latest],
-        max_length=config.max_length,
-    )
-    model.save_pretrained(out_dir, state_dict=engine.full_state_dict())
+    prompts, responses = [p.prompt for p in latest] * 2, [p.chosen for p in latest] + [p.rejected for p in latest]
+    metrics: dict[str, float] = {}
+    members = []
+    for member in range(config.ensemble_size):
+        member_seed = seed + member
+        member_init = init_dir / ENSEMBLE_DIR / f"member-{member}"  # a warm start from the previous ensemble's
+        torch.manual_seed(member_seed)  # a fresh scalar head (from a backbone): the same seed, the same reward model
+        model = load_scorer(member_init if member_init.is_dir() else init_dir, trust_remote_code)
+        model.config.reward_gain, model.config.reward_bias = 1.0, 0.0  # a previous reward model trains on raw scores
+        member_train = bootstrap_resample(train, member_seed) if config.bootstrap else train
+        total = num_training_steps(len(member_train), config.batch_size, config.max_epochs)
+        engine = phase_engine(model, config, total, deepspeed)
+        first = member == 0
+        result = train_reward_model(
+            engine,
+            tokenizer,
+            member_train,
+            val,
+            config=config,
+            seed=member_seed,
+            on_metrics=on_metrics if first else None,
+            checkpointer=checkpointer if first else None,
+        )
+        norm = normalize_reward_model(model, tokenizer, prompts, responses, max_length=config.max_length)
+        model.config.reward_aggregate, model.config.reward_uncertainty_coef = config.aggregate, config.uncertainty_coef
+        folder = out_dir if first else out_dir / ENSEMBLE_DIR / f"member-{member}"
+        model.save_pretrained(folder, state_dict=engine.full_state_dict())
+        members.append(model)
+        if first:
+            metrics = {
+                "val_accuracy": result.val_accuracy,
+                "val_gold_accuracy": result.val_gold_accuracy,
+                "first_loss": result.first_loss,
+                "final_loss": result.final_loss,
+                "steps": result.steps,
+                "train_pairs": len(train),
+                "stopped_early": result.stopped_early,
+                **result.val_by_strength,
+                **norm,
+            }
     tokenizer.save_pretrained(out_dir)
-    return {
-        "val_accuracy": result.val_accuracy,
-        "val_gold_accuracy": result.val_gold_accuracy,
-        "first_loss": result.first_loss,
-        "final_loss": result.final_loss,
-        "steps": result.steps,
-        "train_pairs": len(train),
-        "stopped_early": result.stopped_early,
-        **result.val_by_strength,
-        **norm,
-    }
+    if len(members) > 1:
+        metrics |= ensemble_metrics(RewardFunction(members[0], members=members[1:]), tokenizer, val, latest, config)
+    return metrics
+
+
+def ensemble_metrics(
+    ensemble: RewardFunction, tokenizer: PreTrainedTokenizerBase, val: list, latest: list, config: RewardConfig
+) -> dict[str, float]:
+    """The ensemble's validation accuracy (its aggregate reward's ordering), and its members' disagreement on the
+    current policy's samples."""
+    models = [ensemble.model, *ensemble.members]
+
+    def member_scores(pairs: list, side: str) -> torch.Tensor:  # (K, N)
+        prompts, responses = [p.prompt for p in pairs], [getattr(p, side) for p in pairs]
+        return torch.stack(
+            [score_texts(m, tokenizer, prompts, responses, max_length=config.max_length) for m in models]
+        )
+
+    chosen, rejected = (
+        ensemble.aggregate(member_scores(val, "chosen")),
+        ensemble.aggregate(member_scores(val, "rejected")),
+    )
+    disagreement = member_scores(latest, "chosen").std(0, correction=0).mean().item()
+    return {"ensemble_val_accuracy": (chosen > rejected).float().mean().item(), "ensemble_disagreement": disagreement}
 
 
 def reward_start(previous_dir: Path | None, data_dir: Path, sft_dir: Path, config: RewardConfig) -> Path:

@@ -52,6 +52,12 @@ def test_reward_exploitation_fires_when_proxy_rises_and_gold_falls():
     assert names(history(reward=(0.0, 2.0), gold_reward=(0.5, 0.4))) == set()  # gold barely moved
 
 
+def test_reward_exploitation_fires_when_the_ensemble_disagrees_more_as_its_score_rises():
+    assert names(history(rm_disagreement=(0.2, 0.6), gold_reward=(0.0, 0.1))) == {"reward_exploitation"}
+    assert names(history(rm_disagreement=(0.2, 0.25))) == set()  # steady disagreement: healthy
+    assert names(history(rm_disagreement=(0.2, 0.6), reward=(1.0, 0.5))) == set()  # the score did not rise
+
+
 def test_alarms_wait_for_two_windows():
     assert check_alarms(history(5, entropy=(2.0, 0.0)), CONFIG) == []
     assert set(ALARMS) == {"length_hacking", "entropy_collapse", "reward_exploitation"}
