@@ -32,10 +32,10 @@ from tasks.ppo import load_policy_and_reference
 def run_dpo(
     policy_dir: Path,
     reference_dir: Path,
-    sft_dir: Path,
     preference_dirs: list[Path],
     out_dir: Path,
     *,
+    sft_dir: Path,
     config: DPOConfig,
     seed: int,
     on_metrics: MetricsCallback | None = None,
@@ -62,7 +62,7 @@ def run_dpo(
     )
     engine = make_engine(policy, optimization, deepspeed, config.batch_size)
     result = train_dpo(
-        engine, reference, tokenizer, pairs, config, seed=seed, on_metrics=on_metrics, checkpointer=checkpointer
+        engine, reference, tokenizer, pairs, config=config, seed=seed, on_metrics=on_metrics, checkpointer=checkpointer
     )
     if config.lora is None:
         policy.save_pretrained(out_dir, state_dict=engine.full_state_dict())
@@ -107,9 +107,9 @@ def dpo_task(
         metrics = run_dpo(
             fetch(context, policy),
             fetch(context, reference),
-            fetch(context, sft),
             preference_dirs,
             work.out_dir,
+            sft_dir=fetch(context, sft),
             config=config,
             seed=seed,
             on_metrics=work.log,

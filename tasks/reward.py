@@ -99,12 +99,14 @@ def run_reward(
             }
     tokenizer.save_pretrained(out_dir)
     if len(members) > 1:
-        metrics |= ensemble_metrics(RewardFunction(members[0], members=members[1:]), tokenizer, val, latest, config)
+        metrics |= ensemble_metrics(
+            RewardFunction(members[0], members=members[1:]), tokenizer, val, latest, max_length=config.max_length
+        )
     return metrics
 
 
 def ensemble_metrics(
-    ensemble: RewardFunction, tokenizer: PreTrainedTokenizerBase, val: list, latest: list, config: RewardConfig
+    ensemble: RewardFunction, tokenizer: PreTrainedTokenizerBase, val: list, latest: list, *, max_length: int
 ) -> dict[str, float]:
     """The ensemble's validation accuracy (its aggregate reward's ordering), and its members' disagreement on the
     current policy's samples."""
@@ -112,9 +114,7 @@ def ensemble_metrics(
 
     def member_scores(pairs: list, side: str) -> torch.Tensor:  # (K, N)
         prompts, responses = [p.prompt for p in pairs], [getattr(p, side) for p in pairs]
-        return torch.stack(
-            [score_texts(m, tokenizer, prompts, responses, max_length=config.max_length) for m in models]
-        )
+        return torch.stack([score_texts(m, tokenizer, prompts, responses, max_length=max_length) for m in models])
 
     chosen, rejected = (
         ensemble.aggregate(member_scores(val, "chosen")),

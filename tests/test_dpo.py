@@ -94,7 +94,7 @@ def test_dpo_separates_chosen_from_rejected(sft_dir, loss_type, margin_gain, acc
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     config = DPOConfig(epochs=4, batch_size=16, lr=3e-3, warmup_steps=2, log_every=4, loss_type=loss_type, beta=0.5)
     engine = TorchEngine(policy, Optimization(lr=config.lr, total_steps=16, warmup_steps=2))
-    history = train_dpo(engine, reference, tokenizer, topic_pairs(64), config, seed=0).history
+    history = train_dpo(engine, reference, tokenizer, topic_pairs(64), config=config, seed=0).history
     first, last = history[0], history[-1]
     assert last["reward_margin"] > first["reward_margin"] + margin_gain
     assert last["reward_accuracy"] >= accuracy
