@@ -9,8 +9,7 @@ from infra.catalog import DPO
 from infra.deepspeed_engine import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.dpo import DPOConfig, train_dpo
-from rlhf_core.engine import Optimization
-from rlhf_core.lora import ADAPTER_DIR, add_lora
+from rlhf_core.lora import add_lora
 from rlhf_core.modeling import load_policy, load_tokenizer
 from rlhf_core.sft import num_training_steps
 from rlhf_core.types import MetricsCallback
@@ -21,12 +20,12 @@ from tasks.common import (
     checkpoint_every,
     existing_output,
     fetch,
-    make_engine,
+    phase_engine,
     phase_task,
     phase_workspace,
     publish,
 )
-from tasks.ppo import load_policy_and_reference
+from tasks.ppo import load_policy_and_reference, save_policy
 
 
 def run_dpo(
@@ -53,23 +52,11 @@ def run_dpo(
         policy = add_lora(policy, config.lora) if config.lora is not None else policy
         reference = load_policy(reference_dir, trust_remote_code).eval().requires_grad_(False)
     pairs = [pair for d in preference_dirs for pair in read_pairs(d)]
-    optimization = Optimization(
-        lr=config.lr,
-        total_steps=num_training_steps(len(pairs), config.batch_size, config.epochs),
-        warmup_steps=config.warmup_steps,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-    )
-    engine = make_engine(policy, optimization, deepspeed, config.batch_size)
+    engine = phase_engine(policy, config, num_training_steps(len(pairs), config.batch_size, config.epochs), deepspeed)
     result = train_dpo(
         engine, reference, tokenizer, pairs, config=config, seed=seed, on_metrics=on_metrics, checkpointer=checkpointer
     )
-    if config.lora is None:
-        policy.save_pretrained(out_dir, state_dict=engine.full_state_dict())
-    else:  # the adapters, and the merged model every other phase loads as any causal LM
-        policy.save_pretrained(out_dir / ADAPTER_DIR)
-        policy.merge_and_unload().save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_policy(policy, engine, tokenizer, out_dir, lora=config.lora is not None)
     return result.history[-1] | {"steps": result.steps, "train_pairs": len(pairs)}
 
 

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from infra.artifacts import PhaseInputs, data_judge, read_prompts
 from infra.catalog import PPO, TAG_ALARM
 from infra.deepspeed_engine import DeepSpeedConfig, inference_module
 from rlhf_core.alarms import Alarm
 from rlhf_core.checkpoint import Checkpointer
-from rlhf_core.engine import Optimization
+from rlhf_core.engine import Engine, Optimization
 from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, LoRAConfig, add_lora, load_lora
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
 from rlhf_core.ppo import AlarmCallback, PPOConfig, PPOModels, train_ppo
@@ -49,6 +50,19 @@ def load_policy_and_reference(
     adapters = policy_dir / ADAPTER_DIR
     policy = load_lora(base, adapters) if adapters.is_dir() else add_lora(base, lora)
     return policy, AdaptersDisabled(policy)
+
+
+def save_policy(
+    policy: nn.Module, engine: Engine, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *, lora: bool
+) -> None:
+    """A trained policy and its tokenizer as a folder any phase loads as a causal LM; with LoRA, the merged model
+    plus its adapters in ``out_dir/adapter`` (where the next iteration continues them)."""
+    if lora:
+        policy.save_pretrained(out_dir / ADAPTER_DIR)
+        policy.merge_and_unload().save_pretrained(out_dir)
+    else:
+        policy.save_pretrained(out_dir, state_dict=engine.full_state_dict())
+    tokenizer.save_pretrained(out_dir)
 
 
 def run_ppo(
@@ -96,12 +110,7 @@ def run_ppo(
         checkpointer=checkpointer,
         on_alarm=on_alarm,
     )
-    if config.lora is None:
-        policy.save_pretrained(out_dir, state_dict=policy_engine.full_state_dict())
-    else:  # the adapters, and the merged model every other phase loads as any causal LM
-        policy.save_pretrained(out_dir / ADAPTER_DIR)
-        policy.merge_and_unload().save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_policy(policy, policy_engine, tokenizer, out_dir, lora=config.lora is not None)
     return result.history[-1] | {f"alarm/{alarm.name}": alarm.step for alarm in result.alarms}
 
 
