@@ -92,17 +92,19 @@ def encode_pairs(
     )
 
 
-def pair_logratios(
-    policy: nn.Module, reference: nn.Module, batch: PairBatch, *, mean: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Log-ratios log policy - log reference of the chosen and rejected responses (B,) each, with gradients
-    through the policy, and the policy's own chosen and rejected log-probs (detached) for the logs."""
-    with torch.no_grad():
-        ref_chosen = sequence_logprobs(reference, batch.chosen, mean=mean)
-        ref_rejected = sequence_logprobs(reference, batch.rejected, mean=mean)
-    chosen = sequence_logprobs(policy, batch.chosen, mean=mean)
-    rejected = sequence_logprobs(policy, batch.rejected, mean=mean)
-    return chosen - ref_chosen, rejected - ref_rejected, chosen.detach(), rejected.detach()
+@torch.no_grad()
+def reference_logprobs(
+    reference: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: list[PreferencePair], *, config: DPOConfig
+) -> Tensor:
+    """The frozen reference's log-probs of every pair's chosen and rejected response, computed once (they do not
+    change while the policy trains). -> (N, 2): chosen, rejected."""
+    device, mean = next(reference.parameters()).device, config.loss_type == "ipo"
+    rows = []
+    for i in range(0, len(pairs), config.batch_size):
+        batch = encode_pairs(tokenizer, pairs[i : i + config.batch_size], config.max_length, device)
+        chosen, rejected = (sequence_logprobs(reference, side, mean=mean) for side in (batch.chosen, batch.rejected))
+        rows.append(torch.stack([chosen, rejected], 1))
+    return torch.cat(rows)
 
 
 @dataclass
@@ -133,12 +135,14 @@ def train_dpo(
         engine.load_state_dict(state["engine"])
         start, history = state["step"], state["history"]
     mean = config.loss_type == "ipo"
+    ref_logps = reference_logprobs(reference, tokenizer, pairs, config=config)
     policy.train()
     for step in range(start + 1, len(schedule) + 1):
-        batch = encode_pairs(
-            tokenizer, [pairs[i] for i in schedule[step - 1].tolist()], config.max_length, policy.device
-        )
-        chosen, rejected, chosen_logps, rejected_logps = pair_logratios(policy, reference, batch, mean=mean)
+        index = schedule[step - 1]
+        batch = encode_pairs(tokenizer, [pairs[i] for i in index.tolist()], config.max_length, policy.device)
+        chosen_logps = sequence_logprobs(policy, batch.chosen, mean=mean)
+        rejected_logps = sequence_logprobs(policy, batch.rejected, mean=mean)
+        chosen, rejected = chosen_logps - ref_logps[index, 0], rejected_logps - ref_logps[index, 1]
         loss, stats = dpo_loss(
             chosen, rejected, beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing
         )
@@ -148,7 +152,10 @@ def train_dpo(
         window.append(
             {"loss": loss.item(), **{k: v.item() for k, v in stats.items()}}
             | {"logratio_chosen": chosen.mean().item(), "logratio_rejected": rejected.mean().item()}
-            | {"logps_chosen": chosen_logps.mean().item(), "logps_rejected": rejected_logps.mean().item()}
+            | {
+                "logps_chosen": chosen_logps.mean().item(),
+                "logps_rejected": rejected_logps.mean().item(),
+            }
         )
         if step % config.log_every == 0 or step == len(schedule):
             metrics = {k: sum(row[k] for row in window) / len(window) for k in window[0]} | update

@@ -11,6 +11,7 @@ from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.dpo import DPOConfig, train_dpo
 from rlhf_core.lora import add_lora
 from rlhf_core.modeling import load_policy, load_tokenizer
+from rlhf_core.preferences import PreferencePair
 from rlhf_core.sft import num_training_steps
 from rlhf_core.types import MetricsCallback
 from tasks.common import (
@@ -31,7 +32,7 @@ from tasks.ppo import load_policy_and_reference, save_policy
 def run_dpo(
     policy_dir: Path,
     reference_dir: Path,
-    preference_dirs: list[Path],
+    pairs: list[PreferencePair],
     out_dir: Path,
     *,
     sft_dir: Path,
@@ -42,7 +43,7 @@ def run_dpo(
     checkpointer: Checkpointer | None = None,
     deepspeed: DeepSpeedConfig | None = None,
 ) -> dict[str, float]:
-    """DPO from ``policy_dir`` on the pairs in ``preference_dirs`` against ``reference_dir`` (with LoRA and an SFT
+    """DPO from ``policy_dir`` on ``pairs`` against ``reference_dir`` (with LoRA and an SFT
     reference: the policy with its adapters off); saves the new policy to ``out_dir``, returns the last metrics."""
     tokenizer = load_tokenizer(policy_dir, trust_remote_code)
     if config.lora is not None and reference_dir == sft_dir:
@@ -51,7 +52,6 @@ def run_dpo(
         policy = load_policy(policy_dir, trust_remote_code)
         policy = add_lora(policy, config.lora) if config.lora is not None else policy
         reference = load_policy(reference_dir, trust_remote_code).eval().requires_grad_(False)
-    pairs = [pair for d in preference_dirs for pair in read_pairs(d)]
     engine = phase_engine(policy, config, num_training_steps(len(pairs), config.batch_size, config.epochs), deepspeed)
     result = train_dpo(
         engine, reference, tokenizer, pairs, config=config, seed=seed, on_metrics=on_metrics, checkpointer=checkpointer
@@ -80,21 +80,20 @@ def dpo_task(
     key = artifact_key(context, f"iteration-{iteration:03d}", "policy", inputs)
     if done := existing_output(context, key):
         return done
-    preference_dirs = [fetch(context, p) for p in preferences]
-    n_pairs = sum(len(read_pairs(d)) for d in preference_dirs)
+    pairs = [pair for p in preferences for pair in read_pairs(fetch(context, p))]
     with phase_workspace(
         context,
         DPO,
         key,
         iteration=iteration,
         params={"dpo": config.model_dump(), "seed": seed},
-        total_steps=num_training_steps(n_pairs, config.batch_size, config.epochs),
+        total_steps=num_training_steps(len(pairs), config.batch_size, config.epochs),
         checkpoint_every=checkpoint_every(config.checkpoint_every, deepspeed),
     ) as work:
         metrics = run_dpo(
             fetch(context, policy),
             fetch(context, reference),
-            preference_dirs,
+            pairs,
             work.out_dir,
             sft_dir=fetch(context, sft),
             config=config,
