@@ -14,6 +14,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -62,6 +63,25 @@ def load_scorer(path: str | Path, trust_remote_code: bool = False) -> PreTrained
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return disable_dropout(model).to(default_device())
+
+
+def fold_reward_normalization(scorer: PreTrainedModel) -> PreTrainedModel:
+    """Fold a reward model's output normalization (``gain * r + bias``, in its config) into its scalar head, so
+    that a critic started from it predicts in the normalized units of the returns it learns; the config's gain
+    and bias become 1 and 0. A model without a normalization is returned as it is."""
+    config = scorer.config
+    gain, bias = getattr(config, "reward_gain", None), getattr(config, "reward_bias", None)
+    if gain is None or bias is None:
+        return scorer
+    head = scorer.score
+    folded = nn.Linear(
+        head.in_features, head.out_features, bias=True, device=head.weight.device, dtype=head.weight.dtype
+    )
+    with torch.no_grad():
+        folded.weight.copy_(gain * head.weight)
+        folded.bias.copy_(bias + (gain * head.bias if head.bias is not None else 0.0))
+    scorer.score, config.reward_gain, config.reward_bias = folded, 1.0, 0.0
+    return scorer
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -133,8 +153,8 @@ def truncate_after_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) 
 @dataclass
 class Samples:
     """Sampled responses to left-padded prompts. query_responses: (B, P + R); responses and
-    response_mask: (B, R); has_eos: (B,) bool; where asked for, the log-probs of the sampled tokens and the
-    entropy of the distributions they were drawn from, (B, R) each."""
+    response_mask: (B, R); has_eos: (B,) bool; the EOS and padding ids they were cut with; where asked for,
+    the log-probs of the sampled tokens and the entropy of the distributions they were drawn from, (B, R) each."""
 
     prompts: list[str]
     query_responses: Tensor
@@ -144,8 +164,28 @@ class Samples:
     response_mask: Tensor
     has_eos: Tensor
     texts: list[str]
+    eos_token_id: int
+    pad_token_id: int
     logprobs: Tensor | None = None
     entropy: Tensor | None = None
+
+
+def sampling_config(
+    tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, temperature: float, with_logprobs: bool
+) -> GenerationConfig:
+    """Plain ancestral sampling at ``temperature`` from the full distribution, stopping at the tokenizer's EOS."""
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        return_dict_in_generate=True,
+        output_scores=with_logprobs,
+    )
 
 
 @torch.no_grad()
@@ -158,24 +198,21 @@ def sample_responses(
     temperature: float = 1.0,
     with_logprobs: bool = False,
 ) -> Samples:
-    """Batched sampling with left padding and the KV cache, from the full distribution (no top-k or
-    top-p: the log-probs PPO recomputes must be those of the distribution sampled from). ``with_logprobs``
-    keeps each step's logits, already divided by the temperature, for the samples' log-probs and entropy."""
+    """Batched sampling with left padding and the KV cache, from the full distribution: the log-probs PPO
+    recomputes must be those of the distribution sampled from. ``generate`` fills every setting left unset
+    from the checkpoint's own ``generation_config`` (a repetition penalty, ``min_p``, suppressed tokens, extra
+    EOS ids...), so the model's is set aside while it samples. ``with_logprobs`` keeps each step's logits,
+    already divided by the temperature, for the samples' log-probs and entropy."""
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, model.device)
-    out = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        use_cache=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        return_dict_in_generate=True,
-        output_scores=with_logprobs,
-    )
+    shipped, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        out = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            generation_config=sampling_config(tokenizer, max_new_tokens, temperature, with_logprobs),
+        )
+    finally:
+        model.generation_config = shipped
     context_length = prompt_ids.shape[1]
     responses, response_mask = truncate_after_eos(
         out.sequences[:, context_length:], tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -185,12 +222,38 @@ def sample_responses(
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     samples = Samples(
-        prompts, query_responses, attention_mask, context_length, responses, response_mask, has_eos, texts
+        prompts,
+        query_responses,
+        attention_mask,
+        context_length,
+        responses,
+        response_mask,
+        has_eos,
+        texts,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     if with_logprobs:
         logits = torch.stack(out.scores, 1).float()  # (B, R, V)
         samples.logprobs, samples.entropy = selective_log_softmax(logits, responses), entropy_from_logits(logits)
     return samples
+
+
+def reward_inputs(samples: Samples, max_length: int | None) -> tuple[Tensor, Tensor]:
+    """The samples as a reward model is trained on them (:func:`encode_prompt_responses`): the response without
+    its EOS, cut so that prompt + response + EOS fit in ``max_length`` (None: not cut), then one EOS. The prompt
+    stays left padded, the response right padded. -> input_ids, attention_mask, (B, P + R + 1) each."""
+    context_length, device = samples.context_length, samples.responses.device
+    prompt_mask = samples.attention_mask[:, :context_length]
+    kept = samples.response_mask.sum(1) - samples.has_eos.long()  # (B,) response tokens before the EOS
+    if max_length is not None:
+        kept = torch.minimum(kept, (max_length - prompt_mask.sum(1) - 1).clamp(min=0))
+    positions = torch.arange(samples.responses.shape[1] + 1, device=device)[None]  # one more column for an EOS
+    responses = torch.cat([samples.responses, samples.responses[:, :1]], 1)
+    responses = responses.masked_fill(positions >= kept[:, None], samples.pad_token_id)
+    responses = responses.masked_fill(positions == kept[:, None], samples.eos_token_id)
+    input_ids = torch.cat([samples.query_responses[:, :context_length], responses], 1)
+    return input_ids, torch.cat([prompt_mask, (positions <= kept[:, None]).long()], 1)
 
 
 def response_logprobs(

@@ -22,6 +22,7 @@ from rlhf_core.modeling import (
     encode_prompt_responses,
     load_scorer,
     load_tokenizer,
+    reward_inputs,
     reward_scores,
 )
 from rlhf_core.preferences import PreferencePair
@@ -265,7 +266,8 @@ ENSEMBLE_DIR = "ensemble"  # members 2..k of a reward ensemble, as ENSEMBLE_DIR/
 class RewardFunction:
     """The reward model as PPO and evaluation call it on policy samples. With ``tokenizer`` None it shares the
     policy's vocabulary and reads the sampled token ids; otherwise it is a separate model with its own
-    tokenizer, and the decoded prompt and response are re-tokenized for it (EOS appended, as in training).
+    tokenizer, and the decoded prompt and response are re-tokenized for it. Either way it scores what it was
+    trained on: the response cut to the model's ``reward_max_length`` and ending in one EOS.
     ``members``: the rest of an ensemble, scored alike and aggregated as the first model's config says."""
 
     model: PreTrainedModel
@@ -279,7 +281,8 @@ class RewardFunction:
 
     def score(self, model: PreTrainedModel, samples: Samples) -> Tensor:
         if self.tokenizer is None:
-            return reward_scores(model, samples.query_responses, samples.attention_mask)
+            input_ids, attention_mask = reward_inputs(samples, getattr(model.config, "reward_max_length", None))
+            return reward_scores(model, input_ids, attention_mask)
         max_length = getattr(model.config, "reward_max_length", None) or self.tokenizer.model_max_length
         scores = score_texts(model, self.tokenizer, samples.prompts, samples.texts, max_length=max_length)
         return scores.to(samples.query_responses.device)

@@ -16,7 +16,7 @@ from rlhf_core.alarms import Alarm
 from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.engine import Engine, Optimization
 from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, LoRAConfig, add_lora, load_lora
-from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
+from rlhf_core.modeling import fold_reward_normalization, load_policy, load_scorer, load_tokenizer
 from rlhf_core.ppo import AlarmCallback, PPOConfig, PPOModels, train_ppo
 from rlhf_core.reward import load_reward_function
 from rlhf_core.types import MetricsCallback
@@ -87,6 +87,7 @@ def run_ppo(
     reward_fn = load_reward_function(inputs.reward, tokenizer, trust_remote_code)
     torch.manual_seed(seed)  # a critic started from the SFT model gets a fresh head: the same seed, the same critic
     critic = load_scorer(inputs.reward if reward_fn.tokenizer is None else inputs.sft, trust_remote_code)
+    critic = fold_reward_normalization(critic)  # values in the units of the normalized reward, from the first step
     if config.lora is None:  # with LoRA the reference is the policy itself, adapters off
         reference = inference_module(reference, deepspeed)
     reward_fn.model = inference_module(reward_fn.model, deepspeed)

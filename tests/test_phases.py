@@ -121,6 +121,39 @@ def test_recomputed_logprobs_match_the_sampling_distribution(sft_dir):
     assert (hotter[m] - samples.logprobs[m]).abs().max() > 1e-2  # the comparison can tell temperatures apart
 
 
+def test_sampling_ignores_the_checkpoints_generation_settings(sft_dir, tmp_path):
+    """A checkpoint that ships sampling settings (repetition penalty, n-gram blocking, min-p, suppressed tokens, a
+    minimum length, a second EOS id) still samples from the plain distribution that PPO's recompute scores."""
+    from transformers import GenerationConfig
+
+    tokenizer, model = load_tokenizer(sft_dir), load_policy(sft_dir).eval()
+    suppressed = tokenizer.convert_tokens_to_ids(["the", "and"])
+    shipped = GenerationConfig(
+        do_sample=True,
+        temperature=0.6,
+        top_p=0.9,
+        repetition_penalty=3.0,
+        no_repeat_ngram_size=1,
+        min_p=0.3,
+        top_k=3,
+        suppress_tokens=suppressed,
+        min_new_tokens=4,
+        eos_token_id=[tokenizer.eos_token_id, suppressed[0]],
+    )
+    model.generation_config = shipped
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = load_policy(tmp_path).eval()
+    assert model.generation_config.repetition_penalty == 3.0
+    torch.manual_seed(0)
+    prompts = ["explain briefly ocean :", "give a detailed account of space to an expert :", "tell me about art :"]
+    samples = sample_responses(model, tokenizer, prompts * 4, max_new_tokens=12, with_logprobs=True)
+    logprobs = response_logprobs(model, samples.query_responses, samples.attention_mask, samples.context_length)[0]
+    m = samples.response_mask.bool()
+    torch.testing.assert_close(samples.logprobs[m], logprobs[m], atol=1e-4, rtol=0)
+    assert model.generation_config.repetition_penalty == 3.0  # the checkpoint's own settings are left as they were
+
+
 def test_trimmed_minibatch_scores_as_the_padded_one(sft_dir):
     """Dropping the columns that are padding in every row changes no log-prob or value on a real token."""
     from rlhf_core.modeling import token_scores, trim_padding
@@ -207,6 +240,49 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding(sft_dir):
     ids = torch.cat([torch.full((2, shift), tokenizer.pad_token_id), enc.input_ids], 1)
     mask = torch.cat([torch.zeros(2, shift, dtype=torch.long), enc.attention_mask], 1)
     torch.testing.assert_close(reward_scores(model, ids, mask), right, atol=1e-5, rtol=0)
+
+
+def test_critic_started_from_the_reward_model_predicts_in_its_normalized_units(sft_dir, tmp_path):
+    """Folding the reward model's gain and bias into the critic's head: its value at the last real token is the
+    normalized reward, so returns and values start in the same units; the fold survives a state-dict round trip."""
+    from rlhf_core.modeling import fold_reward_normalization, last_token_index, token_scores
+
+    tokenizer, reward_model = load_tokenizer(sft_dir), load_scorer(sft_dir).eval()
+    reward_model.config.reward_gain, reward_model.config.reward_bias = 3.5, -2.0
+    reward_model.save_pretrained(tmp_path)
+    enc = encode_prompt_responses(tokenizer, ["explain briefly ocean :", "tell me about art :"], ["water", "paint"], 32)
+    reward = reward_scores(reward_model, enc.input_ids, enc.attention_mask)
+    raw_critic = load_scorer(tmp_path).eval()
+    critic = fold_reward_normalization(load_scorer(tmp_path).eval())
+    last = last_token_index(enc.attention_mask)[:, None]
+    values = token_scores(critic, enc.input_ids, enc.attention_mask).gather(1, last).squeeze(1)
+    torch.testing.assert_close(values, reward, atol=1e-5, rtol=0)
+    raw = token_scores(raw_critic, enc.input_ids, enc.attention_mask).gather(1, last).squeeze(1)
+    assert (raw - reward).abs().min() > 0.5  # unfolded, the critic would start off by the gain and bias
+    assert reward_scores(critic, enc.input_ids, enc.attention_mask).tolist() == values.tolist()  # not applied twice
+    again = fold_reward_normalization(load_scorer(tmp_path).eval())
+    again.load_state_dict(critic.state_dict())
+    torch.testing.assert_close(
+        token_scores(again, enc.input_ids, enc.attention_mask), token_scores(critic, enc.input_ids, enc.attention_mask)
+    )
+
+
+def test_both_reward_paths_score_samples_as_the_reward_model_was_trained(sft_dir):
+    """Sampled ids read directly (same vocabulary) and decoded text re-tokenized (a tokenizer of its own) give the
+    same scores: each response cut to the reward model's max_length and ending in one EOS, with or without one."""
+    tokenizer, reward_model = load_tokenizer(sft_dir), load_scorer(sft_dir).eval()
+    policy = load_policy(sft_dir).eval()
+    torch.manual_seed(0)
+    prompts = ["explain briefly ocean :", "give a detailed account of space to an expert :", "tell me about art :"]
+    samples = sample_responses(policy, tokenizer, prompts * 4, max_new_tokens=10)
+    assert not samples.has_eos.all() and samples.has_eos.any()
+    for max_length in (12, 64):  # cutting most responses, and none
+        reward_model.config.reward_max_length = max_length
+        direct = RewardFunction(reward_model)(samples)
+        retokenized = RewardFunction(reward_model, tokenizer)(samples)
+        torch.testing.assert_close(direct, retokenized, atol=1e-5, rtol=0)
+        expected = score_texts(reward_model, tokenizer, samples.prompts, samples.texts, max_length=max_length)
+        torch.testing.assert_close(direct, expected, atol=1e-5, rtol=0)
 
 
 def test_ppo_raises_the_reward_it_optimizes(sft_dir):
