@@ -19,7 +19,8 @@ dropped. Remaining semantic differences, none of which changes the work a step d
 - Both keep the policy's log-probs from ``generate``'s scores (no recompute forward).
 - TRL does not clip gradients; we clip policy and critic at norm 1.0.
 - TRL puts the score one position after the EOS (a state the critic learns a value for); we put it on the last
-  response token. TRL weighs its value loss by vf_coef / 2 in one backward; ours has its own optimizer.
+  response token. TRL weighs its value loss by vf_coef / 2 in one backward; ours has its own optimizer and so
+  no weight (under Adam, a constant factor on a loss of its own would change only its gradient clipping).
 - We train on minibatches grouped by response length and trimmed of padding (``ppo.group_by_length``); TRL trains
   uniformly random minibatches at the rollout's padded width.
 See ``bench/trl_ppo_side.py`` for TRL's side in detail.

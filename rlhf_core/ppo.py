@@ -5,7 +5,10 @@ The critic is a separate model initialized from the reward model, not a head on 
 to predict reward-model returns, which the reward model's features already encode (Ouyang et al. 2022
 initialize it the same way), the value loss cannot disturb the policy's language-model features, and
 the policy stays a plain causal LM that saves and loads as one. A reward model with a tokenizer of its own
-cannot read the policy's tokens, so there the critic starts from the SFT backbone with a fresh head.
+cannot read the policy's tokens, so there the critic starts from the SFT backbone with a fresh head. Started
+from the reward model, it has the normalization (gain and bias) folded into its head, so that its first values are
+in the units of the returns. With an optimizer of its own, the value loss carries no weight (``vf_coef``, where
+policy and critic share one optimizer): under Adam a constant factor would change only its gradient clipping.
 """
 
 from __future__ import annotations
@@ -57,7 +60,6 @@ class PPOConfig(BaseModel):
     missing_eos_penalty: float = Field(1.0, ge=0, description="Subtracted from the score of a response with no EOS.")
     clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon.")
     clip_range_value: float = Field(0.2, gt=0, description="Value-prediction clip around the rollout's values.")
-    vf_coef: float = Field(0.5, gt=0, description="Weight of the value loss.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     whiten_advantages: bool = Field(True, description="Normalize advantages to mean 0, std 1 per batch.")
@@ -218,7 +220,7 @@ def ppo_update(
             vf_loss, vf_stats = value_loss(
                 values, mb.values, mb.returns, mb.response_mask, clip_range_value=config.clip_range_value
             )
-            models.critic.backward(config.vf_coef * vf_loss)
+            models.critic.backward(vf_loss)
             models.critic.step()
             for key, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats}.items():
                 stats.setdefault(key, []).append(value.item())
