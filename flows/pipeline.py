@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from flows import publishing
 from flows.config import PipelineConfig
 from flows.labeling import wait_for_labels
+from flows.limits import check_lengths
 from infra import catalog
 from infra.artifacts import PAIRS_FILE, SAMPLES_FILE
 from infra.credentials import open_configured_store
@@ -30,7 +31,7 @@ from infra.report import mlflow_run_url
 from infra.sources import StoreOpener
 from infra.storage import is_complete
 from infra.tracking import RunLogger, Tracker, default_tracking_uri
-from infra.user_data import check_data, inputs_digest
+from infra.user_data import base_tokenizer, check_data, inputs_digest
 from tasks.common import PhaseOutput, RunContext, TrackingContext, fetch
 from tasks.data import prepare_data
 from tasks.dpo import dpo_task
@@ -223,11 +224,14 @@ def source_store_opener(config: PipelineConfig) -> StoreOpener:
 
 def check_inputs(config: PipelineConfig) -> None:
     """Read and check every user-supplied input (files, judge, base model's tokenizer) and reach the object
-    store before anything is written: DatasetError or ValueError names the file, row and column, or the config
-    field; StorageError the bucket and what to check (a missing bucket or denied access fails here, at once)."""
-    check_data(
+    store before anything is written, and the token budgets against the models (:func:`check_lengths`):
+    DatasetError or ValueError names the file, row and column, or the config field; StorageError the bucket and
+    what to check (a missing bucket or denied access fails here, at once)."""
+    dataset = check_data(
         config.data, config.seed, config.trust_remote_code, config.max_tokens, open_store=source_store_opener(config)
     )
+    prompts = [p for split in dataset.prompts.values() for p in split] + [row["prompt"] for row in dataset.preferences]
+    check_lengths(config, prompts, base_tokenizer(config.data, config.trust_remote_code))
     store = open_configured_store(config.storage.uri, config.storage.aws_credentials_block)
     store.exists(f"{config.storage.prefix}/.probe")
 

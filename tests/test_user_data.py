@@ -200,6 +200,52 @@ def test_a_bad_data_config_names_the_field(overrides, message):
         load_config(None, overrides)
 
 
+TOO_LONG = [  # the toy world: a context of 64 positions, prompts of up to 11 tokens, 32 new tokens, max_length 48
+    (
+        ["ppo.max_new_tokens=100000"],
+        r"ppo.max_new_tokens=100000: the longest prompt \(11 tokens\) and 100000 new "
+        r"tokens take 100011 positions, past the policy's context of 64 \(data.world.max_position_embeddings\)",
+    ),
+    (["evaluation.max_new_tokens=60"], r"evaluation.max_new_tokens=60: .* past the policy's context of 64"),
+    (["sft.max_length=65"], r"sft.max_length=65: past the model's context of 64 positions"),
+    (
+        ["reward.max_length=40"],
+        r"reward.max_length=40: responses of preferences.max_new_tokens=32 .* take 44 tokens "
+        r"with their EOS .*: raise reward.max_length to 44 or lower preferences.max_new_tokens",
+    ),
+    (["algorithm=dpo", "dpo.max_length=43"], r"dpo.max_length=43: responses of preferences.max_new_tokens=32"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), TOO_LONG)
+def test_token_budgets_past_the_models_name_the_field_before_anything_is_written(overrides, message, tmp_path):
+    from flows.pipeline import check_inputs
+
+    config = load_config(None, [*overrides, f"storage.uri={tmp_path / 'store'}"])
+    with pytest.raises(ValueError, match=message):
+        check_inputs(config)
+    assert not (tmp_path / "store").exists()
+
+
+def test_token_budgets_are_read_from_a_base_models_config(base_dir):
+    from flows.limits import check_lengths
+    from rlhf_core.modeling import load_tokenizer
+
+    config = load_config(None, [f"data.base_model={base_dir}", "ppo.max_new_tokens=60"])
+    with pytest.raises(ValueError, match=rf"ppo.max_new_tokens=60: .* \(max_position_embeddings of '{base_dir}'\)"):
+        check_lengths(config, ["explain briefly ocean :"], load_tokenizer(base_dir))
+    check_lengths(
+        config.model_copy(update={"ppo": config.ppo.model_copy(update={"max_new_tokens": 32})}),
+        ["explain briefly ocean :"],
+        load_tokenizer(base_dir),
+    )  # fits: no error
+    check_lengths(
+        load_config(None, ["algorithm=dpo", "evaluation.max_new_tokens=40"]),
+        ["explain briefly ocean :"],
+        load_tokenizer(base_dir),
+    )  # DPO never reads the evaluation's samples
+
+
 def test_an_unimportable_judge_names_the_field(user_files):
     with pytest.raises(ValueError, match=r"data.gold_reward='no_such_module:judge': cannot import"):
         check_data(user_config(user_files, gold_reward="no_such_module:judge"), 0)
