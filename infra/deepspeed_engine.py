@@ -42,8 +42,8 @@ class DeepSpeedConfig(BaseModel):
     num_processes: int = Field(
         1,
         ge=1,
-        description="Run SFT as this many data-parallel processes (torchrun, started by the phase's task); the "
-        "reward model and PPO still run in one process.",
+        description="Run SFT and the reward model as this many data-parallel processes (torchrun, started by the "
+        "phase's task); PPO and DPO still run in one process.",
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Training precision; bf16 and fp16 need hardware that has them (fp16 adds loss scaling)."

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,17 @@ class Engine(Protocol):
         ...
 
     def load_full_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+
+Row = TypeVar("Row")
+
+
+def rank_rows(rows: list[Row], engine: Engine) -> tuple[list[Row], float]:
+    """This rank's rows of a batch (every ``world_size``-th, from ``rank``) and a weight for its loss share: 0 for a
+    rank left without rows by a short last batch, which still takes part in the step with a copy of the first row
+    (under ZeRO-3 every rank must run the same forwards and backwards)."""
+    mine = rows[engine.rank :: engine.world_size]
+    return (mine, 1.0) if mine else (rows[:1], 0.0)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.checkpoint import Checkpointer, check_finite, checkpoint_due
-from rlhf_core.engine import Engine
+from rlhf_core.engine import Engine, rank_rows
 from rlhf_core.losses import aggregate_rewards, bradley_terry_loss
 from rlhf_core.modeling import (
     Samples,
@@ -181,7 +181,9 @@ def train_reward_model(
     checkpointer: Checkpointer | None = None,
 ) -> RewardResult:
     """Minimize the Bradley-Terry loss; keep the weights with the best validation accuracy. With a
-    checkpointer it saves every ``checkpointer.every`` steps and continues from its latest checkpoint."""
+    checkpointer it saves every ``checkpointer.every`` steps and continues from its latest checkpoint. Under data
+    parallelism each rank trains on its share of every batch, and every rank scores the whole validation set, so
+    that all of them take the same early-stopping decision."""
     model = engine.module
     schedule = batch_schedule(len(train_pairs), config.batch_size, config.max_epochs, seed)
     eval_every = max(1, len(schedule) // config.max_epochs // config.evals_per_epoch)
@@ -195,13 +197,15 @@ def train_reward_model(
     for step in range(start + 1, len(schedule) + 1):
         model.train()
         batch = [train_pairs[i] for i in schedule[step - 1].tolist()]
-        chosen, rejected = pair_rewards(model, tokenizer, batch, config.max_length)
-        margin = config.margins(batch)
+        mine, weight = rank_rows(batch, engine)
+        chosen, rejected = pair_rewards(model, tokenizer, mine, config.max_length)
+        margin = config.margins(mine)
         loss = bradley_terry_loss(chosen, rejected, None if margin is None else margin.to(chosen.device))
-        check_finite("reward", step, loss=loss.item())
-        engine.backward(loss)
+        share = loss * (weight * len(mine) / len(batch))  # the ranks' shares sum to the whole batch's mean loss
+        check_finite("reward", step, loss=share.item())
+        engine.backward(share)
         engine.step()
-        losses.append(loss.item())
+        losses.append(engine.sum_across_ranks(share).item())
         if step % eval_every == 0:
             model.eval()
             val = preference_accuracy(model, tokenizer, val_pairs, config.max_length)

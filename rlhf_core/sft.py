@@ -10,7 +10,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.checkpoint import Checkpointer, check_finite, checkpoint_due
-from rlhf_core.engine import Engine
+from rlhf_core.engine import Engine, rank_rows
 from rlhf_core.losses import masked_mean, masked_sum, selective_log_softmax
 from rlhf_core.modeling import EncodedPairs, batch_schedule, encode_prompt_responses, position_ids_from_mask
 from rlhf_core.types import MetricsCallback
@@ -79,9 +79,7 @@ def shard_batch(
         )
         return batch, int(batch.response_mask[:, 1:].sum()), 1.0
     full = encode_prompt_responses(tokenizer, [p for p, _ in rows], [r for _, r in rows], config.max_length)
-    mine = [rows[i] for i in range(engine.rank, len(rows), engine.world_size)]
-    weight = 1.0 if mine else 0.0
-    mine = mine or rows[:1]
+    mine, weight = rank_rows(rows, engine)
     batch = encode_prompt_responses(
         tokenizer, [p for p, _ in mine], [r for _, r in mine], config.max_length, device=device
     )

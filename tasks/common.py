@@ -286,6 +286,11 @@ def phase_engine(module: Any, config: Any, total_steps: int, deepspeed: DeepSpee
     return make_engine(module, optimization, deepspeed, config.batch_size)
 
 
+def world_size(deepspeed: DeepSpeedConfig | None) -> int:
+    """How many data-parallel processes SFT and the reward model train in."""
+    return deepspeed.num_processes if deepspeed is not None else 1
+
+
 def checkpoint_every(every: int, deepspeed: DeepSpeedConfig | None) -> int:
     """Resumable checkpoints are written under plain torch only (DeepSpeed's sharded optimizer state is not)."""
     return every if deepspeed is None else 0

@@ -86,7 +86,11 @@ def dpo_task(
         DPO,
         key,
         iteration=iteration,
-        params={"dpo": config.model_dump(), "seed": seed},
+        params={
+            "dpo": config.model_dump(),
+            "seed": seed,
+            "world_size": 1,  # one process, whatever deepspeed.num_processes says
+        },
         total_steps=num_training_steps(len(pairs), config.batch_size, config.epochs),
         checkpoint_every=checkpoint_every(config.checkpoint_every, deepspeed),
     ) as work:

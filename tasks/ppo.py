@@ -150,7 +150,11 @@ def ppo_task(
         PPO,
         key,
         iteration=iteration,
-        params={"ppo": config.model_dump(), "seed": seed},
+        params={
+            "ppo": config.model_dump(),
+            "seed": seed,
+            "world_size": 1,  # one process, whatever deepspeed.num_processes says
+        },
         total_steps=config.steps,
         checkpoint_every=checkpoint_every(config.checkpoint_every, deepspeed),
     ) as work:

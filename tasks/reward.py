@@ -35,7 +35,9 @@ from tasks.common import (
     phase_task,
     phase_workspace,
     publish,
+    world_size,
 )
+from tasks.launch import launch
 
 
 def run_reward(
@@ -52,7 +54,8 @@ def run_reward(
 ) -> dict[str, float]:
     """Train a reward model from ``init_dir``'s backbone on all pairs in ``preference_dirs`` (``config.ensemble_size``
     of them, the first at ``out_dir``, the rest in ``out_dir/ensemble``); normalize each on the responses of the last
-    one (the current policy's samples). The first member reports its steps and resumes from checkpoints."""
+    one (the current policy's samples). The first member reports its steps and resumes from checkpoints. As one of
+    N data-parallel ranks, every rank trains and scores alike and rank 0 writes."""
     tokenizer = load_tokenizer(init_dir, trust_remote_code)
     pairs = [pair for d in preference_dirs for pair in read_pairs(d)]
     train, val = split_pairs(pairs, config.val_fraction, seed)
@@ -83,7 +86,9 @@ def run_reward(
         norm = normalize_reward_model(model, tokenizer, prompts, responses, max_length=config.max_length)
         model.config.reward_aggregate, model.config.reward_uncertainty_coef = config.aggregate, config.uncertainty_coef
         folder = out_dir if first else out_dir / ENSEMBLE_DIR / f"member-{member}"
-        model.save_pretrained(folder, state_dict=engine.full_state_dict())
+        weights = engine.full_state_dict()  # every rank takes part in gathering; rank 0 writes
+        if engine.rank == 0:
+            model.save_pretrained(folder, state_dict=weights)
         members.append(model)
         if first:
             metrics = {
@@ -97,7 +102,8 @@ def run_reward(
                 **result.val_by_strength,
                 **norm,
             }
-    tokenizer.save_pretrained(out_dir)
+    if engine.rank == 0:
+        tokenizer.save_pretrained(out_dir)
     if len(members) > 1:
         metrics |= ensemble_metrics(
             RewardFunction(members[0], members=members[1:]), tokenizer, val, latest, max_length=config.max_length
@@ -160,20 +166,22 @@ def reward_task(
         REWARD,
         key,
         iteration=iteration,
-        params={"reward": config.model_dump(), "seed": seed},
+        params={"reward": config.model_dump(), "seed": seed, "world_size": world_size(deepspeed)},
         checkpoint_every=checkpoint_every(config.checkpoint_every, deepspeed),
     ) as work:
-        metrics = run_reward(
-            init_dir,
-            [fetch(context, p) for p in preferences],
-            work.out_dir,
-            config=config,
-            seed=seed,
-            on_metrics=work.log,
-            trust_remote_code=context.trust_remote_code,
-            checkpointer=work.checkpointer,
-            deepspeed=deepspeed,
-        )
+        kwargs = {
+            "init_dir": init_dir,
+            "preference_dirs": [fetch(context, p) for p in preferences],
+            "out_dir": work.out_dir,
+            "config": config,
+            "seed": seed,
+            "trust_remote_code": context.trust_remote_code,
+            "deepspeed": deepspeed,
+        }
+        if deepspeed is not None and deepspeed.num_processes > 1:
+            metrics = launch("tasks.reward:run_reward", kwargs, num_processes=deepspeed.num_processes, log=work.log)
+        else:
+            metrics = run_reward(**kwargs, on_metrics=work.log, checkpointer=work.checkpointer)
         work.log(metrics, iteration)
         return publish(
             context,

@@ -22,6 +22,7 @@ from tasks.common import (
     phase_task,
     phase_workspace,
     publish,
+    world_size,
 )
 from tasks.launch import launch
 
@@ -67,7 +68,7 @@ def sft_task(
         context,
         SFT,
         key,
-        params={"sft": config.model_dump(), "seed": seed},
+        params={"sft": config.model_dump(), "seed": seed, "world_size": world_size(deepspeed)},
         total_steps=num_training_steps(len(read_demonstrations(data_dir)), config.batch_size, config.epochs),
         checkpoint_every=checkpoint_every(config.checkpoint_every, deepspeed),
     ) as work:

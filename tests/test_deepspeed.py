@@ -115,6 +115,29 @@ def test_sft_as_two_processes_matches_one(phase_inputs, tmp_path):
 
 
 @pytest.mark.slow
+def test_reward_model_as_two_processes_matches_one(phase_inputs, tmp_path):
+    """The same global batches split over two ranks (each the pairs at its parity, loss shares summing to the batch's
+    mean): the Bradley-Terry losses, validation accuracy, early stop, normalization and weights of the one-process
+    run, to float rounding (measured: metrics within 2e-5, weights within 5e-7)."""
+    config = CONFIG.reward.model_copy(update={"ensemble_size": 2})  # every member's engine, two of them
+    kwargs = {"init_dir": phase_inputs / "sft", "preference_dirs": [phase_inputs / "preferences"], "seed": 1}
+    single = run_reward(**kwargs, out_dir=tmp_path / "one", config=config)
+    zero = DeepSpeedConfig(zero_stage=2, num_processes=2)
+    two = launch(
+        "tasks.reward:run_reward",
+        kwargs | {"out_dir": tmp_path / "two", "config": config, "deepspeed": zero},
+        num_processes=2,
+    )
+    assert set(two) == set(single)
+    for key, value in single.items():
+        assert two[key] == pytest.approx(value, abs=1e-4), key
+    for member in ("", "ensemble/member-1"):
+        one_rm, two_rm = load_scorer(tmp_path / "one" / member), load_scorer(tmp_path / "two" / member)
+        assert_same_weights(two_rm, one_rm, atol=1e-4)
+        assert two_rm.config.reward_gain == pytest.approx(one_rm.config.reward_gain, rel=1e-4)
+
+
+@pytest.mark.slow
 def test_a_failing_rank_fails_the_phase_with_its_output(phase_inputs, tmp_path):
     base = phase_inputs / "data" / "base_model"
     zero = DeepSpeedConfig(zero_stage=2, num_processes=2)
