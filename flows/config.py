@@ -103,9 +103,13 @@ class PipelineConfig(BaseModel):
         return None if lineage is None else check_lineage_name(lineage)
 
     @model_validator(mode="after")
-    def _lora_on_torch_only(self) -> PipelineConfig:
-        if self.deepspeed is not None and (self.ppo.lora is not None or self.dpo.lora is not None):
-            raise ValueError("ppo.lora or dpo.lora with deepspeed is not supported yet: set one of them to null")
+    def _lora_below_zero3(self) -> PipelineConfig:
+        lora = [name for name in ("ppo", "dpo") if getattr(self, name).lora is not None]
+        if self.deepspeed is not None and self.deepspeed.zero_stage == 3 and lora:
+            raise ValueError(
+                f"{lora[0]}.lora with deepspeed.zero_stage 3 is not supported: LoRA's adapters train under ZeRO 0-2 "
+                "(its frozen base weights are not sharded there); set zero_stage to 2 or lora to null"
+            )
         return self
 
     @property

@@ -94,11 +94,17 @@ def encode_pairs(
 
 @torch.no_grad()
 def reference_logprobs(
-    reference: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: list[PreferencePair], *, config: DPOConfig
+    reference: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[PreferencePair],
+    *,
+    config: DPOConfig,
+    device: torch.device,
 ) -> Tensor:
     """The frozen reference's log-probs of every pair's chosen and rejected response, computed once (they do not
-    change while the policy trains). -> (N, 2): chosen, rejected."""
-    device, mean = next(reference.parameters()).device, config.loss_type == "ipo"
+    change while the policy trains). ``device``: the policy's (a LoRA reference, the policy with its adapters off,
+    holds no weights of its own). -> (N, 2): chosen, rejected."""
+    mean = config.loss_type == "ipo"
     rows = []
     for i in range(0, len(pairs), config.batch_size):
         batch = encode_pairs(tokenizer, pairs[i : i + config.batch_size], config.max_length, device)
@@ -135,7 +141,7 @@ def train_dpo(
         engine.load_state_dict(state["engine"])
         start, history = state["step"], state["history"]
     mean = config.loss_type == "ipo"
-    ref_logps = reference_logprobs(reference, tokenizer, pairs, config=config)
+    ref_logps = reference_logprobs(reference, tokenizer, pairs, config=config, device=policy.device)
     policy.train()
     for step in range(start + 1, len(schedule) + 1):
         index = schedule[step - 1]

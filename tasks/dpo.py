@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from infra.artifacts import read_pairs
 from infra.catalog import DPO
 from infra.deepspeed_engine import DeepSpeedConfig
@@ -46,6 +48,7 @@ def run_dpo(
     """DPO from ``policy_dir`` on ``pairs`` against ``reference_dir`` (with LoRA and an SFT
     reference: the policy with its adapters off); saves the new policy to ``out_dir``, returns the last metrics."""
     tokenizer = load_tokenizer(policy_dir, trust_remote_code)
+    torch.manual_seed(seed)  # fresh LoRA adapters: the same seed, the same adapters
     if config.lora is not None and reference_dir == sft_dir:
         policy, reference = load_policy_and_reference(policy_dir, sft_dir, config.lora, trust_remote_code)
     else:

@@ -83,6 +83,7 @@ def run_ppo(
     if inputs.sft is None or inputs.reward is None:
         raise ValueError("PPO needs the SFT model (its reference) and a reward model: inputs.sft, inputs.reward")
     tokenizer = load_tokenizer(inputs.policy, trust_remote_code)
+    torch.manual_seed(seed)  # fresh LoRA adapters: the same seed, the same adapters
     policy, reference = load_policy_and_reference(inputs.policy, inputs.sft, config.lora, trust_remote_code)
     reward_fn = load_reward_function(inputs.reward, tokenizer, trust_remote_code)
     torch.manual_seed(seed)  # a critic started from the SFT model gets a fresh head: the same seed, the same critic
