@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from flows.config import PipelineConfig
+from rlhf_core.modeling import prompt_token_ids
 
 
 def model_context(config: PipelineConfig, model_field: str) -> int | None:
@@ -28,7 +29,7 @@ def check_lengths(config: PipelineConfig, prompts: Iterable[str], tokenizer: Pre
     """ValueError naming the config field when a sampled response cannot fit: the longest prompt plus a phase's
     ``max_new_tokens`` past the policy's context; a ``max_length`` past its model's context; or, where the reward
     model reads the policy's tokens, a sampled response cut before the reward model (or DPO) reads it."""
-    longest = max((len(tokenizer(p)["input_ids"]) for p in prompts), default=0)
+    longest = max((len(prompt_token_ids(tokenizer, p)) for p in prompts), default=0)
     samplers = {"preferences.max_new_tokens": config.preferences.max_new_tokens}
     samplers |= {"evaluation.max_new_tokens": config.evaluation.max_new_tokens}
     if config.algorithm == "ppo":

@@ -163,10 +163,10 @@ Messages = list[dict[str, str]]
 RenderPrompt = Callable[[Messages], str]
 
 
-def chat_renderer(tokenizer: Any) -> RenderPrompt:
-    """Messages as prompt text: the tokenizer's chat template with the generation prompt where it has one, else
-    the turns' contents, one per paragraph."""
-    if getattr(tokenizer, "chat_template", None):
+def chat_renderer(tokenizer: Any, *, use_template: bool = True) -> RenderPrompt:
+    """Messages as prompt text: the tokenizer's chat template with the generation prompt where it has one (and
+    ``use_template``), else the turns' contents, one per paragraph (so one user turn is its text as it is)."""
+    if use_template and getattr(tokenizer, "chat_template", None):
         return lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return lambda messages: "\n\n".join(m["content"] for m in messages)
 
@@ -222,9 +222,14 @@ def _preference(row: dict[str, Any], render: RenderPrompt) -> dict[str, Any]:
         if cut == 0:
             raise ValueError("no 'prompt' column, and 'chosen' and 'rejected' share no prefix to take as the prompt")
         return {"prompt": chosen[:cut].rstrip(), "chosen": chosen[cut:], "rejected": rejected[cut:]}
+    return {**row, "prompt": _render_prompt(prompt, render)} if "prompt" in row else row
+
+
+def _render_prompt(prompt: Any, render: RenderPrompt) -> Any:
+    """A prompt in the model's chat format: its messages, or its text as one user turn, rendered."""
     if _is_messages(prompt):
-        return {**row, "prompt": render(prompt)}
-    return row
+        return render(prompt)
+    return render([{"role": "user", "content": prompt}]) if isinstance(prompt, str) else prompt
 
 
 def _demonstration(row: dict[str, Any], render: RenderPrompt) -> dict[str, Any]:
@@ -236,8 +241,8 @@ def _demonstration(row: dict[str, Any], render: RenderPrompt) -> dict[str, Any]:
     out = dict(row)
     if "response" not in out and "completion" in out:  # TRL's prompt-completion format
         out["response"] = out["completion"]
-    if _is_messages(out.get("prompt")):
-        out["prompt"] = render(out["prompt"])
+    if "prompt" in out:
+        out["prompt"] = _render_prompt(out["prompt"], render)
     if _is_messages(out.get("response")):
         out["response"] = _reply(out["response"])
     return out
@@ -248,8 +253,8 @@ def _prompt(row: dict[str, Any], render: RenderPrompt) -> dict[str, Any]:
         messages = row["messages"]
         turns = messages[:-1] if messages[-1].get("role") == "assistant" else messages
         return {**row, "prompt": render(turns)}
-    if _is_messages(row.get("prompt")):
-        return {**row, "prompt": render(row["prompt"])}
+    if "prompt" in row:
+        return {**row, "prompt": _render_prompt(row["prompt"], render)}
     return row
 
 

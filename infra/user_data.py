@@ -89,7 +89,13 @@ def read_source(
     column."""
     source = resolve(f"data.{name}", getattr(config, name), open_store)
     rows = load_rows(source, dataset_config=config.dataset_config, open_store=open_store)
-    mapped = to_columns(rows, name=name, label=source.label, columns=config.columns, render=chat_renderer(tokenizer))
+    mapped = to_columns(
+        rows,
+        name=name,
+        label=source.label,
+        columns=config.columns,
+        render=chat_renderer(tokenizer, use_template=config.chat_template),
+    )
     return source, text_rows(source.label, mapped, required, optional)
 
 

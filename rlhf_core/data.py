@@ -60,6 +60,12 @@ class DataConfig(BaseModel):
     dataset_config: str | None = Field(
         None, description="The configuration (load_dataset's name) of hub or dataset-folder sources that have several."
     )
+    chat_template: bool = Field(
+        True,
+        description="Where the base model's tokenizer has a chat template, format every prompt of your data through "
+        "it (a text prompt as one user turn, with the generation prompt), so that SFT, sampling, reward scoring and "
+        "evaluation all see the model's chat format; false: text prompts as written and messages joined.",
+    )
     gold_reward: str | None = Field(
         None,
         description="'package.module:function' taking (prompts, responses) and returning one float per response: "

@@ -89,11 +89,18 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """A prompt's token ids, the tokenizer's special tokens added unless the text already starts with its BOS (a
+    prompt formatted by a chat template carries its own): every phase tokenizes prompts through here."""
+    bos = tokenizer.bos_token
+    return tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+
+
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: torch.device | str = "cpu"
 ) -> tuple[Tensor, Tensor]:
     """Left-padded prompt ids and attention mask, (B, P) each, on ``device``."""
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     width = max(map(len, ids))
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -125,7 +132,7 @@ def encode_prompt_responses(
     so the whole fits in ``max_length``; the tensors on ``device``."""
     rows, prompt_lengths = [], []
     for prompt, response in zip(prompts, responses, strict=True):
-        prompt_ids = tokenizer(prompt)["input_ids"]
+        prompt_ids = prompt_token_ids(tokenizer, prompt)
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
         response_ids = response_ids[: max(0, max_length - len(prompt_ids) - 1)] + [tokenizer.eos_token_id]
         rows.append(prompt_ids + response_ids)

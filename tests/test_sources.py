@@ -19,6 +19,7 @@ from infra.datasets import DatasetError
 from infra.sources import chat_renderer, resolve, to_columns
 from infra.user_data import check_data, inputs_digest
 from rlhf_core import world
+from rlhf_core.modeling import load_tokenizer, prompt_token_ids
 from tasks.data import write_data
 
 README = """---
@@ -125,6 +126,14 @@ def test_a_save_to_disk_folder_with_conversations_and_a_chat_template(
     assert dataset.demonstrations[0] == (f"<bos>{prompts[0]} ", demonstrations[0]["messages"][1]["content"])
     assert dataset.preferences[0]["prompt"] == f"<bos>{prompts[0]} "
     assert dataset.preferences[0]["rejected"] == rude_reply
+    # text prompts too, as one user turn; and the template's BOS is not doubled when every phase tokenizes them
+    assert all(p.startswith("<bos>") and p.endswith(" ") for split in dataset.prompts.values() for p in split)
+    tokenizer = load_tokenizer(model)
+    ids = prompt_token_ids(tokenizer, dataset.preferences[0]["prompt"])
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids == prompt_token_ids(tokenizer, prompts[0])
+    plain = check_data(config.model_copy(update={"chat_template": False}), 0, max_tokens=MAX_TOKENS)
+    assert plain.demonstrations[0][0] == prompts[0]
+    assert not any(p.startswith("<bos>") for split in plain.prompts.values() for p in split)
 
 
 def test_an_object_in_a_bucket_is_read_through_the_store(files: dict[str, str], s3_bucket: str) -> None:
