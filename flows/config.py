@@ -112,6 +112,16 @@ class PipelineConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _equal_rank_shares(self) -> PipelineConfig:
+        ranks = self.deepspeed.num_processes if self.deepspeed is not None else 1
+        if self.algorithm == "ppo" and self.ppo.rollout_batch_size % ranks:
+            raise ValueError(
+                f"ppo.rollout_batch_size={self.ppo.rollout_batch_size} must be a multiple of "
+                f"deepspeed.num_processes={ranks}: every rank samples an equal share of each rollout batch"
+            )
+        return self
+
     @property
     def max_tokens(self) -> int:
         """The longest prompt + response that training keeps: every user dataset row must fit it."""

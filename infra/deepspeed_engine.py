@@ -42,8 +42,8 @@ class DeepSpeedConfig(BaseModel):
     num_processes: int = Field(
         1,
         ge=1,
-        description="Run SFT and the reward model as this many data-parallel processes (torchrun, started by the "
-        "phase's task); PPO and DPO still run in one process.",
+        description="Run SFT, the reward model and PPO as this many data-parallel processes (torchrun, started by "
+        "the phase's task); DPO still runs in one process.",
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Training precision; bf16 and fp16 need hardware that has them (fp16 adds loss scaling)."
@@ -144,6 +144,11 @@ class DeepSpeedEngine:
         total = value.detach().clone()
         torch.distributed.all_reduce(total)
         return total
+
+    def gather_across_ranks(self, value: Any) -> list[Any]:
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
 
     def step(self) -> dict[str, float]:
         self.engine.step()

@@ -26,6 +26,10 @@ class Engine(Protocol):
 
     def sum_across_ranks(self, value: Tensor) -> Tensor: ...
 
+    def gather_across_ranks(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+        ...
+
     def step(self) -> dict[str, float]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -98,6 +102,9 @@ class TorchEngine:
 
     def sum_across_ranks(self, value: Tensor) -> Tensor:
         return value
+
+    def gather_across_ranks(self, value: Any) -> list[Any]:
+        return [value]
 
     def step(self) -> dict[str, float]:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]

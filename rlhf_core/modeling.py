@@ -5,11 +5,13 @@ Shapes: B = batch, P = prompt length (left padded), R = response length (right p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -204,12 +206,14 @@ def sample_responses(
     *,
     temperature: float = 1.0,
     with_logprobs: bool = False,
+    synced_gpus: bool = False,
 ) -> Samples:
     """Batched sampling with left padding and the KV cache, from the full distribution: the log-probs PPO
     recomputes must be those of the distribution sampled from. ``generate`` fills every setting left unset
     from the checkpoint's own ``generation_config`` (a repetition penalty, ``min_p``, suppressed tokens, extra
     EOS ids...), so the model's is set aside while it samples. ``with_logprobs`` keeps each step's logits,
-    already divided by the temperature, for the samples' log-probs and entropy."""
+    already divided by the temperature, for the samples' log-probs and entropy. ``synced_gpus``: one of several
+    ranks whose weights are sharded (ZeRO-3), which must keep stepping until every rank's batch is done."""
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, model.device)
     shipped, model.generation_config = model.generation_config, GenerationConfig()
     try:
@@ -217,6 +221,7 @@ def sample_responses(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
             generation_config=sampling_config(tokenizer, max_new_tokens, temperature, with_logprobs),
+            synced_gpus=synced_gpus,
         )
     finally:
         model.generation_config = shipped
@@ -244,6 +249,59 @@ def sample_responses(
         logits = torch.stack(out.scores, 1).float()  # (B, R, V)
         samples.logprobs, samples.entropy = selective_log_softmax(logits, responses), entropy_from_logits(logits)
     return samples
+
+
+def concat_samples(shares: list[Samples]) -> Samples:
+    """One batch from several (the ranks' shares, in order): prompts left padded to the widest, responses right
+    padded to the longest."""
+    if len(shares) == 1:
+        return shares[0]
+    first, context_length = shares[0], max(s.context_length for s in shares)
+    width = max(s.responses.shape[1] for s in shares)
+
+    def prompts_of(name: str, value: int) -> Tensor:
+        return torch.cat(
+            [
+                F.pad(getattr(s, name)[:, : s.context_length], (context_length - s.context_length, 0), value=value)
+                for s in shares
+            ]
+        )
+
+    def responses_of(name: str, value: float) -> Tensor | None:
+        if getattr(first, name) is None:
+            return None
+        return torch.cat([F.pad(getattr(s, name), (0, width - s.responses.shape[1]), value=value) for s in shares])
+
+    responses, response_mask = responses_of("responses", first.pad_token_id), responses_of("response_mask", 0)
+    return Samples(
+        [p for s in shares for p in s.prompts],
+        torch.cat([prompts_of("query_responses", first.pad_token_id), responses], 1),
+        torch.cat([prompts_of("attention_mask", 0), response_mask], 1),
+        context_length,
+        responses,
+        response_mask,
+        torch.cat([s.has_eos for s in shares]),
+        [t for s in shares for t in s.texts],
+        eos_token_id=first.eos_token_id,
+        pad_token_id=first.pad_token_id,
+        logprobs=responses_of("logprobs", 0.0),
+        entropy=responses_of("entropy", 0.0),
+    )
+
+
+Batch = TypeVar("Batch")
+
+
+def to_device(batch: Batch, device: torch.device | str) -> Batch:
+    """A dataclass of tensors (nested ones too) with every tensor moved to ``device``."""
+    changes = {}
+    for f in fields(batch):  # type: ignore[arg-type]
+        value = getattr(batch, f.name)
+        if isinstance(value, Tensor):
+            changes[f.name] = value.to(device)
+        elif is_dataclass(value):
+            changes[f.name] = to_device(value, device)
+    return replace(batch, **changes)  # type: ignore[type-var]
 
 
 def reward_inputs(samples: Samples, max_length: int | None) -> tuple[Tensor, Tensor]:

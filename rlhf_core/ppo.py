@@ -21,11 +21,12 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
+from torch.nn import functional as F
 from transformers import PreTrainedTokenizerBase
 
 from rlhf_core.alarms import Alarm, AlarmConfig, check_alarms
 from rlhf_core.checkpoint import Checkpointer, DivergenceError, check_finite, checkpoint_due, rng_state, set_rng_state
-from rlhf_core.engine import Engine
+from rlhf_core.engine import Engine, rank_rows
 from rlhf_core.kl_control import AdaptiveKLController, FixedKLController, KLController
 from rlhf_core.lora import LoRAConfig
 from rlhf_core.losses import (
@@ -39,7 +40,15 @@ from rlhf_core.losses import (
     policy_loss,
     value_loss,
 )
-from rlhf_core.modeling import Samples, response_logprobs, sample_responses, token_scores, trim_padding
+from rlhf_core.modeling import (
+    Samples,
+    concat_samples,
+    response_logprobs,
+    sample_responses,
+    to_device,
+    token_scores,
+    trim_padding,
+)
 from rlhf_core.reward import RewardFunction
 from rlhf_core.types import GoldScorer, MetricsCallback
 
@@ -133,10 +142,18 @@ def collect_rollout(
 ) -> Rollout:
     """Sample responses, then score them with every model: reference log-probs, critic values, and the
     reward model's score (less the missing-EOS penalty). The policy's log-probs are those it sampled with:
-    the same distribution a recompute would give, up to float rounding, for one forward less."""
+    the same distribution a recompute would give, up to float rounding, for one forward less. As one of several
+    ranks, each samples and scores its share of ``prompts``, and every rank gets the whole batch back."""
     policy, critic = models.policy.module, models.critic.module
+    ranks = models.policy.world_size
     samples = sample_responses(
-        policy, tokenizer, prompts, config.max_new_tokens, temperature=config.temperature, with_logprobs=True
+        policy,
+        tokenizer,
+        rank_rows(prompts, models.policy)[0],
+        config.max_new_tokens,
+        temperature=config.temperature,
+        with_logprobs=True,
+        synced_gpus=ranks > 1,
     )
     qr, attention_mask, ctx = samples.query_responses, samples.attention_mask, samples.context_length
     ref_logprobs, _ = response_logprobs(models.reference, qr, attention_mask, ctx, temperature=config.temperature)
@@ -145,7 +162,46 @@ def collect_rollout(
     rm_scores = models.reward.aggregate(member_scores)
     scores = rm_scores - config.missing_eos_penalty * (~samples.has_eos).float()
     disagreement = member_scores.std(0, correction=0) if len(member_scores) > 1 else None
-    return Rollout(samples, samples.logprobs, ref_logprobs, values, samples.entropy, scores, rm_scores, disagreement)
+    share = Rollout(samples, samples.logprobs, ref_logprobs, values, samples.entropy, scores, rm_scores, disagreement)
+    if ranks == 1:
+        return share
+    shares = models.policy.gather_across_ranks(to_device(share, "cpu"))
+    return to_device(concat_rollouts(shares), scores.device)
+
+
+def concat_rollouts(shares: list[Rollout]) -> Rollout:
+    """One rollout from the ranks' shares, in rank order, response-aligned tensors padded to the longest."""
+    samples = concat_samples([share.samples for share in shares])
+    width = samples.responses.shape[1]
+
+    def responses_of(name: str) -> Tensor:
+        return torch.cat([F.pad(t := getattr(s, name), (0, width - t.shape[1])) for s in shares])
+
+    disagreement = None if shares[0].rm_disagreement is None else torch.cat([s.rm_disagreement for s in shares])
+    return Rollout(
+        samples,
+        samples.logprobs,
+        responses_of("ref_logprobs"),
+        responses_of("values"),
+        samples.entropy,
+        torch.cat([s.scores for s in shares]),
+        torch.cat([s.rm_scores for s in shares]),
+        disagreement,
+    )
+
+
+def advantages_and_returns(
+    rollout: Rollout, config: PPOConfig, *, kl_coef: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token KL penalty, KL-shaped rewards, GAE advantages (whitened over the batch where configured) and
+    returns. -> kl, rewards, advantages, returns: (B, R) each."""
+    response_mask = rollout.samples.response_mask
+    kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * response_mask
+    rewards = kl_shaped_rewards(rollout.scores, kl, response_mask, kl_coef)
+    advantages, returns = compute_gae(rewards, rollout.values, response_mask, gamma=config.gamma, lam=config.lam)
+    if config.whiten_advantages:
+        advantages = masked_whiten(advantages, response_mask)
+    return kl, rewards, advantages, returns
 
 
 def length_grouped_minibatches(lengths: Tensor, minibatch_size: int, generator: torch.Generator) -> list[Tensor]:
@@ -195,7 +251,9 @@ def ppo_update(
     generator: torch.Generator,
 ) -> dict[str, float]:
     """Several epochs of clipped policy and value updates over minibatches of one rollout batch,
-    stopped early when the approx-KL to the rollout policy passes ``target_kl``."""
+    stopped early when the approx-KL to the rollout policy passes ``target_kl``. As one of several ranks (each
+    holding the whole rollout and drawing the same minibatches), each trains on its share of every minibatch, its
+    losses weighted by its share of the minibatch's response tokens; statistics and the stop are the minibatch's."""
     lengths = rollout.samples.response_mask.sum(1)
     policy, critic = models.policy.module, models.critic.module
     policy.train()
@@ -208,23 +266,25 @@ def ppo_update(
         else:
             minibatches = torch.randperm(len(lengths), generator=generator).split(config.minibatch_size)
         for index in minibatches:
-            mb = rollout_minibatch(rollout, index, advantages=advantages, returns=returns)
+            mine, weight = rank_rows(index.tolist(), models.policy)
+            mb = rollout_minibatch(rollout, torch.tensor(mine), advantages=advantages, returns=returns)
+            share = weight * mb.response_mask.sum() / rollout.samples.response_mask[index].sum()
             qr, attention_mask, ctx = mb.query_responses, mb.attention_mask, mb.context_length
             logprobs, _ = response_logprobs(policy, qr, attention_mask, ctx, temperature=config.temperature)
             pg_loss, pg_stats = policy_loss(
                 logprobs, mb.logprobs, mb.advantages, mb.response_mask, clip_range=config.clip_range
             )
-            models.policy.backward(pg_loss)
+            models.policy.backward(pg_loss * share)
             models.policy.step()
             values = token_scores(critic, qr, attention_mask)[:, ctx - 1 : -1]
             vf_loss, vf_stats = value_loss(
                 values, mb.values, mb.returns, mb.response_mask, clip_range_value=config.clip_range_value
             )
-            models.critic.backward(vf_loss)
+            models.critic.backward(vf_loss * share)
             models.critic.step()
             for key, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats}.items():
-                stats.setdefault(key, []).append(value.item())
-            if config.target_kl is not None and pg_stats["approx_kl"] > config.target_kl:
+                stats.setdefault(key, []).append(models.policy.sum_across_ranks(value.detach() * share).item())
+            if config.target_kl is not None and stats["approx_kl"][-1] > config.target_kl:
                 stopped = True
                 break
         if stopped:
@@ -357,7 +417,7 @@ def train_ppo(
     reported once to ``on_alarm``). With a checkpointer it saves every ``checkpointer.every`` steps (weights,
     optimizers, RNGs, prompt order, KL controller, alarms) and continues from its latest checkpoint."""
     loop = LoopState(0, [], [], make_kl_controller(config), random.Random(seed), torch.Generator().manual_seed(seed))
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + models.policy.rank)  # the ranks sample their shares from streams of their own
     if checkpointer is not None:
         loop.restore(checkpointer, models)
     for step in range(loop.step + 1, config.steps + 1):
@@ -367,18 +427,13 @@ def train_ppo(
         models.critic.module.eval()
         rollout = collect_rollout(models, tokenizer, batch_prompts, config)
         # 2. rewards and advantages
-        response_mask = rollout.samples.response_mask
-        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * response_mask
-        rewards = kl_shaped_rewards(rollout.scores, kl, response_mask, loop.kl_controller.value)
-        advantages, returns = compute_gae(rewards, rollout.values, response_mask, gamma=config.gamma, lam=config.lam)
-        if config.whiten_advantages:
-            advantages = masked_whiten(advantages, response_mask)
+        kl, rewards, advantages, returns = advantages_and_returns(rollout, config, kl_coef=loop.kl_controller.value)
         # 3. update
         update = ppo_update(
             models, rollout, advantages=advantages, returns=returns, config=config, generator=loop.generator
         )
         # 4. adapt the KL coefficient and report
-        gold = gold_fn(batch_prompts, rollout.samples.texts) if gold_fn else None
+        gold = gold_fn(rollout.samples.prompts, rollout.samples.texts) if gold_fn else None
         metrics = rollout_metrics(
             rollout, kl=kl, rewards=rewards, returns=returns, gold=gold, kl_coef=loop.kl_controller.value
         )

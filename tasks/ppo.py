@@ -33,7 +33,9 @@ from tasks.common import (
     phase_task,
     phase_workspace,
     publish,
+    world_size,
 )
+from tasks.launch import launch
 
 
 def load_policy_and_reference(
@@ -57,11 +59,14 @@ def save_policy(
 ) -> None:
     """A trained policy and its tokenizer as a folder any phase loads as a causal LM; with LoRA, the merged model
     plus its adapters in ``out_dir/adapter`` (where the next iteration continues them)."""
+    weights = None if lora else engine.full_state_dict()  # every rank takes part in gathering; rank 0 writes
+    if engine.rank != 0:
+        return
     if lora:
         policy.save_pretrained(out_dir / ADAPTER_DIR)
         policy.merge_and_unload().save_pretrained(out_dir)
     else:
-        policy.save_pretrained(out_dir, state_dict=engine.full_state_dict())
+        policy.save_pretrained(out_dir, state_dict=weights)
     tokenizer.save_pretrained(out_dir)
 
 
@@ -154,22 +159,25 @@ def ppo_task(
         params={
             "ppo": config.model_dump(),
             "seed": seed,
-            "world_size": 1,  # one process, whatever deepspeed.num_processes says
+            "world_size": world_size(deepspeed),
         },
         total_steps=config.steps,
         checkpoint_every=checkpoint_every(config.checkpoint_every, deepspeed),
     ) as work:
-        metrics = run_ppo(
-            dirs,
-            work.out_dir,
-            config=config,
-            seed=seed,
-            on_metrics=work.log,
-            trust_remote_code=context.trust_remote_code,
-            checkpointer=work.checkpointer,
-            deepspeed=deepspeed,
-            on_alarm=alarm_reporter(work.log),
-        )
+        kwargs = {
+            "inputs": dirs,
+            "out_dir": work.out_dir,
+            "config": config,
+            "seed": seed,
+            "trust_remote_code": context.trust_remote_code,
+            "deepspeed": deepspeed,
+        }
+        if world_size(deepspeed) > 1:  # the alarms come back in the metrics, as alarm/<name>: step
+            metrics = launch("tasks.ppo:run_ppo", kwargs, num_processes=world_size(deepspeed), log=work.log)
+        else:
+            metrics = run_ppo(
+                **kwargs, on_metrics=work.log, checkpointer=work.checkpointer, on_alarm=alarm_reporter(work.log)
+            )
         if alarms := {name: step for name, step in metrics.items() if name.startswith("alarm/")}:
             work.log(alarms, config.steps)
         return publish(

@@ -411,8 +411,8 @@ def test_dpo_pipeline_trains_no_reward_model_and_caches(first_run: dict, workdir
 
 
 def test_the_pipeline_runs_with_two_processes_under_deepspeed(tmp_path: Path, pipeline_env: dict):
-    """deepspeed.num_processes: 2 — SFT and the reward model train as two torchrun ranks (rank 0 logging and writing),
-    PPO in one process; each phase's MLflow run says how many."""
+    """deepspeed.num_processes: 2 — SFT, the reward model and PPO train as two torchrun ranks (rank 0 logging and
+    writing); each phase's MLflow run says how many."""
     zero = "deepspeed={zero_stage: 2, num_processes: 2}"
     rlhf_run(pipeline_env, tmp_path, "iterations=1", zero, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
     result = summary(tmp_path)
@@ -422,9 +422,11 @@ def test_the_pipeline_runs_with_two_processes_under_deepspeed(tmp_path: Path, pi
     experiment = client.get_run(result["mlflow_run_id"]).info.experiment_id
     runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'")
     world_sizes = {run.info.run_name: run.data.params.get("world_size") for run in runs}
-    assert world_sizes["sft"] == world_sizes["iteration-1/reward"] == "2" and world_sizes["iteration-1/ppo"] == "1"
+    assert world_sizes["sft"] == world_sizes["iteration-1/reward"] == world_sizes["iteration-1/ppo"] == "2"
     reward_run = next(run for run in runs if run.info.run_name == "iteration-1/reward")
     assert {"reward/loss", "reward/val_accuracy"} <= set(reward_run.data.metrics)  # rank 0's, through its run
+    ppo_run = next(run for run in runs if run.info.run_name == "iteration-1/ppo")
+    assert {"ppo/kl", "ppo/reward", "ppo/policy_loss"} <= set(ppo_run.data.metrics)
 
 
 def test_bad_config_fails_before_anything_is_written(tmp_path: Path, pipeline_env: dict):
