@@ -77,18 +77,25 @@ def only(folder: Path, pattern: str) -> Path:
     return found[0]
 
 
-def world_models(artifacts: Path | None) -> dict[str, Path]:
-    """The data, SFT policy and iteration-1 reward model folders of a default toy-world run."""
+def world_models(
+    artifacts: Path | None, *, name: str = "bench-ppo-world", settings: tuple[str, ...] = ()
+) -> dict[str, Path]:
+    """The data, SFT policy, iteration-1 preference pairs and reward model folders of a one-iteration toy-world run
+    (``settings``: more ``--set`` items for it), made once in ``$RLHF_CACHE_DIR/<name>`` unless ``artifacts`` names
+    a local store that holds them."""
     if artifacts is None:
-        home = Path(os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf")) / "bench-ppo-world"
+        home = Path(os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf")) / name
         home.mkdir(parents=True, exist_ok=True)
         artifacts = home / "rlhf-artifacts"
         if not artifacts.is_dir():
             print(f"making the toy world's SFT and reward models once, in {home} ...", file=sys.stderr)
             rlhf = str(Path(sys.executable).parent / "rlhf")
             env = os.environ | {"PREFECT_HOME": str(home / "prefect"), "RLHF_CACHE_DIR": str(home / "cache")}
-            settings = ["iterations=1", "ppo.steps=1"]
-            command = [rlhf, "run", *(arg for item in settings for arg in ("--set", item))]
+            command = [
+                rlhf,
+                "run",
+                *(arg for item in ("iterations=1", "ppo.steps=1", *settings) for arg in ("--set", item)),
+            ]
             made = subprocess.run(command, cwd=home, env=env, capture_output=True, text=True)
             if made.returncode != 0:
                 raise SystemExit(f"{' '.join(command)} failed:\n{made.stderr[-4000:]}")
@@ -96,6 +103,7 @@ def world_models(artifacts: Path | None) -> dict[str, Path]:
     return {
         "data": only(lineage / "data", "world-*"),
         "policy": only(lineage / "sft", "policy-*"),
+        "preferences": only(lineage / "iteration-001", "preferences-*"),
         "reward": only(lineage / "iteration-001", "reward_model-*"),
     }
 

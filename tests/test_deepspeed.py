@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_flow import TINY
 
-from flows.config import load_config
+from flows.config import ConfigError, load_config
 from infra.artifacts import PhaseInputs
 from infra.deepspeed_engine import DeepSpeedConfig, deepspeed_config, inference_config, inference_module
 from rlhf_core import world
@@ -63,6 +63,8 @@ def test_the_zero_config_comes_from_ours():
     assert frozen["zero_optimization"] == {"stage": 3} and frozen["bf16"] == {"enabled": True}  # no optimizer offload
     with pytest.raises(ValueError, match="offload_params needs zero_stage 3"):
         DeepSpeedConfig(zero_stage=2, offload_params=True)
+    with pytest.raises(ConfigError, match="ppo.rollout_batch_size=9 must be a multiple of deepspeed.num_processes=2"):
+        load_config(None, ["ppo.rollout_batch_size=9", "deepspeed={num_processes: 2}"])
 
 
 @pytest.mark.parametrize("stage", [2, 3])
