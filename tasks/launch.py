@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,21 @@ def launch(entry: str, kwargs: dict[str, Any], *, num_processes: int, log: Phase
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
         run_ranks(Path(tmp) / "spec.json", num_processes, log.label if log else entry)
         return json.loads(Path(spec["result"]).read_text())
+
+
+def run_entry(
+    entry: Callable[..., dict[str, float]],
+    kwargs: dict[str, Any],
+    *,
+    num_processes: int,
+    log: PhaseLog,
+    **in_process: Any,
+) -> dict[str, float]:
+    """A phase's entry point as ``num_processes`` ranks (``kwargs`` travel as JSON), or with one, here, given
+    ``in_process`` too: what only this process can hand over (a checkpointer, an alarm reporter)."""
+    if num_processes > 1:
+        return launch(f"{entry.__module__}:{entry.__qualname__}", kwargs, num_processes=num_processes, log=log)
+    return entry(**kwargs, on_metrics=log, **in_process)
 
 
 def run_ranks(spec: Path, n: int, label: str) -> None:

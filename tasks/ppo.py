@@ -35,7 +35,7 @@ from tasks.common import (
     publish,
     world_size,
 )
-from tasks.launch import launch
+from tasks.launch import run_entry
 
 
 def load_policy_and_reference(
@@ -172,12 +172,14 @@ def ppo_task(
             "trust_remote_code": context.trust_remote_code,
             "deepspeed": deepspeed,
         }
-        if world_size(deepspeed) > 1:  # the alarms come back in the metrics, as alarm/<name>: step
-            metrics = launch("tasks.ppo:run_ppo", kwargs, num_processes=world_size(deepspeed), log=work.log)
-        else:
-            metrics = run_ppo(
-                **kwargs, on_metrics=work.log, checkpointer=work.checkpointer, on_alarm=alarm_reporter(work.log)
-            )
+        metrics = run_entry(  # as ranks, the alarms come back in the metrics only (alarm/<name>: step)
+            run_ppo,
+            kwargs,
+            num_processes=world_size(deepspeed),
+            log=work.log,
+            checkpointer=work.checkpointer,
+            on_alarm=alarm_reporter(work.log),
+        )
         if alarms := {name: step for name, step in metrics.items() if name.startswith("alarm/")}:
             work.log(alarms, config.steps)
         return publish(

@@ -37,7 +37,7 @@ from tasks.common import (
     publish,
     world_size,
 )
-from tasks.launch import launch
+from tasks.launch import run_entry
 
 
 def run_reward(
@@ -178,10 +178,9 @@ def reward_task(
             "trust_remote_code": context.trust_remote_code,
             "deepspeed": deepspeed,
         }
-        if deepspeed is not None and deepspeed.num_processes > 1:
-            metrics = launch("tasks.reward:run_reward", kwargs, num_processes=deepspeed.num_processes, log=work.log)
-        else:
-            metrics = run_reward(**kwargs, on_metrics=work.log, checkpointer=work.checkpointer)
+        metrics = run_entry(
+            run_reward, kwargs, num_processes=world_size(deepspeed), log=work.log, checkpointer=work.checkpointer
+        )
         work.log(metrics, iteration)
         return publish(
             context,

@@ -24,7 +24,7 @@ from tasks.common import (
     publish,
     world_size,
 )
-from tasks.launch import launch
+from tasks.launch import run_entry
 
 
 def run_sft(
@@ -81,10 +81,9 @@ def sft_task(
             "trust_remote_code": context.trust_remote_code,
             "deepspeed": deepspeed,
         }
-        if deepspeed is not None and deepspeed.num_processes > 1:
-            metrics = launch("tasks.sft:run_sft", kwargs, num_processes=deepspeed.num_processes, log=work.log)
-        else:
-            metrics = run_sft(**kwargs, on_metrics=work.log, checkpointer=work.checkpointer)
+        metrics = run_entry(
+            run_sft, kwargs, num_processes=world_size(deepspeed), log=work.log, checkpointer=work.checkpointer
+        )
         return publish(
             context,
             key,
