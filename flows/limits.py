@@ -60,11 +60,7 @@ def check_lengths(config: PipelineConfig, prompts: Iterable[str], tokenizer: Pre
             where = f"max_position_embeddings of {config.data.reward_model!r}"
             check_fits_context(reader, read_length, reward_context, where)
         return
-    read = (
-        samplers
-        if config.algorithm == "ppo"
-        else {"preferences.max_new_tokens": samplers["preferences.max_new_tokens"]}
-    )
+    read = samplers if config.algorithm == "ppo" else {"preferences.max_new_tokens": config.preferences.max_new_tokens}
     for name, new_tokens in read.items():  # DPO reads only the preference pairs; the reward model scores all three
         if longest + new_tokens + 1 > read_length:
             raise ValueError(

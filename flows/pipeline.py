@@ -227,11 +227,17 @@ def check_inputs(config: PipelineConfig) -> None:
     store before anything is written, and the token budgets against the models (:func:`check_lengths`):
     DatasetError or ValueError names the file, row and column, or the config field; StorageError the bucket and
     what to check (a missing bucket or denied access fails here, at once)."""
+    tokenizer = base_tokenizer(config.data, config.trust_remote_code)
     dataset = check_data(
-        config.data, config.seed, config.trust_remote_code, config.max_tokens, open_store=source_store_opener(config)
+        config.data,
+        config.seed,
+        config.trust_remote_code,
+        config.max_tokens,
+        open_store=source_store_opener(config),
+        tokenizer=tokenizer,
     )
     prompts = [p for split in dataset.prompts.values() for p in split] + [row["prompt"] for row in dataset.preferences]
-    check_lengths(config, prompts, base_tokenizer(config.data, config.trust_remote_code))
+    check_lengths(config, prompts, tokenizer)
     store = open_configured_store(config.storage.uri, config.storage.aws_credentials_block)
     store.exists(f"{config.storage.prefix}/.probe")
 

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import PreTrainedTokenizerBase
+
 from infra.artifacts import SPLITS, USER_SPLITS
 from infra.datasets import DatasetError, text_rows
 from infra.sources import Source, StoreOpener, chat_renderer, load_rows, resolve, to_columns
@@ -172,14 +174,17 @@ def check_data(
     max_tokens: int | None = None,
     *,
     open_store: StoreOpener = aws_env_store,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Dataset:
     """Everything the data phase will write, read and checked first: run it before anything is written.
-    ``open_store`` opens a bucket a source lives in (with storage.aws_credentials_block where one is set)."""
+    ``open_store`` opens a bucket a source lives in (with storage.aws_credentials_block where one is set);
+    ``tokenizer``: the base model's, where the caller has it already (:func:`base_tokenizer`)."""
     if config.gold_reward is not None:
         load_gold_scorer(config.gold_reward)
     if config.reward_model is not None:
         model_tokenizer(config.reward_model, "data.reward_model", trust_remote_code)
-    dataset = read_user_data(config, base_tokenizer(config, trust_remote_code), max_tokens, open_store)
+    tokenizer = tokenizer or base_tokenizer(config, trust_remote_code)
+    dataset = read_user_data(config, tokenizer, max_tokens, open_store)
     if config.prompts is None:
         generated = world.make_world(seed, config.world)
         dataset.demonstrations = generated.demonstrations

@@ -287,7 +287,7 @@ def phase_engine(module: Any, config: Any, total_steps: int, deepspeed: DeepSpee
 
 
 def world_size(deepspeed: DeepSpeedConfig | None) -> int:
-    """How many data-parallel processes SFT and the reward model train in."""
+    """How many data-parallel processes SFT, the reward model and PPO train in."""
     return deepspeed.num_processes if deepspeed is not None else 1
 
 
