@@ -6,6 +6,7 @@ with the DeepSpeed config built here, in Python, from the phase's settings (no J
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import socket
@@ -101,6 +102,15 @@ def inference_module(module: nn.Module, config: DeepSpeedConfig | None) -> nn.Mo
     return engine.module.eval()
 
 
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is made of tensors, numbers, strings and containers of them only."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str | int) and _plain(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(map(_plain, value))
+    return value is None or isinstance(value, Tensor) or type(value) in (bool, int, float, str)  # no enums
+
+
 def ensure_process_group_env() -> None:
     """A single process outside any launcher still needs the rendezvous variables (else DeepSpeed asks for MPI)."""
     if "RANK" in os.environ:
@@ -156,10 +166,32 @@ class DeepSpeedEngine:
         return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": self.scheduler.get_last_lr()[0]}
 
     def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError("resumable checkpoints are not supported under DeepSpeed yet")
+        """This rank's optimizer and schedule state, for a resumable checkpoint: under ZeRO the rank's own
+        partition of the optimizer state and fp32 master weights (each rank saves its own). Only plain values and
+        tensors are kept (DeepSpeed's own objects, such as its loss scaler, come from the engine that loads it),
+        so the state loads with ``torch.load(weights_only=True)``."""
+        saved = self.engine.optimizer.state_dict()
+        scaler = saved.get("loss_scaler")
+        return {
+            "optimizer": {k: v for k, v in saved.items() if _plain(v)},
+            "loss_scaler": {k: v for k, v in vars(scaler).items() if _plain(v)} if scaler is not None else {},
+            "scheduler": self.scheduler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError("resumable checkpoints are not supported under DeepSpeed yet")
+        """Inverse of :meth:`state_dict`, into an engine built as the saving one was (same stage, precision and
+        number of ranks), after :meth:`load_full_state_dict` has set the weights."""
+        optimizer = self.engine.optimizer
+        merged = optimizer.state_dict() | state["optimizer"]
+        if (scaler := merged.get("loss_scaler")) is not None:
+            for name, value in state["loss_scaler"].items():
+                setattr(scaler, name, value)
+        if "state_dict_list" in inspect.signature(optimizer.load_state_dict).parameters:  # ZeRO's and bf16's
+            # every rank's state in rank order, each rank reading its own; the fp32 master weights from it too
+            optimizer.load_state_dict([merged] * self.world_size, load_from_fp32_weights=True)
+        else:
+            optimizer.load_state_dict(merged)
+        self.scheduler.load_state_dict(state["scheduler"])
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """Every weight, whole and in fp32 (gathered from the ranks' shards under ZeRO-3), for save_pretrained."""
@@ -170,7 +202,8 @@ class DeepSpeedEngine:
             return {k: v.detach().to(torch.float32).clone() for k, v in self.module.state_dict().items()}
 
     def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Set every weight of the module (the fp32 master copy is left as is: use it after training only)."""
+        """Set every weight of the module. ZeRO's fp32 master copy is left as is: :meth:`load_state_dict` sets it
+        when resuming; otherwise use this after training only."""
         import deepspeed
 
         params = list(self.module.parameters())

@@ -20,8 +20,8 @@ import requests
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.artifacts import PhaseInputs
-from infra.catalog import TAG_CODE_VERSION, TAG_RESUMED_FROM, Phase
-from infra.checkpoints import StoreCheckpointer
+from infra.catalog import TAG_ALARM, TAG_CODE_VERSION, TAG_RESUMED_FROM, Phase
+from infra.checkpoints import CheckpointSpec, ResumeHook, StoreCheckpointer
 from infra.codebase import PACKAGE_ROOT, import_closure
 from infra.credentials import open_configured_store
 from infra.deepspeed_engine import DeepSpeedConfig
@@ -34,6 +34,7 @@ from infra.storage import (
     read_manifest,
     upload_dir,
 )
+from rlhf_core.alarms import Alarm
 from rlhf_core.checkpoint import DivergenceError
 from rlhf_core.engine import Engine, Optimization, TorchEngine
 
@@ -291,11 +292,6 @@ def world_size(deepspeed: DeepSpeedConfig | None) -> int:
     return deepspeed.num_processes if deepspeed is not None else 1
 
 
-def checkpoint_every(every: int, deepspeed: DeepSpeedConfig | None) -> int:
-    """Resumable checkpoints are written under plain torch only (DeepSpeed's sharded optimizer state is not)."""
-    return every if deepspeed is None else 0
-
-
 class PhaseLog:
     """A phase's metrics callback: its step metrics, under their bare names, go to its MLflow child run (``run``,
     None without tracking) in the phase's namespace, and its progress to the progress hooks."""
@@ -347,22 +343,45 @@ def phase_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("rlhf")
 
 
-@contextmanager
-def checkpointing(context: RunContext, key: str, log: PhaseLog, every: int) -> Iterator[StoreCheckpointer]:
-    """Resumable checkpoints of the phase whose artifact goes to ``key``. A restore is logged, tagged on the
-    MLflow run and carries over the step metrics the interrupted attempt logged up to that step, so the
-    history has no gap and no duplicate. Cleared once the phase finished; kept, and named, on a divergence."""
+def alarm_reporter(log: PhaseLog) -> Callable[[Alarm], None]:
+    """A training-health alarm as a named warning in the phase's log and a tag on its MLflow run."""
+
+    def report(alarm: Alarm) -> None:
+        phase_logger().warning(f"{log.label}: alarm {alarm.name} at step {alarm.step}: {alarm.message}")
+        if log.run is not None:
+            log.run.set_tags({TAG_ALARM.format(name=alarm.name): f"step {alarm.step}: {alarm.message}"})
+
+    return report
+
+
+def resume_reporter(log: PhaseLog, where: Callable[[], str | None]) -> ResumeHook:
+    """What a phase does when it resumes from a checkpoint (``where()``: its location): a warning, a tag on its
+    MLflow run, and the step metrics the interrupted attempt logged up to that step carried over, so the history
+    has no gap and no duplicate."""
     run = log.run
 
     def on_resume(step: int, metadata: dict[str, Any]) -> None:
-        phase_logger().warning(f"{log.label}: resuming from checkpoint step {step} ({checkpointer.latest_uri})")
+        phase_logger().warning(f"{log.label}: resuming from checkpoint step {step} ({where()})")
         if run is not None:
             run.set_tags({TAG_RESUMED_FROM: step})
             if (previous := metadata.get("mlflow_run_id")) and previous != run.run_id:
                 run.copy_history(previous, step)
 
-    metadata = {"mlflow_run_id": run.run_id if run else None}
-    checkpointer = StoreCheckpointer(context.store, key, every, metadata=metadata, on_resume=on_resume)
+    return on_resume
+
+
+@contextmanager
+def checkpointing(context: RunContext, key: str, log: PhaseLog, every: int) -> Iterator[StoreCheckpointer]:
+    """Resumable checkpoints of the phase whose artifact goes to ``key`` (:func:`resume_reporter` on a restore).
+    Cleared once the phase finished; kept, and named, on a divergence."""
+    spec = CheckpointSpec(
+        store_uri=context.store_uri,
+        aws_credentials_block=context.aws_credentials_block,
+        artifact_key=key,
+        every=every,
+        metadata={"mlflow_run_id": log.run.run_id if log.run else None},
+    )
+    checkpointer = spec.open(resume_reporter(log, lambda: checkpointer.latest_uri))
     try:
         yield checkpointer
     except DivergenceError as e:

@@ -20,7 +20,6 @@ from tasks.common import (
     PhaseOutput,
     RunContext,
     artifact_key,
-    checkpoint_every,
     existing_output,
     fetch,
     phase_engine,
@@ -95,7 +94,7 @@ def dpo_task(
             "world_size": 1,  # one process, whatever deepspeed.num_processes says
         },
         total_steps=num_training_steps(len(pairs), config.batch_size, config.epochs),
-        checkpoint_every=checkpoint_every(config.checkpoint_every, deepspeed),
+        checkpoint_every=config.checkpoint_every,
     ) as work:
         metrics = run_dpo(
             fetch(context, policy),

@@ -3,13 +3,16 @@ shows their output as it comes, waits, and fails with the ranks' last lines if a
 
 Each rank runs ``python -m tasks.launch SPEC.json``, which calls the entry point the spec names
 (``"tasks.sft:run_sft"``) with the spec's keyword arguments, validated against the entry's signature so that
-folders and configs come back from JSON as the types it declares. Only rank 0 logs metrics (to the phase's MLflow
-run, in the phase's namespace) and writes what the entry returns.
+folders and configs come back from JSON as the types it declares. Every rank opens the phase's checkpointer from
+its spec (the ranks save and restore together). Only rank 0 logs metrics (to the phase's MLflow run, in the
+phase's namespace), reports a resume and the training-health alarms as the phase's own process would, and writes
+what the entry returns.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import re
@@ -24,24 +27,49 @@ from typing import Any
 from pydantic import ConfigDict, validate_call
 from pydantic_core import to_jsonable_python
 
-from tasks.common import PhaseLog, phase_logger
+from infra.checkpoints import CheckpointSpec, StoreCheckpointer
+from tasks.common import PhaseLog, alarm_reporter, phase_logger, resume_reporter
 
+RESULT = "result.json"
 _EXCEPTION = re.compile(r"^(\[rank\d+\]: )?[\w.]*(Error|Exception): ")
 
 
-def launch(entry: str, kwargs: dict[str, Any], *, num_processes: int, log: PhaseLog | None = None) -> dict[str, float]:
-    """``entry(**kwargs, on_metrics=...)`` as ``num_processes`` ranks; returns what rank 0's call returned."""
+def launch(
+    entry: str,
+    kwargs: dict[str, Any],
+    *,
+    num_processes: int,
+    log: PhaseLog | None = None,
+    checkpoint: CheckpointSpec | None = None,
+) -> dict[str, float]:
+    """``entry(**kwargs, on_metrics=...)`` as ``num_processes`` ranks, with ``checkpointer=`` opened from
+    ``checkpoint`` when given; returns what rank 0's call returned."""
     with tempfile.TemporaryDirectory(prefix="rlhf-launch-") as tmp:
-        spec = {
-            "entry": entry,
-            "kwargs": to_jsonable_python(kwargs),
-            "result": str(Path(tmp) / "result.json"),
-            "mlflow": [log.run.client.tracking_uri, log.run.run_id] if log is not None and log.run else None,
-            "namespace": log.phase.namespace if log is not None else None,
-        }
-        (Path(tmp) / "spec.json").write_text(json.dumps(spec))
-        run_ranks(Path(tmp) / "spec.json", num_processes, log.label if log else entry)
-        return json.loads(Path(spec["result"]).read_text())
+        spec = write_spec(Path(tmp), entry, kwargs, log=log, checkpoint=checkpoint)
+        run_ranks(spec, num_processes, log.label if log else entry)
+        return json.loads((Path(tmp) / RESULT).read_text())
+
+
+def write_spec(
+    folder: Path,
+    entry: str,
+    kwargs: dict[str, Any],
+    *,
+    log: PhaseLog | None = None,
+    checkpoint: CheckpointSpec | None = None,
+) -> Path:
+    """The ranks' ``spec.json`` in ``folder``, where rank 0 writes its result too (``RESULT``)."""
+    spec = {
+        "entry": entry,
+        "kwargs": to_jsonable_python(kwargs),
+        "result": str(folder / RESULT),
+        "mlflow": [log.run.client.tracking_uri, log.run.run_id] if log is not None and log.run else None,
+        "namespace": log.phase.namespace if log is not None else None,
+        "label": log.label if log is not None else entry,
+        "checkpoint": checkpoint.model_dump() if checkpoint is not None else None,
+    }
+    (folder / "spec.json").write_text(json.dumps(spec))
+    return folder / "spec.json"
 
 
 def run_entry(
@@ -50,19 +78,32 @@ def run_entry(
     *,
     num_processes: int,
     log: PhaseLog,
-    **in_process: Any,
+    checkpointer: StoreCheckpointer | None = None,
 ) -> dict[str, float]:
-    """A phase's entry point as ``num_processes`` ranks (``kwargs`` travel as JSON), or with one, here, given
-    ``in_process`` too: what only this process can hand over (a checkpointer, an alarm reporter)."""
+    """A phase's entry point as ``num_processes`` ranks (``kwargs`` and where the checkpoints go travel as JSON),
+    or with one, here. Either way it gets the phase's metrics callback, its checkpointer, and where the entry takes
+    one, an alarm reporter."""
     if num_processes > 1:
-        return launch(f"{entry.__module__}:{entry.__qualname__}", kwargs, num_processes=num_processes, log=log)
-    return entry(**kwargs, on_metrics=log, **in_process)
+        checkpoint = checkpointer.spec if checkpointer is not None else None
+        name = f"{entry.__module__}:{entry.__qualname__}"
+        return launch(name, kwargs, num_processes=num_processes, log=log, checkpoint=checkpoint)
+    return entry(**kwargs, on_metrics=log, checkpointer=checkpointer, **_alarms(entry, log))
+
+
+def _alarms(entry: Callable[..., Any], log: PhaseLog) -> dict[str, Any]:
+    """``on_alarm=`` for an entry that watches training-health alarms (PPO)."""
+    return {"on_alarm": alarm_reporter(log)} if "on_alarm" in inspect.signature(entry).parameters else {}
+
+
+def rank_command(spec: Path, n: int) -> list[str]:
+    """``torchrun --standalone`` with ``n`` processes of this module, each running ``spec``."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+    return [*command, "-m", "tasks.launch", str(spec)]
 
 
 def run_ranks(spec: Path, n: int, label: str) -> None:
-    """``torchrun --standalone`` with ``n`` processes of this module; RuntimeError with the last output if any fails."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
-    command += ["-m", "tasks.launch", str(spec)]
+    """:func:`rank_command`, its output shown as it comes; RuntimeError with the last output if a rank fails."""
+    command = rank_command(spec, n)
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     tail: deque[str] = deque(maxlen=30)
     errors: list[str] = []  # the ranks' exception lines, to name the cause above torchrun's own summary
@@ -88,17 +129,27 @@ def rank_main(spec: dict[str, Any]) -> None:
         getattr(importlib.import_module(module), name), config=ConfigDict(arbitrary_types_allowed=True)
     )
     rank = int(os.environ["RANK"])
-    on_metrics = None
-    if rank == 0 and spec["mlflow"]:
-        from mlflow.tracking import MlflowClient
-
+    on_metrics, hooks = None, {}
+    if rank == 0 and spec["namespace"]:
         from infra.catalog import PHASES
-        from infra.tracking import RunLogger
 
-        run = RunLogger(MlflowClient(spec["mlflow"][0]), spec["mlflow"][1])
+        run = None
+        if spec["mlflow"]:
+            from mlflow.tracking import MlflowClient
+
+            from infra.tracking import RunLogger
+
+            run = RunLogger(MlflowClient(spec["mlflow"][0]), spec["mlflow"][1])
         on_metrics = PhaseLog(PHASES[spec["namespace"]], None, 0, run)
+        on_metrics.label = spec["label"]
+        hooks = _alarms(entry, on_metrics)
+    if spec["checkpoint"]:
+        checkpoint = CheckpointSpec.model_validate(spec["checkpoint"])
+        on_resume = resume_reporter(on_metrics, lambda: checkpointer.latest_uri) if on_metrics else None
+        checkpointer = checkpoint.open(on_resume)
+        hooks["checkpointer"] = checkpointer
 
-    result = entry(**spec["kwargs"], on_metrics=on_metrics)
+    result = entry(**spec["kwargs"], on_metrics=on_metrics, **hooks)
     if rank == 0:
         Path(spec["result"]).write_text(json.dumps(result))
 

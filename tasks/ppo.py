@@ -10,9 +10,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from infra.artifacts import PhaseInputs, data_judge, read_prompts
-from infra.catalog import PPO, TAG_ALARM
+from infra.catalog import PPO
 from infra.deepspeed_engine import DeepSpeedConfig, inference_module
-from rlhf_core.alarms import Alarm
 from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.engine import Engine, Optimization
 from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, LoRAConfig, add_lora, load_lora
@@ -21,15 +20,12 @@ from rlhf_core.ppo import AlarmCallback, PPOConfig, PPOModels, train_ppo
 from rlhf_core.reward import load_reward_function
 from rlhf_core.types import MetricsCallback
 from tasks.common import (
-    PhaseLog,
     PhaseOutput,
     RunContext,
     artifact_key,
-    checkpoint_every,
     existing_output,
     fetch_inputs,
     make_engine,
-    phase_logger,
     phase_task,
     phase_workspace,
     publish,
@@ -121,17 +117,6 @@ def run_ppo(
     return result.history[-1] | {f"alarm/{alarm.name}": alarm.step for alarm in result.alarms}
 
 
-def alarm_reporter(log: PhaseLog) -> AlarmCallback:
-    """A training-health alarm as a named warning in the phase's log and a tag on its MLflow run."""
-
-    def report(alarm: Alarm) -> None:
-        phase_logger().warning(f"{log.label}: alarm {alarm.name} at step {alarm.step}: {alarm.message}")
-        if log.run is not None:
-            log.run.set_tags({TAG_ALARM.format(name=alarm.name): f"step {alarm.step}: {alarm.message}"})
-
-    return report
-
-
 @phase_task("ppo")
 def ppo_task(
     context: RunContext,
@@ -162,7 +147,7 @@ def ppo_task(
             "world_size": world_size(deepspeed),
         },
         total_steps=config.steps,
-        checkpoint_every=checkpoint_every(config.checkpoint_every, deepspeed),
+        checkpoint_every=config.checkpoint_every,
     ) as work:
         kwargs = {
             "inputs": dirs,
@@ -172,13 +157,8 @@ def ppo_task(
             "trust_remote_code": context.trust_remote_code,
             "deepspeed": deepspeed,
         }
-        metrics = run_entry(  # as ranks, the alarms come back in the metrics only (alarm/<name>: step)
-            run_ppo,
-            kwargs,
-            num_processes=world_size(deepspeed),
-            log=work.log,
-            checkpointer=work.checkpointer,
-            on_alarm=alarm_reporter(work.log),
+        metrics = run_entry(
+            run_ppo, kwargs, num_processes=world_size(deepspeed), log=work.log, checkpointer=work.checkpointer
         )
         if alarms := {name: step for name, step in metrics.items() if name.startswith("alarm/")}:
             work.log(alarms, config.steps)

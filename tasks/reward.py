@@ -28,7 +28,6 @@ from tasks.common import (
     PhaseOutput,
     RunContext,
     artifact_key,
-    checkpoint_every,
     existing_output,
     fetch,
     phase_engine,
@@ -167,7 +166,7 @@ def reward_task(
         key,
         iteration=iteration,
         params={"reward": config.model_dump(), "seed": seed, "world_size": world_size(deepspeed)},
-        checkpoint_every=checkpoint_every(config.checkpoint_every, deepspeed),
+        checkpoint_every=config.checkpoint_every,
     ) as work:
         kwargs = {
             "init_dir": init_dir,

@@ -15,7 +15,6 @@ from tasks.common import (
     PhaseOutput,
     RunContext,
     artifact_key,
-    checkpoint_every,
     existing_output,
     fetch,
     phase_engine,
@@ -70,7 +69,7 @@ def sft_task(
         key,
         params={"sft": config.model_dump(), "seed": seed, "world_size": world_size(deepspeed)},
         total_steps=num_training_steps(len(read_demonstrations(data_dir)), config.batch_size, config.epochs),
-        checkpoint_every=checkpoint_every(config.checkpoint_every, deepspeed),
+        checkpoint_every=config.checkpoint_every,
     ) as work:
         kwargs = {
             "base_dir": data_dir / BASE_MODEL_DIR,

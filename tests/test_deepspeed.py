@@ -2,7 +2,11 @@
 and ZeRO-3 give the losses of the plain-torch path on the same seed, and the saved checkpoints (gathered
 from the shards) reload through ``Auto*`` with the same weights."""
 
+import logging
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -11,11 +15,15 @@ from test_flow import TINY
 
 from flows.config import ConfigError, load_config
 from infra.artifacts import PhaseInputs
+from infra.catalog import PPO
+from infra.checkpoints import CheckpointSpec, checkpoint_prefix
 from infra.deepspeed_engine import DeepSpeedConfig, deepspeed_config, inference_config, inference_module
 from rlhf_core import world
+from rlhf_core.alarms import AlarmConfig
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
+from tasks.common import PhaseLog
 from tasks.data import write_data
-from tasks.launch import launch
+from tasks.launch import launch, rank_command, write_spec
 from tasks.ppo import run_ppo
 from tasks.preferences import run_preferences
 from tasks.reward import run_reward
@@ -183,16 +191,23 @@ def test_ppo_update_as_two_processes_matches_one(phase_inputs, tmp_path, monkeyp
     assert any((weights_one["policy"][k] - v).abs().max() > 1e-4 for k, v in load_policy(sft).state_dict().items())
 
 
-@pytest.mark.slow
-def test_ppo_as_two_zero3_processes_trains_and_saves(phase_inputs, tmp_path):
-    """A whole PPO phase as two ZeRO-3 ranks (policy and critic sharded, reference and reward model sharded inference
-    engines, generation kept in step across the ranks): it trains, rank 0's checkpoint reloads, and its reward and
-    KL are those of one process within the spread of seeds (one process, seeds 1-6: final reward 0.199-0.211, KL
-    -0.023 to 0.005; the ranks sample their own shares, so they match in distribution, not sample for sample)."""
+@pytest.fixture(scope="module")
+def ppo_inputs(phase_inputs) -> PhaseInputs:
+    """PPO's inputs: the SFT model as policy and reference, a reward model with a fresh head (seed 0)."""
     inputs = PhaseInputs(phase_inputs / "data", phase_inputs / "sft", phase_inputs / "sft", phase_inputs / "rm-ranks")
     torch.manual_seed(0)
     load_scorer(phase_inputs / "sft").save_pretrained(inputs.reward)
     load_tokenizer(phase_inputs / "sft").save_pretrained(inputs.reward)
+    return inputs
+
+
+@pytest.mark.slow
+def test_ppo_as_two_zero3_processes_trains_and_saves(phase_inputs, ppo_inputs, tmp_path):
+    """A whole PPO phase as two ZeRO-3 ranks (policy and critic sharded, reference and reward model sharded inference
+    engines, generation kept in step across the ranks): it trains, rank 0's checkpoint reloads, and its reward and
+    KL are those of one process within the spread of seeds (one process, seeds 1-6: final reward 0.199-0.211, KL
+    -0.023 to 0.005; the ranks sample their own shares, so they match in distribution, not sample for sample)."""
+    inputs = ppo_inputs
     zero = DeepSpeedConfig(zero_stage=3, num_processes=2)
     kwargs = {"inputs": inputs, "out_dir": tmp_path / "two", "config": CONFIG.ppo, "seed": 1, "deepspeed": zero}
     two = launch("tasks.ppo:run_ppo", kwargs, num_processes=2)
@@ -200,6 +215,49 @@ def test_ppo_as_two_zero3_processes_trains_and_saves(phase_inputs, tmp_path):
     assert two["reward"] == pytest.approx(one["reward"], abs=0.03) and abs(two["kl"] - one["kl"]) < 0.1
     trained, sft = load_policy(tmp_path / "two"), load_policy(phase_inputs / "sft")
     assert any((trained.state_dict()[k] - v).abs().max() > 1e-5 for k, v in sft.state_dict().items())
+
+
+@pytest.mark.slow
+def test_a_sigkilled_two_rank_ppo_phase_resumes_to_the_same_artifact(ppo_inputs, tmp_path, caplog):
+    """Two ZeRO-2 ranks checkpoint every 2 steps (weights, each rank's optimizer shard and sampling RNG). SIGKILLed
+    after a checkpoint, the phase started again resumes from it and saves the policy an uninterrupted run saves;
+    rank 0 reports the resume and an alarm (one set to fire at the last step) as the phase's own process would."""
+    alarms = AlarmConfig(window=4, entropy_floor=100.0)
+    config = CONFIG.ppo.model_copy(update={"steps": 8, "alarms": alarms})
+    zero = DeepSpeedConfig(zero_stage=2, num_processes=2)
+    kwargs = {"inputs": ppo_inputs, "config": config, "seed": 1, "deepspeed": zero}
+    whole = launch("tasks.ppo:run_ppo", kwargs | {"out_dir": tmp_path / "whole"}, num_processes=2)
+
+    key = "pipelines/test/policy-0123456789ab"
+    checkpoint = CheckpointSpec(store_uri=str(tmp_path / "store"), artifact_key=key, every=2)
+    spec = write_spec(tmp_path, "tasks.ppo:run_ppo", kwargs | {"out_dir": tmp_path / "killed"}, checkpoint=checkpoint)
+    proc = subprocess.Popen(
+        rank_command(spec, 2),
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 600
+    while not list((tmp_path / "store").glob(f"{checkpoint_prefix(key)}/step-*/MANIFEST.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the ranks ended"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, with no chance to clean up
+    proc.wait()
+    assert not (tmp_path / "killed").exists()
+
+    with caplog.at_level(logging.INFO, logger="rlhf"):
+        resumed = launch(
+            "tasks.ppo:run_ppo",
+            kwargs | {"out_dir": tmp_path / "resumed"},
+            num_processes=2,
+            log=PhaseLog(PPO, 1, config.steps),
+            checkpoint=checkpoint,
+        )
+    assert "iteration-1/ppo: resuming from checkpoint step" in caplog.text
+    assert "iteration-1/ppo: alarm entropy_collapse at step 8" in caplog.text
+    assert resumed == pytest.approx(whole, abs=1e-6) and resumed["alarm/entropy_collapse"] == 8
+    assert_same_weights(load_policy(tmp_path / "resumed"), load_policy(tmp_path / "whole"), atol=1e-6)
 
 
 @pytest.mark.slow
