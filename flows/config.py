@@ -13,6 +13,7 @@ from infra.deepspeed_engine import DeepSpeedConfig
 from infra.lineage import check_lineage_name
 from rlhf_core.data import DataConfig
 from rlhf_core.dpo import DPOConfig
+from rlhf_core.engine import ComputeConfig
 from rlhf_core.evaluate import EvalConfig
 from rlhf_core.ppo import PPOConfig
 from rlhf_core.preferences import PreferenceConfig
@@ -89,6 +90,11 @@ class PipelineConfig(BaseModel):
         description="Train SFT, the reward model and PPO with DeepSpeed ZeRO (e.g. {zero_stage: 3, precision: "
         "bf16}); null: plain torch. Needs the 'scale' extra (pip install -e '.[scale]').",
     )
+    compute: ComputeConfig = Field(
+        default_factory=ComputeConfig,
+        description="How the models run on the hardware: mixed precision under plain torch (autocast), activation "
+        "recomputation (gradient_checkpointing) and the attention kernel (attn_implementation).",
+    )
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object storage.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     trust_remote_code: bool = Field(
@@ -109,6 +115,27 @@ class PipelineConfig(BaseModel):
             raise ValueError(
                 f"{lora[0]}.lora with deepspeed.zero_stage 3 is not supported: LoRA's adapters train under ZeRO 0-2 "
                 "(its frozen base weights are not sharded there); set zero_stage to 2 or lora to null"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_precision_setting(self) -> PipelineConfig:
+        compute, deepspeed = self.compute, self.deepspeed
+        if compute.attn_implementation == "flash_attention_2" and deepspeed is not None:
+            raise ValueError(
+                "compute.attn_implementation flash_attention_2 with deepspeed is not supported: flash-attn runs in "
+                "bf16 or fp16 only, and the phases outside DeepSpeed (preferences, evaluation) get that from "
+                "compute.autocast, which deepspeed refuses; use sdpa"
+            )
+        if compute.attn_implementation == "flash_attention_2" and compute.autocast == "off":
+            raise ValueError(
+                "compute.attn_implementation flash_attention_2 runs in bf16 or fp16 only: set compute.autocast to "
+                "bf16 or fp16"
+            )
+        if compute.autocast != "off" and deepspeed is not None:
+            raise ValueError(
+                f"compute.autocast={compute.autocast} with deepspeed is refused: under DeepSpeed the precision is "
+                "deepspeed.precision (e.g. deepspeed: {precision: bf16}); set compute.autocast to off"
             )
         return self
 

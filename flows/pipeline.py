@@ -93,6 +93,7 @@ def preferences_phase(
     (flows/labeling.py). ``common``: context, seed and iteration."""
     sampler = state.sft if config.algorithm == "dpo" and not config.dpo.online else state.policy
     label, inputs = f"iteration-{common['iteration']}", {"data": state.data, "policy": sampler}
+    inputs["compute"] = config.compute
     if config.preferences.source == "simulated":
         return run_phase(
             preferences_task, phases, f"{label}/preferences", config=config.preferences, **inputs, **common
@@ -165,6 +166,7 @@ def iteration_flow(
             preferences=preferences if config.dpo.pairs == "all" else [new_preferences],
             config=config.dpo,
             deepspeed=config.deepspeed,
+            compute=config.compute,
             **common,
         )
     else:
@@ -178,6 +180,7 @@ def iteration_flow(
             previous=state.reward,
             config=config.reward,
             deepspeed=config.deepspeed,
+            compute=config.compute,
             **common,
         )
         policy = run_phase(
@@ -190,6 +193,7 @@ def iteration_flow(
             reward=reward,
             config=config.ppo,
             deepspeed=config.deepspeed,
+            compute=config.compute,
             **common,
         )
     evaluation = run_phase(
@@ -202,6 +206,7 @@ def iteration_flow(
         baseline=baseline,
         reward=reward,
         config=config.evaluation,
+        compute=config.compute,
         **common,
     )
     human_evaluation = human_evaluation_phase(config, evaluation, phases, **common)
@@ -279,6 +284,7 @@ def start_or_resume(
         config=config.sft,
         seed=config.seed,
         deepspeed=config.deepspeed,
+        compute=config.compute,
     )
     human = data.metrics.get(catalog.DATA.key("human_preferences"), 0) > 0  # the data artifact holds them
     return PipelineState(data=data, sft=sft, policy=sft, preferences=[data] if human else [])
@@ -372,6 +378,7 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
             sft=state.sft,
             config=config.evaluation,
             seed=config.seed * 1000,
+            compute=config.compute,
         )
         artifacts_uri = context.store.full_uri(config.storage.prefix)
         run_url = (

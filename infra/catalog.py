@@ -46,6 +46,8 @@ class Phase:
 _OPTIMIZER = {
     "grad_norm": "Gradient norm before clipping.",
     "lr": "Learning rate after this step's scheduler update.",
+    "loss_scale": "fp16 loss scale after this step (compute.autocast: fp16); it halves on a step whose gradients "
+    "overflowed, which is skipped.",
 }
 
 DATA = Phase(

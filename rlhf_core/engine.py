@@ -1,14 +1,131 @@
 """How a training loop updates weights, kept behind one small interface so that a DeepSpeed engine
-can stand in for plain torch without the loops changing."""
+can stand in for plain torch without the loops changing; and how the models run on the hardware (``ComputeConfig``:
+mixed precision, activation recomputation, the attention kernel)."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from types import MethodType
+from typing import Any, Literal, Protocol, TypeVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+Autocast = Literal["off", "bf16", "fp16"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ComputeConfig(BaseModel):
+    """How the models run on the hardware: mixed precision, activation recomputation and the attention kernel."""
+
+    model_config = ConfigDict(extra="forbid")
+    autocast: Autocast = Field(
+        "off",
+        description="Mixed precision under plain torch: every model's matmuls run in bf16 or fp16 under "
+        "torch.autocast, in every phase (the trained models, PPO's and DPO's frozen reference and reward model, "
+        "sampling and evaluation), while weights and AdamW state stay fp32 and log-probs are taken in fp32; fp16 adds "
+        "dynamic loss scaling. bf16 needs a GPU that has it (Ampere or later) or the CPU (slow). off: fp32 "
+        "throughout. Under DeepSpeed use deepspeed.precision instead.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of holding them, for the "
+        "trained models (the policy in SFT, PPO and DPO, the reward model, the critic), under plain torch and "
+        "DeepSpeed, with LoRA too: less memory for about a third more compute, the same results. Sampling still "
+        "uses the KV cache.",
+    )
+    attn_implementation: AttnImplementation = Field(
+        "sdpa",
+        description="The attention kernel every model loads with: sdpa (torch's scaled_dot_product_attention), "
+        "eager (plain matmuls), or flash_attention_2 (needs the flash-attn package, a GPU and compute.autocast bf16 "
+        "or fp16, so not with deepspeed yet). A kernel changes rounding, not results, so it is not part of the "
+        "phases' cache keys.",
+    )
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _flash_attn_installed(cls, value: str) -> str:
+        if value == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError(
+                "flash_attention_2 needs the flash-attn package, which is not installed here (pip install flash-attn "
+                "on a machine with a CUDA GPU); use sdpa"
+            )
+        return value
+
+    def cache_identity(self) -> dict[str, str]:
+        """What of this config changes a phase's artifact: the precision. Recomputing activations and the attention
+        kernel change neither the math nor, beyond rounding, the numbers."""
+        return {"autocast": self.autocast}
+
+
+def autocast_dtype(autocast: Autocast, device: torch.device) -> torch.dtype | None:
+    """The dtype ``compute.autocast`` runs matmuls in on ``device`` (None: off). ValueError, naming the field, for bf16
+    on a CUDA GPU without it."""
+    if autocast == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"compute.autocast=bf16: this GPU ({torch.cuda.get_device_name(device)}) has no bf16 support; set "
+            "compute.autocast to fp16"
+        )
+    return AUTOCAST_DTYPES.get(autocast)
+
+
+def outputs_in_fp32(output: Any) -> Any:
+    """A forward's output with its half-precision tensors (a tensor, or the top-level tensors of a ModelOutput, dict,
+    tuple or list: logits, hidden states) cast to fp32, so that log-softmax and losses are taken in fp32. Anything
+    else (a KV cache, integers) is left as it is."""
+
+    def fp32(value: Any) -> Any:
+        return value.float() if isinstance(value, Tensor) and value.dtype in (torch.float16, torch.bfloat16) else value
+
+    if isinstance(output, Tensor):
+        return fp32(output)
+    if isinstance(output, dict):  # a transformers ModelOutput too: setting an item sets its attribute
+        for key, value in list(output.items()):
+            output[key] = fp32(value)
+        return output
+    if isinstance(output, tuple | list):
+        return type(output)(fp32(value) for value in output)
+    return output
+
+
+def autocast_forward(module: nn.Module, dtype: torch.dtype, device_type: str) -> None:
+    """Wrap ``module.forward`` (on the instance, as a method of it, so that a deep copy calls its own) to run under
+    ``torch.autocast(device_type, dtype)`` and return its half-precision outputs in fp32 (:func:`outputs_in_fp32`);
+    its signature stays the forward's. A forward already wrapped is wrapped anew at ``dtype``, not nested."""
+    forward: Callable[..., Any] = module.forward
+    if isinstance(forward, MethodType) and forward.__self__ is module:
+        inner = getattr(forward, "autocast_inner", forward.__func__)  # the class's forward, or someone else's wrapper
+    else:  # a plain function set on the instance by someone else
+
+        def inner(_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            return forward(*args, **kwargs)
+
+    @functools.wraps(inner)
+    def run(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type, dtype=dtype):
+            return outputs_in_fp32(inner(self, *args, **kwargs))
+
+    run.autocast_inner = inner  # type: ignore[attr-defined]
+    module.forward = MethodType(run, module)  # type: ignore[method-assign]
+
+
+def autocast_model(model: nn.Module, autocast: Autocast, device: torch.device) -> nn.Module:
+    """``model`` with its forward, and that of every transformers model inside it, under ``compute.autocast`` on
+    ``device`` (:func:`autocast_forward`): the inner models are entry points too (``generate`` calls the causal LM
+    inside a peft model, :func:`rlhf_core.modeling.token_scores` a scorer's ``base_model``); a scorer's head, called
+    on its own, stays fp32. Weights are not touched. ``off``: ``model`` as it is. Returns ``model``."""
+    dtype = autocast_dtype(autocast, device)
+    if dtype is not None:
+        for module in [model, *(m for m in model.modules() if isinstance(m, PreTrainedModel) and m is not model)]:
+            autocast_forward(module, dtype, device.type)
+    return model
 
 
 class Engine(Protocol):
@@ -87,18 +204,29 @@ def optimizer_and_scheduler(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
 
-class TorchEngine:
-    """AdamW with linear warmup then cosine decay, and gradient-norm clipping, in plain torch."""
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's first parameter lives (the CPU for a module without any)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
 
-    def __init__(self, module: nn.Module, optimization: Optimization) -> None:
+
+class TorchEngine:
+    """AdamW with linear warmup then cosine decay, and gradient-norm clipping, in plain torch. With ``autocast``
+    (``compute.autocast``) the module's forward runs in bf16 or fp16 (:func:`autocast_model`) while its weights,
+    gradients and AdamW state stay fp32; fp16 scales the loss (``torch.amp.GradScaler``: a step whose gradients
+    overflow is skipped and the scale lowered), its state part of :meth:`state_dict`."""
+
+    def __init__(self, module: nn.Module, optimization: Optimization, *, autocast: Autocast = "off") -> None:
         self.module = module
         self.max_grad_norm = optimization.max_grad_norm
         self.optimizer, self.scheduler = optimizer_and_scheduler(module, optimization)
+        device = module_device(module)
+        autocast_model(module, autocast, device)
+        self.scaler = torch.amp.GradScaler(device.type) if autocast == "fp16" else None
 
     rank, world_size = 0, 1
 
     def backward(self, loss: Tensor) -> None:
-        loss.backward()
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
     def sum_across_ranks(self, value: Tensor) -> Tensor:
         return value
@@ -108,18 +236,28 @@ class TorchEngine:
 
     def step(self) -> dict[str, float]:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         norm = nn.utils.clip_grad_norm_(params, self.max_grad_norm or float("inf"))
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
+            self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": float(norm), "lr": self.scheduler.get_last_lr()[0]}
+        metrics = {"grad_norm": float(norm), "lr": self.scheduler.get_last_lr()[0]}
+        return metrics if self.scaler is None else metrics | {"loss_scale": self.scaler.get_scale()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return state if self.scaler is None else state | {"scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
     def full_state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}

@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rlhf_core.engine import AttnImplementation
 from rlhf_core.losses import entropy_from_logits, selective_log_softmax
 
 
@@ -48,23 +49,47 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_policy(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A causal LM from safetensors weights only, dropout off, on :func:`default_device`."""
+def load_policy(
+    path: str | Path, trust_remote_code: bool = False, *, attn_implementation: AttnImplementation = "sdpa"
+) -> PreTrainedModel:
+    """A causal LM from safetensors weights only, in fp32 with the ``attn_implementation`` attention kernel
+    (``compute.attn_implementation``), dropout off, on :func:`default_device`."""
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
+        str(path),
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        dtype=torch.float32,
+        attn_implementation=attn_implementation,
     )
     return disable_dropout(model).to(default_device())
 
 
-def load_scorer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A sequence-classification model with one output: a reward model, or a critic started from one.
-    A causal LM checkpoint gets a freshly initialized scalar head."""
+def load_scorer(
+    path: str | Path, trust_remote_code: bool = False, *, attn_implementation: AttnImplementation = "sdpa"
+) -> PreTrainedModel:
+    """A sequence-classification model with one output: a reward model, or a critic started from one, loaded as
+    :func:`load_policy` loads. A causal LM checkpoint gets a freshly initialized scalar head."""
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
+        str(path),
+        num_labels=1,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        dtype=torch.float32,
+        attn_implementation=attn_implementation,
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return disable_dropout(model).to(default_device())
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """``compute.gradient_checkpointing``: each decoder layer of ``model`` (a transformers model, or a peft model
+    around one) keeps only its inputs in the forward pass and recomputes its activations in the backward, non-reentrant
+    (so frozen embeddings under LoRA need no gradient of their own). Only in training mode: ``generate`` in eval mode
+    keeps its KV cache. Returns ``model``."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def fold_reward_normalization(scorer: PreTrainedModel) -> PreTrainedModel:

@@ -14,7 +14,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.checkpoint import Checkpointer, check_finite, checkpoint_due
-from rlhf_core.engine import Engine, rank_rows
+from rlhf_core.engine import AttnImplementation, Engine, rank_rows
 from rlhf_core.losses import aggregate_rewards, bradley_terry_loss
 from rlhf_core.modeling import (
     Samples,
@@ -303,13 +303,18 @@ class RewardFunction:
 
 
 def load_reward_function(
-    reward_dir: str | Path, policy_tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool = False
+    reward_dir: str | Path,
+    policy_tokenizer: PreTrainedTokenizerBase,
+    trust_remote_code: bool = False,
+    *,
+    attn_implementation: AttnImplementation = "sdpa",
 ) -> RewardFunction:
     """A frozen reward model (with the rest of its ensemble, if it has one) and its tokenizer from ``reward_dir``,
-    re-tokenizing only when that tokenizer is not the policy's."""
-    model = load_scorer(reward_dir, trust_remote_code).eval().requires_grad_(False)
+    re-tokenizing only when that tokenizer is not the policy's; the models load with ``attn_implementation``."""
+    model = load_scorer(reward_dir, trust_remote_code, attn_implementation=attn_implementation)
+    model = model.eval().requires_grad_(False)
     members = [
-        load_scorer(member, trust_remote_code).eval().requires_grad_(False)
+        load_scorer(member, trust_remote_code, attn_implementation=attn_implementation).eval().requires_grad_(False)
         for member in sorted((Path(reward_dir) / ENSEMBLE_DIR).glob("member-*"), key=lambda p: int(p.name[7:]))
     ]
     tokenizer = load_tokenizer(reward_dir, trust_remote_code)

@@ -13,11 +13,13 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import requests
 from pydantic import BaseModel, ConfigDict, Field
+from torch.nn import Module
+from transformers import PreTrainedModel
 
 from infra.artifacts import PhaseInputs
 from infra.catalog import TAG_ALARM, TAG_CODE_VERSION, TAG_RESUMED_FROM, Phase
@@ -36,7 +38,8 @@ from infra.storage import (
 )
 from rlhf_core.alarms import Alarm
 from rlhf_core.checkpoint import DivergenceError
-from rlhf_core.engine import Engine, Optimization, TorchEngine
+from rlhf_core.engine import ComputeConfig, Engine, Optimization, TorchEngine, autocast_model
+from rlhf_core.modeling import default_device, enable_gradient_checkpointing, load_policy
 
 if TYPE_CHECKING:
     from infra.tracking import RunLogger
@@ -264,17 +267,37 @@ def phase_task(name: str) -> Callable:
 
 
 def make_engine(
-    module: Any, optimization: Optimization, deepspeed: DeepSpeedConfig | None, micro_batch_size: int
+    module: Any,
+    optimization: Optimization,
+    deepspeed: DeepSpeedConfig | None,
+    micro_batch_size: int,
+    *,
+    compute: ComputeConfig | None = None,
 ) -> Engine:
-    """Plain torch, or DeepSpeed ZeRO when the pipeline config names a stage: the loops do not know which."""
+    """Plain torch, or DeepSpeed ZeRO when the pipeline config names a stage: the loops do not know which. With
+    ``compute`` (the pipeline's ``compute`` section), the module recomputes its activations in the backward pass
+    (``gradient_checkpointing``, under either engine) and, under plain torch, runs in mixed precision (``autocast``;
+    under DeepSpeed, ``deepspeed.precision`` does, and the config refuses both)."""
+    compute = compute or ComputeConfig()
+    if compute.gradient_checkpointing:
+        enable_gradient_checkpointing(module)
     if deepspeed is None:
-        return TorchEngine(module, optimization)
+        return TorchEngine(module, optimization, autocast=compute.autocast)
+    if compute.autocast != "off":
+        raise ValueError(f"compute.autocast={compute.autocast} with deepspeed: set deepspeed.precision instead")
     from infra.deepspeed_engine import DeepSpeedEngine
 
     return DeepSpeedEngine(module, deepspeed, optimization, micro_batch_size)
 
 
-def phase_engine(module: Any, config: Any, total_steps: int, deepspeed: DeepSpeedConfig | None) -> Engine:
+def phase_engine(
+    module: Any,
+    config: Any,
+    total_steps: int,
+    deepspeed: DeepSpeedConfig | None,
+    *,
+    compute: ComputeConfig | None = None,
+) -> Engine:
     """:func:`make_engine` from a phase config with ``batch_size``, ``lr``, ``warmup_steps``, ``weight_decay``
     and ``max_grad_norm`` (SFT, reward model)."""
     optimization = Optimization(
@@ -284,7 +307,24 @@ def phase_engine(module: Any, config: Any, total_steps: int, deepspeed: DeepSpee
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
     )
-    return make_engine(module, optimization, deepspeed, config.batch_size)
+    return make_engine(module, optimization, deepspeed, config.batch_size, compute=compute)
+
+
+ModuleT = TypeVar("ModuleT", bound=Module)
+
+
+def at_precision(model: ModuleT, compute: ComputeConfig | None) -> ModuleT:
+    """A model that only runs forward (PPO's and DPO's frozen reference, the reward models, a policy that samples or
+    is evaluated) at ``compute.autocast``'s precision, as :class:`TorchEngine` runs the trained ones: both sides of a
+    KL, and the sampler and the learner of PPO, at the same precision. Returns ``model``."""
+    return autocast_model(model, (compute or ComputeConfig()).autocast, default_device())
+
+
+def frozen_policy(directory: Path, trust_remote_code: bool, compute: ComputeConfig | None) -> PreTrainedModel:
+    """A policy that only samples and is scored (preferences, evaluation), in eval mode, loaded and run as
+    ``compute`` says: its attention kernel and :func:`at_precision`."""
+    attn = (compute or ComputeConfig()).attn_implementation
+    return at_precision(load_policy(directory, trust_remote_code, attn_implementation=attn).eval(), compute)
 
 
 def world_size(deepspeed: DeepSpeedConfig | None) -> int:

@@ -11,6 +11,7 @@ from infra.catalog import DPO
 from infra.deepspeed_engine import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.dpo import DPOConfig, train_dpo
+from rlhf_core.engine import ComputeConfig
 from rlhf_core.lora import add_lora
 from rlhf_core.modeling import load_policy, load_tokenizer
 from rlhf_core.preferences import PreferencePair
@@ -20,6 +21,7 @@ from tasks.common import (
     PhaseOutput,
     RunContext,
     artifact_key,
+    at_precision,
     existing_output,
     fetch,
     phase_engine,
@@ -43,18 +45,27 @@ def run_dpo(
     trust_remote_code: bool = False,
     checkpointer: Checkpointer | None = None,
     deepspeed: DeepSpeedConfig | None = None,
+    compute: ComputeConfig | None = None,
 ) -> dict[str, float]:
     """DPO from ``policy_dir`` on ``pairs`` against ``reference_dir`` (with LoRA and an SFT
-    reference: the policy with its adapters off); saves the new policy to ``out_dir``, returns the last metrics."""
+    reference: the policy with its adapters off); saves the new policy to ``out_dir``, returns the last metrics.
+    ``compute``: precision (the reference's too), recomputation (the policy's) and attention kernel."""
+    compute = compute or ComputeConfig()
+    attn = compute.attn_implementation
     tokenizer = load_tokenizer(policy_dir, trust_remote_code)
     torch.manual_seed(seed)  # fresh LoRA adapters: the same seed, the same adapters
     if config.lora is not None and reference_dir == sft_dir:
-        policy, reference = load_policy_and_reference(policy_dir, sft_dir, config.lora, trust_remote_code)
+        policy, reference = load_policy_and_reference(
+            policy_dir, sft_dir, config.lora, trust_remote_code, attn_implementation=attn
+        )
     else:
-        policy = load_policy(policy_dir, trust_remote_code)
+        policy = load_policy(policy_dir, trust_remote_code, attn_implementation=attn)
         policy = add_lora(policy, config.lora) if config.lora is not None else policy
-        reference = load_policy(reference_dir, trust_remote_code).eval().requires_grad_(False)
-    engine = phase_engine(policy, config, num_training_steps(len(pairs), config.batch_size, config.epochs), deepspeed)
+        reference = load_policy(reference_dir, trust_remote_code, attn_implementation=attn)
+        reference = reference.eval().requires_grad_(False)
+    total = num_training_steps(len(pairs), config.batch_size, config.epochs)
+    engine = phase_engine(policy, config, total, deepspeed, compute=compute)
+    at_precision(reference, compute)  # the log-ratios between models at the same precision
     result = train_dpo(
         engine, reference, tokenizer, pairs, config=config, seed=seed, on_metrics=on_metrics, checkpointer=checkpointer
     )
@@ -73,12 +84,13 @@ def dpo_task(
     seed: int,
     iteration: int,
     deepspeed: DeepSpeedConfig | None = None,
+    compute: ComputeConfig | None = None,
 ) -> PhaseOutput:
     """``policy``: the current policy, where DPO starts (and its reference with ``dpo.reference: previous``);
     ``preferences``: the pairs to train on (every iteration's, or the latest, as ``dpo.pairs`` says)."""
-    reference = policy if config.reference == "previous" else sft
+    reference, compute = policy if config.reference == "previous" else sft, compute or ComputeConfig()
     inputs = {"policy": policy, "sft": sft, "preferences": preferences, "config": config, "seed": seed}
-    inputs["deepspeed"] = deepspeed
+    inputs |= {"deepspeed": deepspeed, "compute": compute}
     key = artifact_key(context, f"iteration-{iteration:03d}", "policy", inputs)
     if done := existing_output(context, key):
         return done
@@ -108,6 +120,7 @@ def dpo_task(
             trust_remote_code=context.trust_remote_code,
             checkpointer=work.checkpointer,
             deepspeed=deepspeed,
+            compute=compute,
         )
         return publish(
             context,

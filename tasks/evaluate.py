@@ -18,16 +18,19 @@ from infra.artifacts import (
 from infra.catalog import EVALUATION, HUMAN_EVALUATION
 from infra.datasets import read_rows, write_rows
 from infra.labeling import read_batch, read_imports, write_batch
+from rlhf_core.engine import ComputeConfig
 from rlhf_core.evaluate import EvalConfig, evaluate_policy, evaluation_pairs, human_win_rate, sample_baseline
-from rlhf_core.modeling import load_policy, load_tokenizer
+from rlhf_core.modeling import load_tokenizer
 from rlhf_core.reward import load_reward_function
 from tasks.common import (
     PhaseOutput,
     RunContext,
     artifact_key,
+    at_precision,
     existing_output,
     fetch,
     fetch_inputs,
+    frozen_policy,
     phase_task,
     phase_workspace,
     publish,
@@ -35,11 +38,17 @@ from tasks.common import (
 
 
 def run_baseline(
-    data_dir: Path, sft_dir: Path, *, config: EvalConfig, seed: int, trust_remote_code: bool = False
+    data_dir: Path,
+    sft_dir: Path,
+    *,
+    config: EvalConfig,
+    seed: int,
+    trust_remote_code: bool = False,
+    compute: ComputeConfig | None = None,
 ) -> list[dict]:
     """The SFT model's responses to the held-out prompts, with their gold rewards: the baseline of every
     iteration's evaluation."""
-    tokenizer, sft = load_tokenizer(sft_dir, trust_remote_code), load_policy(sft_dir, trust_remote_code).eval()
+    tokenizer, sft = load_tokenizer(sft_dir, trust_remote_code), frozen_policy(sft_dir, trust_remote_code, compute)
     prompts = read_prompts(data_dir, "eval")
     return sample_baseline(sft, tokenizer, prompts, gold_fn=data_judge(data_dir), config=config, seed=seed)
 
@@ -52,16 +61,22 @@ def run_evaluation(
     config: EvalConfig,
     seed: int,
     trust_remote_code: bool = False,
+    compute: ComputeConfig | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Evaluate ``inputs.policy`` against the SFT model's ``baseline`` responses (:func:`run_baseline`; the KL is to
     ``inputs.sft``, the score ``inputs.reward``'s where given); write ``metrics.json`` and the sample table to
-    ``out_dir``."""
+    ``out_dir``. ``compute``: every model's precision and attention kernel."""
     if inputs.sft is None:
         raise ValueError("evaluation compares the policy with the SFT model: inputs.sft is required")
     tokenizer = load_tokenizer(inputs.policy, trust_remote_code)
-    policy = load_policy(inputs.policy, trust_remote_code).eval()
-    sft = load_policy(inputs.sft, trust_remote_code).eval()
-    reward_fn = load_reward_function(inputs.reward, tokenizer, trust_remote_code) if inputs.reward else None
+    policy = frozen_policy(inputs.policy, trust_remote_code, compute)
+    sft = frozen_policy(inputs.sft, trust_remote_code, compute)
+    reward_fn = None
+    if inputs.reward:
+        attn = (compute or ComputeConfig()).attn_implementation
+        reward_fn = load_reward_function(inputs.reward, tokenizer, trust_remote_code, attn_implementation=attn)
+        for model in [reward_fn.model, *reward_fn.members]:
+            at_precision(model, compute)
     judge = data_judge(inputs.data)
     metrics, rows = evaluate_policy(
         policy,
@@ -81,16 +96,28 @@ def run_evaluation(
 
 @phase_task("sft-baseline")
 def sft_baseline_task(
-    context: RunContext, *, data: PhaseOutput, sft: PhaseOutput, config: EvalConfig, seed: int
+    context: RunContext,
+    *,
+    data: PhaseOutput,
+    sft: PhaseOutput,
+    config: EvalConfig,
+    seed: int,
+    compute: ComputeConfig | None = None,
 ) -> PhaseOutput:
     """The SFT model's held-out responses, sampled once with a seed of their own and reused by every iteration's
     evaluation, so that the baseline does not move with the policy or the config."""
-    inputs = {"data": data, "sft": sft, "config": config, "seed": seed}
+    compute = compute or ComputeConfig()
+    inputs = {"data": data, "sft": sft, "config": config, "seed": seed, "compute": compute}
     key = artifact_key(context, "sft", "baseline", inputs)
     if done := existing_output(context, key):
         return done
     rows = run_baseline(
-        fetch(context, data), fetch(context, sft), config=config, seed=seed, trust_remote_code=context.trust_remote_code
+        fetch(context, data),
+        fetch(context, sft),
+        config=config,
+        seed=seed,
+        trust_remote_code=context.trust_remote_code,
+        compute=compute,
     )
     with tempfile.TemporaryDirectory(prefix="rlhf-baseline-") as tmp:
         write_rows(Path(tmp) / BASELINE_FILE, rows)
@@ -118,10 +145,12 @@ def evaluate_task(
     config: EvalConfig,
     seed: int,
     iteration: int,
+    compute: ComputeConfig | None = None,
 ) -> PhaseOutput:
     """``reward``: the iteration's reward model, whose score of the policy's responses is reported; None (DPO)."""
+    compute = compute or ComputeConfig()
     inputs = {"data": data, "policy": policy, "sft": sft, "reward": reward, "config": config, "seed": seed}
-    inputs["baseline"] = baseline
+    inputs |= {"baseline": baseline, "compute": compute}
     key = artifact_key(context, f"iteration-{iteration:03d}", "evaluation", inputs)
     if done := existing_output(context, key):
         return done
@@ -135,6 +164,7 @@ def evaluate_task(
             config=config,
             seed=seed,
             trust_remote_code=context.trust_remote_code,
+            compute=compute,
         )
         work.log(metrics, iteration)
         return publish(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from infra.artifacts import PhaseInputs, data_judge, read_prompts
 from infra.catalog import PPO
 from infra.deepspeed_engine import DeepSpeedConfig, inference_module
 from rlhf_core.checkpoint import Checkpointer
-from rlhf_core.engine import Engine, Optimization
+from rlhf_core.engine import AttnImplementation, ComputeConfig, Engine, Optimization
 from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, LoRAConfig, add_lora, load_lora
 from rlhf_core.modeling import fold_reward_normalization, load_policy, load_scorer, load_tokenizer
 from rlhf_core.ppo import AlarmCallback, PPOConfig, PPOModels, train_ppo
@@ -23,6 +24,7 @@ from tasks.common import (
     PhaseOutput,
     RunContext,
     artifact_key,
+    at_precision,
     existing_output,
     fetch_inputs,
     make_engine,
@@ -35,16 +37,23 @@ from tasks.launch import run_entry
 
 
 def load_policy_and_reference(
-    policy_dir: Path, sft_dir: Path, lora: LoRAConfig | None, trust_remote_code: bool = False
+    policy_dir: Path,
+    sft_dir: Path,
+    lora: LoRAConfig | None,
+    trust_remote_code: bool = False,
+    *,
+    attn_implementation: AttnImplementation = "sdpa",
 ) -> tuple[nn.Module, nn.Module]:
-    """The policy to train and its frozen SFT reference. With LoRA, the policy is the SFT model with adapters
-    (new, or the previous iteration's from ``policy_dir/adapter``) and the reference that model with them off;
-    a policy that is neither (trained in full earlier) gets fresh adapters and a separate reference."""
+    """The policy to train and its frozen SFT reference, loaded with ``attn_implementation``. With LoRA, the policy
+    is the SFT model with adapters (new, or the previous iteration's from ``policy_dir/adapter``) and the reference
+    that model with them off; a policy that is neither (trained in full earlier) gets fresh adapters and a separate
+    reference."""
+    load = functools.partial(load_policy, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     if lora is None or (policy_dir != sft_dir and not (policy_dir / ADAPTER_DIR).is_dir()):
-        policy = load_policy(policy_dir, trust_remote_code)
-        reference = load_policy(sft_dir, trust_remote_code).eval().requires_grad_(False)
+        policy = load(policy_dir)
+        reference = load(sft_dir).eval().requires_grad_(False)
         return (policy if lora is None else add_lora(policy, lora)), reference
-    base = load_policy(sft_dir, trust_remote_code)
+    base = load(sft_dir)
     adapters = policy_dir / ADAPTER_DIR
     policy = load_lora(base, adapters) if adapters.is_dir() else add_lora(base, lora)
     return policy, AdaptersDisabled(policy)
@@ -77,30 +86,45 @@ def run_ppo(
     checkpointer: Checkpointer | None = None,
     deepspeed: DeepSpeedConfig | None = None,
     on_alarm: AlarmCallback | None = None,
+    compute: ComputeConfig | None = None,
 ) -> dict[str, float]:
     """PPO from ``inputs.policy`` with the SFT model as frozen reference and a critic started from the reward
     model (from the SFT model when the reward model has a tokenizer of its own); saves the new policy to
-    ``out_dir`` and returns the last step's metrics, with ``alarm/<name>``: the step of each alarm that fired."""
+    ``out_dir`` and returns the last step's metrics, with ``alarm/<name>``: the step of each alarm that fired.
+    ``compute``: precision (the frozen models' too), recomputation (the policy's and the critic's) and attention
+    kernel."""
     if inputs.sft is None or inputs.reward is None:
         raise ValueError("PPO needs the SFT model (its reference) and a reward model: inputs.sft, inputs.reward")
+    compute = compute or ComputeConfig()
+    attn = compute.attn_implementation
     tokenizer = load_tokenizer(inputs.policy, trust_remote_code)
     torch.manual_seed(seed)  # fresh LoRA adapters: the same seed, the same adapters
-    policy, reference = load_policy_and_reference(inputs.policy, inputs.sft, config.lora, trust_remote_code)
-    reward_fn = load_reward_function(inputs.reward, tokenizer, trust_remote_code)
+    policy, reference = load_policy_and_reference(
+        inputs.policy, inputs.sft, config.lora, trust_remote_code, attn_implementation=attn
+    )
+    reward_fn = load_reward_function(inputs.reward, tokenizer, trust_remote_code, attn_implementation=attn)
     torch.manual_seed(seed)  # a critic started from the SFT model gets a fresh head: the same seed, the same critic
-    critic = load_scorer(inputs.reward if reward_fn.tokenizer is None else inputs.sft, trust_remote_code)
+    critic = load_scorer(
+        inputs.reward if reward_fn.tokenizer is None else inputs.sft, trust_remote_code, attn_implementation=attn
+    )
     critic = fold_reward_normalization(critic)  # values in the units of the normalized reward, from the first step
     if config.lora is None:  # with LoRA the reference is the policy itself, adapters off
         reference = inference_module(reference, deepspeed)
     reward_fn.model = inference_module(reward_fn.model, deepspeed)
     reward_fn.members = [inference_module(member, deepspeed) for member in reward_fn.members]
+    for frozen in [reference, reward_fn.model, *reward_fn.members]:  # the KL between models at the same precision
+        at_precision(frozen, compute)
     updates = config.steps * config.epochs * -(-config.rollout_batch_size // config.minibatch_size)
     optimization = Optimization(
         lr=config.lr, total_steps=updates, max_grad_norm=config.max_grad_norm, min_lr_ratio=1.0
     )  # a constant learning rate
-    policy_engine = make_engine(policy, optimization, deepspeed, config.minibatch_size)
+    policy_engine = make_engine(policy, optimization, deepspeed, config.minibatch_size, compute=compute)
     critic_engine = make_engine(
-        critic, dataclasses.replace(optimization, lr=config.critic_lr), deepspeed, config.minibatch_size
+        critic,
+        dataclasses.replace(optimization, lr=config.critic_lr),
+        deepspeed,
+        config.minibatch_size,
+        compute=compute,
     )
     result = train_ppo(
         PPOModels(policy_engine, critic_engine, reference, reward_fn),
@@ -129,9 +153,11 @@ def ppo_task(
     seed: int,
     iteration: int,
     deepspeed: DeepSpeedConfig | None = None,
+    compute: ComputeConfig | None = None,
 ) -> PhaseOutput:
+    compute = compute or ComputeConfig()
     inputs = {"data": data, "policy": policy, "sft": sft, "reward": reward, "config": config, "seed": seed}
-    inputs["deepspeed"] = deepspeed
+    inputs |= {"deepspeed": deepspeed, "compute": compute}
     key = artifact_key(context, f"iteration-{iteration:03d}", "policy", inputs)
     if done := existing_output(context, key):
         return done
@@ -156,6 +182,7 @@ def ppo_task(
             "seed": seed,
             "trust_remote_code": context.trust_remote_code,
             "deepspeed": deepspeed,
+            "compute": compute,
         }
         metrics = run_entry(
             run_ppo, kwargs, num_processes=world_size(deepspeed), log=work.log, checkpointer=work.checkpointer

@@ -10,7 +10,8 @@ from infra.artifacts import PAIRS_FILE, PhaseInputs, data_judge, read_prompts
 from infra.catalog import PREFERENCES
 from infra.datasets import write_rows
 from infra.labeling import read_batch, read_imports, write_batch
-from rlhf_core.modeling import load_policy, load_tokenizer
+from rlhf_core.engine import ComputeConfig
+from rlhf_core.modeling import load_tokenizer
 from rlhf_core.preferences import PreferenceConfig, collect_preferences, labeling_pairs, preferences_from_labels
 from tasks.common import (
     PhaseOutput,
@@ -19,6 +20,7 @@ from tasks.common import (
     existing_output,
     fetch,
     fetch_inputs,
+    frozen_policy,
     phase_task,
     phase_workspace,
     publish,
@@ -26,11 +28,18 @@ from tasks.common import (
 
 
 def run_preferences(
-    inputs: PhaseInputs, out_dir: Path, *, config: PreferenceConfig, seed: int, trust_remote_code: bool = False
+    inputs: PhaseInputs,
+    out_dir: Path,
+    *,
+    config: PreferenceConfig,
+    seed: int,
+    trust_remote_code: bool = False,
+    compute: ComputeConfig | None = None,
 ) -> dict[str, float]:
-    """Sample and label response pairs on the preference prompts; write them as Parquet."""
+    """Sample (as ``compute`` says: precision and attention kernel) and label response pairs on the preference
+    prompts; write them as Parquet."""
     tokenizer = load_tokenizer(inputs.policy, trust_remote_code)
-    policy = load_policy(inputs.policy, trust_remote_code).eval()
+    policy = frozen_policy(inputs.policy, trust_remote_code, compute)
     prompts = read_prompts(inputs.data, "preference")
     pairs, stats = collect_preferences(policy, tokenizer, prompts, data_judge(inputs.data), config=config, seed=seed)
     write_rows(out_dir / PAIRS_FILE, [dataclasses.asdict(p) for p in pairs])
@@ -39,9 +48,17 @@ def run_preferences(
 
 @phase_task("collect-preferences")
 def preferences_task(
-    context: RunContext, *, data: PhaseOutput, policy: PhaseOutput, config: PreferenceConfig, seed: int, iteration: int
+    context: RunContext,
+    *,
+    data: PhaseOutput,
+    policy: PhaseOutput,
+    config: PreferenceConfig,
+    seed: int,
+    iteration: int,
+    compute: ComputeConfig | None = None,
 ) -> PhaseOutput:
-    inputs = {"data": data, "policy": policy, "config": config, "seed": seed}
+    compute = compute or ComputeConfig()
+    inputs = {"data": data, "policy": policy, "config": config, "seed": seed, "compute": compute}
     key = artifact_key(context, f"iteration-{iteration:03d}", "preferences", inputs)
     if done := existing_output(context, key):
         return done
@@ -49,7 +66,12 @@ def preferences_task(
     params = {"preferences": config.model_dump(), "seed": seed}
     with phase_workspace(context, PREFERENCES, key, iteration=iteration, params=params) as work:
         metrics = run_preferences(
-            dirs, work.out_dir, config=config, seed=seed, trust_remote_code=context.trust_remote_code
+            dirs,
+            work.out_dir,
+            config=config,
+            seed=seed,
+            trust_remote_code=context.trust_remote_code,
+            compute=compute,
         )
         work.log(metrics, iteration)
         return publish(
@@ -74,10 +96,11 @@ def run_labeling_batch(
     seed: int,
     id_prefix: str,
     trust_remote_code: bool = False,
+    compute: ComputeConfig | None = None,
 ) -> dict[str, float]:
     """Sample the pairs people will label (as :func:`run_preferences` samples them) and write the batch."""
     tokenizer = load_tokenizer(inputs.policy, trust_remote_code)
-    policy = load_policy(inputs.policy, trust_remote_code).eval()
+    policy = frozen_policy(inputs.policy, trust_remote_code, compute)
     prompts, judge = read_prompts(inputs.data, "preference"), data_judge(inputs.data)
     pairs = labeling_pairs(policy, tokenizer, prompts, judge, config=config, seed=seed, id_prefix=id_prefix)
     write_batch(out_dir, pairs)
@@ -86,10 +109,18 @@ def run_labeling_batch(
 
 @phase_task("labeling-batch")
 def labeling_batch_task(
-    context: RunContext, *, data: PhaseOutput, policy: PhaseOutput, config: PreferenceConfig, seed: int, iteration: int
+    context: RunContext,
+    *,
+    data: PhaseOutput,
+    policy: PhaseOutput,
+    config: PreferenceConfig,
+    seed: int,
+    iteration: int,
+    compute: ComputeConfig | None = None,
 ) -> PhaseOutput:
     """The current policy's response pairs as a labeling batch for people (``preferences.source: human``)."""
-    inputs = {"data": data, "policy": policy, "config": config, "seed": seed}
+    compute = compute or ComputeConfig()
+    inputs = {"data": data, "policy": policy, "config": config, "seed": seed, "compute": compute}
     key = artifact_key(context, f"iteration-{iteration:03d}", "labeling_batch", inputs)
     if done := existing_output(context, key):
         return done
@@ -102,6 +133,7 @@ def labeling_batch_task(
             seed=seed,
             id_prefix=key.rsplit("-", 1)[-1][:8],  # the batch's key: a labels file cannot be taken for another batch's
             trust_remote_code=context.trust_remote_code,
+            compute=compute,
         )
         return publish(
             context,

@@ -11,6 +11,7 @@ from infra.artifacts import read_pairs, reward_init_dir
 from infra.catalog import REWARD
 from infra.deepspeed_engine import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
+from rlhf_core.engine import ComputeConfig
 from rlhf_core.modeling import load_scorer, load_tokenizer
 from rlhf_core.reward import (
     ENSEMBLE_DIR,
@@ -50,11 +51,14 @@ def run_reward(
     trust_remote_code: bool = False,
     checkpointer: Checkpointer | None = None,
     deepspeed: DeepSpeedConfig | None = None,
+    compute: ComputeConfig | None = None,
 ) -> dict[str, float]:
     """Train a reward model from ``init_dir``'s backbone on all pairs in ``preference_dirs`` (``config.ensemble_size``
     of them, the first at ``out_dir``, the rest in ``out_dir/ensemble``); normalize each on the responses of the last
     one (the current policy's samples). The first member reports its steps and resumes from checkpoints. As one of
-    N data-parallel ranks, every rank trains and scores alike and rank 0 writes."""
+    N data-parallel ranks, every rank trains and scores alike and rank 0 writes. ``compute``: precision,
+    recomputation and attention kernel."""
+    compute = compute or ComputeConfig()
     tokenizer = load_tokenizer(init_dir, trust_remote_code)
     pairs = [pair for d in preference_dirs for pair in read_pairs(d)]
     train, val = split_pairs(pairs, config.val_fraction, seed)
@@ -66,11 +70,15 @@ def run_reward(
         member_seed = seed + member
         member_init = init_dir / ENSEMBLE_DIR / f"member-{member}"  # a warm start from the previous ensemble's
         torch.manual_seed(member_seed)  # a fresh scalar head (from a backbone): the same seed, the same reward model
-        model = load_scorer(member_init if member_init.is_dir() else init_dir, trust_remote_code)
+        model = load_scorer(
+            member_init if member_init.is_dir() else init_dir,
+            trust_remote_code,
+            attn_implementation=compute.attn_implementation,
+        )
         model.config.reward_gain, model.config.reward_bias = 1.0, 0.0  # a previous reward model trains on raw scores
         member_train = bootstrap_resample(train, member_seed) if config.bootstrap else train
         total = num_training_steps(len(member_train), config.batch_size, config.max_epochs)
-        engine = phase_engine(model, config, total, deepspeed)
+        engine = phase_engine(model, config, total, deepspeed, compute=compute)
         first = member == 0
         result = train_reward_model(
             engine,
@@ -148,11 +156,12 @@ def reward_task(
     iteration: int,
     previous: PhaseOutput | None = None,
     deepspeed: DeepSpeedConfig | None = None,
+    compute: ComputeConfig | None = None,
 ) -> PhaseOutput:
     """``previous``: the last iteration's reward model, the starting point when ``config.warm_start``."""
-    previous = previous if config.warm_start else None
+    previous, compute = previous if config.warm_start else None, compute or ComputeConfig()
     inputs = {"data": data, "sft": sft, "preferences": preferences, "config": config, "seed": seed}
-    inputs |= {"previous": previous, "deepspeed": deepspeed}
+    inputs |= {"previous": previous, "deepspeed": deepspeed, "compute": compute}
     key = artifact_key(context, f"iteration-{iteration:03d}", "reward_model", inputs)
     if done := existing_output(context, key):
         return done
@@ -176,6 +185,7 @@ def reward_task(
             "seed": seed,
             "trust_remote_code": context.trust_remote_code,
             "deepspeed": deepspeed,
+            "compute": compute,
         }
         metrics = run_entry(
             run_reward, kwargs, num_processes=world_size(deepspeed), log=work.log, checkpointer=work.checkpointer

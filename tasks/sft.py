@@ -8,6 +8,7 @@ from infra.artifacts import BASE_MODEL_DIR, read_demonstrations
 from infra.catalog import SFT
 from infra.deepspeed_engine import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
+from rlhf_core.engine import ComputeConfig
 from rlhf_core.modeling import load_policy, load_tokenizer
 from rlhf_core.sft import SFTConfig, num_training_steps, train_sft
 from rlhf_core.types import MetricsCallback
@@ -37,13 +38,16 @@ def run_sft(
     trust_remote_code: bool = False,
     checkpointer: Checkpointer | None = None,
     deepspeed: DeepSpeedConfig | None = None,
+    compute: ComputeConfig | None = None,
 ) -> dict[str, float]:
-    """Load the base model, fine-tune it, save it with its tokenizer to ``out_dir``."""
+    """Load the base model, fine-tune it (as ``compute`` says: precision, recomputation, attention kernel), save it
+    with its tokenizer to ``out_dir``."""
+    compute = compute or ComputeConfig()
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
-    model = load_policy(base_dir, trust_remote_code)
+    model = load_policy(base_dir, trust_remote_code, attn_implementation=compute.attn_implementation)
     demonstrations = read_demonstrations(data_dir)
     total = num_training_steps(len(demonstrations), config.batch_size, config.epochs)
-    engine = phase_engine(model, config, total, deepspeed)
+    engine = phase_engine(model, config, total, deepspeed, compute=compute)
     result = train_sft(
         engine, tokenizer, demonstrations, config, seed=seed, on_metrics=on_metrics, checkpointer=checkpointer
     )
@@ -56,9 +60,16 @@ def run_sft(
 
 @phase_task("sft")
 def sft_task(
-    context: RunContext, *, data: PhaseOutput, config: SFTConfig, seed: int, deepspeed: DeepSpeedConfig | None = None
+    context: RunContext,
+    *,
+    data: PhaseOutput,
+    config: SFTConfig,
+    seed: int,
+    deepspeed: DeepSpeedConfig | None = None,
+    compute: ComputeConfig | None = None,
 ) -> PhaseOutput:
-    inputs = {"data": data, "config": config, "seed": seed, "deepspeed": deepspeed}
+    compute = compute or ComputeConfig()
+    inputs = {"data": data, "config": config, "seed": seed, "deepspeed": deepspeed, "compute": compute}
     key = artifact_key(context, "sft", "policy", inputs)
     if done := existing_output(context, key):
         return done
@@ -79,6 +90,7 @@ def sft_task(
             "seed": seed,
             "trust_remote_code": context.trust_remote_code,
             "deepspeed": deepspeed,
+            "compute": compute,
         }
         metrics = run_entry(
             run_sft, kwargs, num_processes=world_size(deepspeed), log=work.log, checkpointer=work.checkpointer
