@@ -110,11 +110,12 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _lora_below_zero3(self) -> PipelineConfig:
-        lora = [name for name in ("ppo", "dpo") if getattr(self, name).lora is not None]
+        fields = {"ppo.lora": self.ppo.lora, "ppo.critic_lora": self.ppo.critic_lora, "dpo.lora": self.dpo.lora}
+        lora = [name for name, value in (fields | {"reward.lora": self.reward.lora}).items() if value is not None]
         if self.deepspeed is not None and self.deepspeed.zero_stage == 3 and lora:
             raise ValueError(
-                f"{lora[0]}.lora with deepspeed.zero_stage 3 is not supported: LoRA's adapters train under ZeRO 0-2 "
-                "(its frozen base weights are not sharded there); set zero_stage to 2 or lora to null"
+                f"{lora[0]} with deepspeed.zero_stage 3 is not supported: LoRA's adapters train under ZeRO 0-2 "
+                f"(its frozen base weights are not sharded there); set zero_stage to 2 or {lora[0]} to null"
             )
         return self
 

@@ -2,7 +2,8 @@
 
 The policy trains low-rank adapters on frozen base weights, and PPO's frozen reference is the same model with
 its adapters switched off, so one copy of the base weights serves both (and the optimizer holds state for the
-adapters only). ``peft`` is imported only when a LoRA policy is built.
+adapters only). A reward model or a critic can train as adapters too, with its scalar head trained in full.
+``peft`` is imported only when a LoRA model is built.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ ADAPTER_DIR = "adapter"
 
 
 class LoRAConfig(BaseModel):
-    """Low-rank adapters on the policy."""
+    """Low-rank adapters on a model (the policy, the reward model or the critic)."""
 
     model_config = ConfigDict(extra="forbid")
     r: int = Field(8, ge=1, description="Rank of each adapter.")
@@ -27,8 +28,9 @@ class LoRAConfig(BaseModel):
     )
 
 
-def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
-    """``model`` with fresh adapters (the base weights frozen, dropout off)."""
+def add_lora(model: nn.Module, config: LoRAConfig, *, scorer: bool = False) -> nn.Module:
+    """``model`` with fresh adapters (the base weights frozen, dropout off). A ``scorer`` (a sequence-classification
+    model: reward model or critic) trains its scalar head ``score`` in full beside the adapters."""
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
@@ -36,9 +38,15 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         lora_alpha=config.alpha,
         lora_dropout=0.0,
         target_modules=config.target_modules,
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if scorer else "CAUSAL_LM",
+        modules_to_save=["score"] if scorer else None,
     )
     return get_peft_model(model, lora)
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """A model with its adapters folded into its weights, as a plain transformers model (itself without adapters)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
 def load_lora(base: nn.Module, adapter_dir: Path) -> nn.Module:

@@ -379,7 +379,9 @@ def trim_padding(query_responses: Tensor, attention_mask: Tensor, context_length
 
 def token_scores(scorer: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """The scalar head of a sequence-classification model applied at every position, (B, L) -> (B, L).
-    Read at the last real token it is a reward; read along a response it is a critic's values."""
+    Read at the last real token it is a reward; read along a response it is a critic's values. A LoRA scorer (a peft
+    model) is read through the transformers model inside it, adapters and trained head included."""
+    scorer = scorer.get_base_model() if hasattr(scorer, "get_base_model") else scorer
     hidden = scorer.base_model(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -88,6 +88,9 @@ class PPOConfig(BaseModel):
     lora: LoRAConfig | None = Field(
         None, description="Train the policy as LoRA adapters, the reference being the same model with them off."
     )
+    critic_lora: LoRAConfig | None = Field(
+        None, description="Train the critic as LoRA adapters on its initial model, its value head in full."
+    )
     checkpoint_every: int = Field(10, ge=0, description="Save a resumable checkpoint every this many steps; 0: never.")
     target_kl: float | None = Field(
         0.1, gt=0, description="Stop an update early once the minibatch approx-KL to the rollout policy exceeds this."

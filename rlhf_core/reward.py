@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.checkpoint import Checkpointer, check_finite, checkpoint_due
 from rlhf_core.engine import AttnImplementation, Engine, rank_rows
+from rlhf_core.lora import LoRAConfig
 from rlhf_core.losses import aggregate_rewards, bradley_terry_loss
 from rlhf_core.modeling import (
     Samples,
@@ -63,6 +64,11 @@ class RewardConfig(BaseModel):
         "from the first.",
     )
     bootstrap: bool = Field(False, description="Train each ensemble member on a bootstrap resample of the pairs.")
+    lora: LoRAConfig | None = Field(
+        None,
+        description="Train each reward model as LoRA adapters on its initial model, its scalar head in full; "
+        "saved with the adapters merged in, as a plain sequence-classification model.",
+    )
     aggregate: Literal["mean", "min", "mean_minus_std"] = Field(
         "mean",
         description="How an ensemble's scores become one reward: mean, min (worst case) or mean_minus_std (the mean "

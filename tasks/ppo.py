@@ -15,7 +15,7 @@ from infra.catalog import PPO
 from infra.deepspeed_engine import DeepSpeedConfig, inference_module
 from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.engine import AttnImplementation, ComputeConfig, Engine, Optimization
-from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, LoRAConfig, add_lora, load_lora
+from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, LoRAConfig, add_lora, load_lora, merged
 from rlhf_core.modeling import fold_reward_normalization, load_policy, load_scorer, load_tokenizer
 from rlhf_core.ppo import AlarmCallback, PPOConfig, PPOModels, train_ppo
 from rlhf_core.reward import load_reward_function
@@ -69,7 +69,7 @@ def save_policy(
         return
     if lora:
         policy.save_pretrained(out_dir / ADAPTER_DIR)
-        policy.merge_and_unload().save_pretrained(out_dir)
+        merged(policy).save_pretrained(out_dir)
     else:
         policy.save_pretrained(out_dir, state_dict=weights)
     tokenizer.save_pretrained(out_dir)
@@ -108,6 +108,8 @@ def run_ppo(
         inputs.reward if reward_fn.tokenizer is None else inputs.sft, trust_remote_code, attn_implementation=attn
     )
     critic = fold_reward_normalization(critic)  # values in the units of the normalized reward, from the first step
+    if config.critic_lora is not None:
+        critic = add_lora(critic, config.critic_lora, scorer=True)
     if config.lora is None:  # with LoRA the reference is the policy itself, adapters off
         reference = inference_module(reference, deepspeed)
     reward_fn.model = inference_module(reward_fn.model, deepspeed)

@@ -12,6 +12,7 @@ from infra.catalog import REWARD
 from infra.deepspeed_engine import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.engine import ComputeConfig
+from rlhf_core.lora import add_lora, merged
 from rlhf_core.modeling import load_scorer, load_tokenizer
 from rlhf_core.reward import (
     ENSEMBLE_DIR,
@@ -76,6 +77,8 @@ def run_reward(
             attn_implementation=compute.attn_implementation,
         )
         model.config.reward_gain, model.config.reward_bias = 1.0, 0.0  # a previous reward model trains on raw scores
+        if config.lora is not None:
+            model = add_lora(model, config.lora, scorer=True)
         member_train = bootstrap_resample(train, member_seed) if config.bootstrap else train
         total = num_training_steps(len(member_train), config.batch_size, config.max_epochs)
         engine = phase_engine(model, config, total, deepspeed, compute=compute)
@@ -93,7 +96,10 @@ def run_reward(
         norm = normalize_reward_model(model, tokenizer, prompts, responses, max_length=config.max_length)
         model.config.reward_aggregate, model.config.reward_uncertainty_coef = config.aggregate, config.uncertainty_coef
         folder = out_dir if first else out_dir / ENSEMBLE_DIR / f"member-{member}"
-        weights = engine.full_state_dict()  # every rank takes part in gathering; rank 0 writes
+        if config.lora is not None:  # LoRA runs below ZeRO-3: every rank holds the whole model and merges it
+            model, weights = merged(model), None
+        else:
+            weights = engine.full_state_dict()  # every rank takes part in gathering; rank 0 writes
         if engine.rank == 0:
             model.save_pretrained(folder, state_dict=weights)
         members.append(model)

@@ -1,6 +1,9 @@
 """LoRA policies: PPO trains adapters only, its reference is the policy with them off (no second copy of the
 weights), so it holds measurably less memory than full fine-tuning and still raises the gold reward; the
-adapters carry over from one iteration to the next and a merged export loads as any causal LM."""
+adapters carry over from one iteration to the next and a merged export loads as any causal LM. Reward models and
+critics train as adapters too."""
+
+import math
 
 import pytest
 import torch
@@ -14,14 +17,16 @@ from infra.deepspeed_engine import DeepSpeedConfig
 from rlhf_core import world
 from rlhf_core.engine import Optimization, TorchEngine
 from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, LoRAConfig, add_lora
+from rlhf_core.losses import bradley_terry_loss
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
 from rlhf_core.ppo import PPOConfig, PPOModels, train_ppo
-from rlhf_core.reward import RewardFunction
+from rlhf_core.reward import RewardFunction, pair_rewards, preference_accuracy, split_pairs
 from tasks.common import make_engine
 from tasks.data import write_data
 from tasks.dpo import run_dpo
 from tasks.ppo import load_policy_and_reference, run_ppo
 from tasks.preferences import run_preferences
+from tasks.reward import run_reward
 
 
 def held_bytes(*modules: torch.nn.Module, optimizers: tuple[torch.optim.Optimizer, ...] = ()) -> int:
@@ -101,6 +106,8 @@ def test_lora_adapters_carry_over_iterations_and_merge(tmp_path):
 def test_lora_with_zero3_is_refused_by_name():
     with pytest.raises(ConfigError, match="dpo.lora with deepspeed.zero_stage 3 is not supported"):
         load_config(None, ["dpo.lora={r: 4}", "deepspeed={zero_stage: 3}"])
+    with pytest.raises(ConfigError, match="reward.lora with deepspeed.zero_stage 3 is not supported"):
+        load_config(None, ["reward.lora={r: 4}", "deepspeed={zero_stage: 3}"])
     assert load_config(None, ["ppo.lora={r: 4}", "deepspeed={zero_stage: 2}"]).ppo.lora.r == 4
 
 
@@ -139,3 +146,49 @@ def test_lora_ppo_and_dpo_under_zero2_match_plain_torch(tmp_path):
         ids = torch.tensor([[1, 5, 9, 12, 3]])
         ours, theirs = load_policy(tmp_path / "zero2" / phase), load_policy(tmp_path / "torch" / phase)
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("deepspeed", [None, DeepSpeedConfig(zero_stage=2)], ids=["torch", "zero2"])
+def test_a_lora_reward_model_trains_adapters_and_its_head_and_exports_merged(tmp_path, deepspeed):
+    """A reward model as LoRA (reward.lora) trains low-rank adapters and its scalar head only: it holds less memory
+    than one trained in full, its saved model is a plain scorer whose weights differ from the initial ones by a
+    rank-r update in every adapted layer, scoring as the trained one did; a LoRA critic (ppo.critic_lora) trains
+    in PPO beside it."""
+    config = load_config(None, [*TINY, "reward.lora={r: 4}", "ppo.critic_lora={r: 4}", "ppo.steps=2"])
+    data, sft = tmp_path / "data", tmp_path / "data" / "base_model"
+    write_data(data, 0, config.data)
+    run_preferences(PhaseInputs(data=data, policy=sft), tmp_path / "pairs", config=config.preferences, seed=1)
+    pairs = read_pairs(tmp_path / "pairs")
+    tokenizer = load_tokenizer(sft)
+
+    def one_step(model: torch.nn.Module) -> int:
+        engine = make_engine(model, Optimization(lr=1e-3, total_steps=10), deepspeed, micro_batch_size=8)
+        engine.backward(bradley_terry_loss(*pair_rewards(engine.module, tokenizer, pairs[:8], 64)))
+        engine.step()
+        return held_bytes(model, optimizers=(torch_optimizer(engine),))
+
+    full_bytes = one_step(load_scorer(sft))
+    lora_bytes = one_step(add_lora(load_scorer(sft), LoRAConfig(r=4), scorer=True))
+    # full: weights + two AdamW moments (+ ZeRO's fp32 master copy) = 3-4 copies; LoRA: one copy plus small adapters
+    assert lora_bytes < 0.5 * full_bytes, (lora_bytes, full_bytes)
+
+    metrics = run_reward(sft, [tmp_path / "pairs"], tmp_path / "rm", config=config.reward, seed=1, deepspeed=deepspeed)
+    assert not list((tmp_path / "rm").rglob("adapter_*"))  # merged: loads as any sequence-classification model
+    trained, initial = load_scorer(tmp_path / "rm").eval(), load_scorer(sft)
+    for name, weight in trained.model.state_dict().items():
+        if name.endswith("proj.weight"):  # every linear layer of the backbone carries an adapter (all-linear)
+            update = weight - initial.model.state_dict()[name]
+            assert 0 < torch.linalg.matrix_rank(update, atol=1e-6) <= 4, name
+        else:  # embeddings and norms stay frozen
+            torch.testing.assert_close(weight, initial.model.state_dict()[name], atol=0, rtol=0, msg=name)
+    _, val = split_pairs(pairs, config.reward.val_fraction, 1)
+    accuracy = preference_accuracy(trained, tokenizer, val, config.reward.max_length)["accuracy"]
+    assert accuracy == pytest.approx(metrics["val_accuracy"], abs=1e-9)
+
+    inputs = PhaseInputs(data, sft, sft, tmp_path / "rm")
+    history = []
+    run_ppo(
+        inputs, tmp_path / "ppo", config=config.ppo, seed=1, deepspeed=deepspeed,
+        on_metrics=lambda metrics, _: history.append(metrics),
+    )  # fmt: skip
+    assert len(history) == 2 and all(math.isfinite(h["value_loss"]) for h in history)
