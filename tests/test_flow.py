@@ -409,6 +409,24 @@ def test_dpo_pipeline_trains_no_reward_model_and_caches(first_run: dict, workdir
     rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db", *dpo)
     assert set(summary(workdir)["phases"].values()) == {"Cached"}
 
+    # offline DPO against the previous policy, on the latest pairs: iteration 2 samples its pairs from the SFT model
+    # and DPO starts from iteration 1's policy, which is also its reference
+    offline = ["dpo.online=false", "dpo.reference=previous", "dpo.pairs=latest"]
+    rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db", *dpo, *offline)
+    result = summary(workdir)
+    assert result["phases"]["iteration-1/preferences"] == "Cached"
+    assert result["phases"]["iteration-2/dpo"] == "Completed"
+
+    def metadata(key: str) -> dict:
+        return json.loads((workdir / "rlhf-artifacts" / key / "MANIFEST.json").read_text())["metadata"]
+
+    dpo_parents = metadata(result["final_policy_uri"].removeprefix(f"{workdir}/rlhf-artifacts/"))["parents"]
+    assert dpo_parents["reference"] == dpo_parents["policy"]
+    assert dpo_parents["reference"].startswith("pipelines/default/iteration-001/policy-")
+    [pairs] = dpo_parents["preferences"]
+    assert pairs.startswith("pipelines/default/iteration-002/preferences-")
+    assert metadata(pairs)["parents"]["policy"].startswith("pipelines/default/sft/policy-")
+
 
 def test_the_pipeline_runs_with_two_processes_under_deepspeed(tmp_path: Path, pipeline_env: dict):
     """deepspeed.num_processes: 2 — SFT, the reward model and PPO train as two torchrun ranks (rank 0 logging and
