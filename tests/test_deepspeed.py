@@ -2,6 +2,7 @@
 and ZeRO-3 give the losses of the plain-torch path on the same seed, and the saved checkpoints (gathered
 from the shards) reload through ``Auto*`` with the same weights."""
 
+import io
 import logging
 import os
 import signal
@@ -17,9 +18,16 @@ from flows.config import ConfigError, load_config
 from infra.artifacts import PhaseInputs
 from infra.catalog import PPO
 from infra.checkpoints import CheckpointSpec, checkpoint_prefix
-from infra.deepspeed_engine import DeepSpeedConfig, deepspeed_config, inference_config, inference_module
+from infra.deepspeed_engine import (
+    DeepSpeedConfig,
+    DeepSpeedEngine,
+    deepspeed_config,
+    inference_config,
+    inference_module,
+)
 from rlhf_core import world
 from rlhf_core.alarms import AlarmConfig
+from rlhf_core.engine import Optimization
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
 from tasks.common import PhaseLog
 from tasks.data import write_data
@@ -270,6 +278,41 @@ def test_a_failing_rank_fails_the_phase_with_its_output(phase_inputs, tmp_path):
         kwargs = {"base_dir": base, "data_dir": tmp_path / "no-data", "out_dir": tmp_path / "out"}
         launch("tasks.sft:run_sft", kwargs | {"config": CONFIG.sft, "seed": 0, "deepspeed": zero}, num_processes=2)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("stage", "precision"), [(0, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")])
+def test_an_engine_resumes_from_its_state_bit_for_bit(stage, precision):
+    """An engine's weights and state (ZeRO's optimizer partition and fp32 master weights, the schedule), saved as
+    a resumable checkpoint saves them (``torch.load(weights_only=True)``), continue training exactly where the saved
+    engine continues; without the state they would not (0.45 off after three steps, measured)."""
+    inputs = [torch.randn(2, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def engine() -> DeepSpeedEngine:
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        zero = DeepSpeedConfig(zero_stage=stage, precision=precision)
+        return DeepSpeedEngine(module, zero, Optimization(lr=0.1, total_steps=10, warmup_steps=2), micro_batch_size=2)
+
+    def train(engine: DeepSpeedEngine, batch: torch.Tensor) -> None:
+        dtype = next(engine.module.parameters()).dtype
+        engine.backward(engine.module(batch.to(dtype)).float().pow(2).mean())
+        engine.step()
+
+    saved = engine()
+    train(saved, inputs[0])
+    checkpoint = io.BytesIO()
+    torch.save({"weights": saved.full_state_dict(), "state": saved.state_dict()}, checkpoint)
+    for batch in inputs[1:]:
+        train(saved, batch)
+    resumed = engine()
+    checkpoint.seek(0)
+    restored = torch.load(checkpoint, weights_only=True)
+    resumed.load_full_state_dict(restored["weights"])
+    resumed.load_state_dict(restored["state"])
+    for batch in inputs[1:]:
+        train(resumed, batch)
+    for name, weight in saved.full_state_dict().items():
+        torch.testing.assert_close(resumed.full_state_dict()[name], weight, atol=0, rtol=0, msg=name)
 
 
 def test_frozen_models_are_sharded_for_inference_under_zero3(phase_inputs):
