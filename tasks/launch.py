@@ -84,6 +84,8 @@ def run_entry(
     or with one, here. Either way it gets the phase's metrics callback, its checkpointer, and where the entry takes
     one, an alarm reporter."""
     if num_processes > 1:
+        if checkpointer is not None and checkpointer.spec is None:
+            raise ValueError("ranks reopen the phase's checkpointer from its spec: open it with CheckpointSpec.open")
         checkpoint = checkpointer.spec if checkpointer is not None else None
         name = f"{entry.__module__}:{entry.__qualname__}"
         return launch(name, kwargs, num_processes=num_processes, log=log, checkpoint=checkpoint)
