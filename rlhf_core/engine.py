@@ -25,7 +25,7 @@ AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch
 class ComputeConfig(BaseModel):
     """How the models run on the hardware: mixed precision, activation recomputation and the attention kernel."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
     autocast: Autocast = Field(
         "off",
         description="Mixed precision under plain torch: every model's matmuls run in bf16 or fp16 under "
@@ -63,6 +63,9 @@ class ComputeConfig(BaseModel):
         """What of this config changes a phase's artifact: the precision. Recomputing activations and the attention
         kernel change neither the math nor, beyond rounding, the numbers."""
         return {"autocast": self.autocast}
+
+
+DEFAULT_COMPUTE = ComputeConfig()  # fp32, no recomputation, sdpa: the default of every phase that takes one
 
 
 def autocast_dtype(autocast: Autocast, device: torch.device) -> torch.dtype | None:

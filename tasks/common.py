@@ -38,7 +38,7 @@ from infra.storage import (
 )
 from rlhf_core.alarms import Alarm
 from rlhf_core.checkpoint import DivergenceError
-from rlhf_core.engine import ComputeConfig, Engine, Optimization, TorchEngine, autocast_model
+from rlhf_core.engine import DEFAULT_COMPUTE, ComputeConfig, Engine, Optimization, TorchEngine, autocast_model
 from rlhf_core.modeling import default_device, enable_gradient_checkpointing, load_policy
 
 if TYPE_CHECKING:
@@ -272,13 +272,12 @@ def make_engine(
     deepspeed: DeepSpeedConfig | None,
     micro_batch_size: int,
     *,
-    compute: ComputeConfig | None = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> Engine:
     """Plain torch, or DeepSpeed ZeRO when the pipeline config names a stage: the loops do not know which. With
     ``compute`` (the pipeline's ``compute`` section), the module recomputes its activations in the backward pass
     (``gradient_checkpointing``, under either engine) and, under plain torch, runs in mixed precision (``autocast``;
     under DeepSpeed, ``deepspeed.precision`` does, and the config refuses both)."""
-    compute = compute or ComputeConfig()
     if compute.gradient_checkpointing:
         enable_gradient_checkpointing(module)
     if deepspeed is None:
@@ -296,7 +295,7 @@ def phase_engine(
     total_steps: int,
     deepspeed: DeepSpeedConfig | None,
     *,
-    compute: ComputeConfig | None = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> Engine:
     """:func:`make_engine` from a phase config with ``batch_size``, ``lr``, ``warmup_steps``, ``weight_decay``
     and ``max_grad_norm`` (SFT, reward model)."""
@@ -313,17 +312,17 @@ def phase_engine(
 ModuleT = TypeVar("ModuleT", bound=Module)
 
 
-def at_precision(model: ModuleT, compute: ComputeConfig | None) -> ModuleT:
+def at_precision(model: ModuleT, compute: ComputeConfig) -> ModuleT:
     """A model that only runs forward (PPO's and DPO's frozen reference, the reward models, a policy that samples or
     is evaluated) at ``compute.autocast``'s precision, as :class:`TorchEngine` runs the trained ones: both sides of a
     KL, and the sampler and the learner of PPO, at the same precision. Returns ``model``."""
-    return autocast_model(model, (compute or ComputeConfig()).autocast, default_device())
+    return autocast_model(model, compute.autocast, default_device())
 
 
-def frozen_policy(directory: Path, trust_remote_code: bool, compute: ComputeConfig | None) -> PreTrainedModel:
+def frozen_policy(directory: Path, trust_remote_code: bool, compute: ComputeConfig) -> PreTrainedModel:
     """A policy that only samples and is scored (preferences, evaluation), in eval mode, loaded and run as
     ``compute`` says: its attention kernel and :func:`at_precision`."""
-    attn = (compute or ComputeConfig()).attn_implementation
+    attn = compute.attn_implementation
     return at_precision(load_policy(directory, trust_remote_code, attn_implementation=attn).eval(), compute)
 
 

@@ -11,7 +11,7 @@ from infra.catalog import DPO
 from infra.deepspeed_engine import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.dpo import DPOConfig, train_dpo
-from rlhf_core.engine import ComputeConfig
+from rlhf_core.engine import DEFAULT_COMPUTE, ComputeConfig
 from rlhf_core.lora import add_lora
 from rlhf_core.modeling import load_policy, load_tokenizer
 from rlhf_core.preferences import PreferencePair
@@ -45,12 +45,11 @@ def run_dpo(
     trust_remote_code: bool = False,
     checkpointer: Checkpointer | None = None,
     deepspeed: DeepSpeedConfig | None = None,
-    compute: ComputeConfig | None = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> dict[str, float]:
     """DPO from ``policy_dir`` on ``pairs`` against ``reference_dir`` (with LoRA and an SFT
     reference: the policy with its adapters off); saves the new policy to ``out_dir``, returns the last metrics.
     ``compute``: precision (the reference's too), recomputation (the policy's) and attention kernel."""
-    compute = compute or ComputeConfig()
     attn = compute.attn_implementation
     tokenizer = load_tokenizer(policy_dir, trust_remote_code)
     torch.manual_seed(seed)  # fresh LoRA adapters: the same seed, the same adapters
@@ -84,11 +83,11 @@ def dpo_task(
     seed: int,
     iteration: int,
     deepspeed: DeepSpeedConfig | None = None,
-    compute: ComputeConfig | None = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> PhaseOutput:
     """``policy``: the current policy, where DPO starts (and its reference with ``dpo.reference: previous``);
     ``preferences``: the pairs to train on (every iteration's, or the latest, as ``dpo.pairs`` says)."""
-    reference, compute = policy if config.reference == "previous" else sft, compute or ComputeConfig()
+    reference = policy if config.reference == "previous" else sft
     inputs = {"policy": policy, "sft": sft, "preferences": preferences, "config": config, "seed": seed}
     inputs |= {"deepspeed": deepspeed, "compute": compute}
     key = artifact_key(context, f"iteration-{iteration:03d}", "policy", inputs)

@@ -18,7 +18,7 @@ from infra.artifacts import (
 from infra.catalog import EVALUATION, HUMAN_EVALUATION
 from infra.datasets import read_rows, write_rows
 from infra.labeling import read_batch, read_imports, write_batch
-from rlhf_core.engine import ComputeConfig
+from rlhf_core.engine import DEFAULT_COMPUTE, ComputeConfig
 from rlhf_core.evaluate import EvalConfig, evaluate_policy, evaluation_pairs, human_win_rate, sample_baseline
 from rlhf_core.modeling import load_tokenizer
 from rlhf_core.reward import load_reward_function
@@ -44,7 +44,7 @@ def run_baseline(
     config: EvalConfig,
     seed: int,
     trust_remote_code: bool = False,
-    compute: ComputeConfig | None = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> list[dict]:
     """The SFT model's responses to the held-out prompts, with their gold rewards: the baseline of every
     iteration's evaluation."""
@@ -61,7 +61,7 @@ def run_evaluation(
     config: EvalConfig,
     seed: int,
     trust_remote_code: bool = False,
-    compute: ComputeConfig | None = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> tuple[dict[str, float], list[dict]]:
     """Evaluate ``inputs.policy`` against the SFT model's ``baseline`` responses (:func:`run_baseline`; the KL is to
     ``inputs.sft``, the score ``inputs.reward``'s where given); write ``metrics.json`` and the sample table to
@@ -73,7 +73,7 @@ def run_evaluation(
     sft = frozen_policy(inputs.sft, trust_remote_code, compute)
     reward_fn = None
     if inputs.reward:
-        attn = (compute or ComputeConfig()).attn_implementation
+        attn = compute.attn_implementation
         reward_fn = load_reward_function(inputs.reward, tokenizer, trust_remote_code, attn_implementation=attn)
         for model in [reward_fn.model, *reward_fn.members]:
             at_precision(model, compute)
@@ -102,11 +102,10 @@ def sft_baseline_task(
     sft: PhaseOutput,
     config: EvalConfig,
     seed: int,
-    compute: ComputeConfig | None = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> PhaseOutput:
     """The SFT model's held-out responses, sampled once with a seed of their own and reused by every iteration's
     evaluation, so that the baseline does not move with the policy or the config."""
-    compute = compute or ComputeConfig()
     inputs = {"data": data, "sft": sft, "config": config, "seed": seed, "compute": compute}
     key = artifact_key(context, "sft", "baseline", inputs)
     if done := existing_output(context, key):
@@ -145,10 +144,9 @@ def evaluate_task(
     config: EvalConfig,
     seed: int,
     iteration: int,
-    compute: ComputeConfig | None = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> PhaseOutput:
     """``reward``: the iteration's reward model, whose score of the policy's responses is reported; None (DPO)."""
-    compute = compute or ComputeConfig()
     inputs = {"data": data, "policy": policy, "sft": sft, "reward": reward, "config": config, "seed": seed}
     inputs |= {"baseline": baseline, "compute": compute}
     key = artifact_key(context, f"iteration-{iteration:03d}", "evaluation", inputs)

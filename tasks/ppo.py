@@ -14,7 +14,7 @@ from infra.artifacts import PhaseInputs, data_judge, read_prompts
 from infra.catalog import PPO
 from infra.deepspeed_engine import DeepSpeedConfig, inference_module
 from rlhf_core.checkpoint import Checkpointer
-from rlhf_core.engine import AttnImplementation, ComputeConfig, Engine, Optimization
+from rlhf_core.engine import DEFAULT_COMPUTE, AttnImplementation, ComputeConfig, Engine, Optimization
 from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, LoRAConfig, add_lora, load_lora, merged
 from rlhf_core.modeling import fold_reward_normalization, load_policy, load_scorer, load_tokenizer
 from rlhf_core.ppo import AlarmCallback, PPOConfig, PPOModels, train_ppo
@@ -86,7 +86,7 @@ def run_ppo(
     checkpointer: Checkpointer | None = None,
     deepspeed: DeepSpeedConfig | None = None,
     on_alarm: AlarmCallback | None = None,
-    compute: ComputeConfig | None = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> dict[str, float]:
     """PPO from ``inputs.policy`` with the SFT model as frozen reference and a critic started from the reward
     model (from the SFT model when the reward model has a tokenizer of its own); saves the new policy to
@@ -95,7 +95,6 @@ def run_ppo(
     kernel."""
     if inputs.sft is None or inputs.reward is None:
         raise ValueError("PPO needs the SFT model (its reference) and a reward model: inputs.sft, inputs.reward")
-    compute = compute or ComputeConfig()
     attn = compute.attn_implementation
     tokenizer = load_tokenizer(inputs.policy, trust_remote_code)
     torch.manual_seed(seed)  # fresh LoRA adapters: the same seed, the same adapters
@@ -155,9 +154,8 @@ def ppo_task(
     seed: int,
     iteration: int,
     deepspeed: DeepSpeedConfig | None = None,
-    compute: ComputeConfig | None = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> PhaseOutput:
-    compute = compute or ComputeConfig()
     inputs = {"data": data, "policy": policy, "sft": sft, "reward": reward, "config": config, "seed": seed}
     inputs |= {"deepspeed": deepspeed, "compute": compute}
     key = artifact_key(context, f"iteration-{iteration:03d}", "policy", inputs)

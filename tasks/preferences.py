@@ -10,7 +10,7 @@ from infra.artifacts import PAIRS_FILE, PhaseInputs, data_judge, read_prompts
 from infra.catalog import PREFERENCES
 from infra.datasets import write_rows
 from infra.labeling import read_batch, read_imports, write_batch
-from rlhf_core.engine import ComputeConfig
+from rlhf_core.engine import DEFAULT_COMPUTE, ComputeConfig
 from rlhf_core.modeling import load_tokenizer
 from rlhf_core.preferences import PreferenceConfig, collect_preferences, labeling_pairs, preferences_from_labels
 from tasks.common import (
@@ -34,7 +34,7 @@ def run_preferences(
     config: PreferenceConfig,
     seed: int,
     trust_remote_code: bool = False,
-    compute: ComputeConfig | None = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> dict[str, float]:
     """Sample (as ``compute`` says: precision and attention kernel) and label response pairs on the preference
     prompts; write them as Parquet."""
@@ -55,9 +55,8 @@ def preferences_task(
     config: PreferenceConfig,
     seed: int,
     iteration: int,
-    compute: ComputeConfig | None = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> PhaseOutput:
-    compute = compute or ComputeConfig()
     inputs = {"data": data, "policy": policy, "config": config, "seed": seed, "compute": compute}
     key = artifact_key(context, f"iteration-{iteration:03d}", "preferences", inputs)
     if done := existing_output(context, key):
@@ -96,7 +95,7 @@ def run_labeling_batch(
     seed: int,
     id_prefix: str,
     trust_remote_code: bool = False,
-    compute: ComputeConfig | None = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> dict[str, float]:
     """Sample the pairs people will label (as :func:`run_preferences` samples them) and write the batch."""
     tokenizer = load_tokenizer(inputs.policy, trust_remote_code)
@@ -116,10 +115,9 @@ def labeling_batch_task(
     config: PreferenceConfig,
     seed: int,
     iteration: int,
-    compute: ComputeConfig | None = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> PhaseOutput:
     """The current policy's response pairs as a labeling batch for people (``preferences.source: human``)."""
-    compute = compute or ComputeConfig()
     inputs = {"data": data, "policy": policy, "config": config, "seed": seed, "compute": compute}
     key = artifact_key(context, f"iteration-{iteration:03d}", "labeling_batch", inputs)
     if done := existing_output(context, key):

@@ -11,7 +11,7 @@ from infra.artifacts import read_pairs, reward_init_dir
 from infra.catalog import REWARD
 from infra.deepspeed_engine import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
-from rlhf_core.engine import ComputeConfig
+from rlhf_core.engine import DEFAULT_COMPUTE, ComputeConfig
 from rlhf_core.lora import add_lora, merged
 from rlhf_core.modeling import load_scorer, load_tokenizer
 from rlhf_core.reward import (
@@ -52,14 +52,13 @@ def run_reward(
     trust_remote_code: bool = False,
     checkpointer: Checkpointer | None = None,
     deepspeed: DeepSpeedConfig | None = None,
-    compute: ComputeConfig | None = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> dict[str, float]:
     """Train a reward model from ``init_dir``'s backbone on all pairs in ``preference_dirs`` (``config.ensemble_size``
     of them, the first at ``out_dir``, the rest in ``out_dir/ensemble``); normalize each on the responses of the last
     one (the current policy's samples). The first member reports its steps and resumes from checkpoints. As one of
     N data-parallel ranks, every rank trains and scores alike and rank 0 writes. ``compute``: precision,
     recomputation and attention kernel."""
-    compute = compute or ComputeConfig()
     tokenizer = load_tokenizer(init_dir, trust_remote_code)
     pairs = [pair for d in preference_dirs for pair in read_pairs(d)]
     train, val = split_pairs(pairs, config.val_fraction, seed)
@@ -162,10 +161,10 @@ def reward_task(
     iteration: int,
     previous: PhaseOutput | None = None,
     deepspeed: DeepSpeedConfig | None = None,
-    compute: ComputeConfig | None = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> PhaseOutput:
     """``previous``: the last iteration's reward model, the starting point when ``config.warm_start``."""
-    previous, compute = previous if config.warm_start else None, compute or ComputeConfig()
+    previous = previous if config.warm_start else None
     inputs = {"data": data, "sft": sft, "preferences": preferences, "config": config, "seed": seed}
     inputs |= {"previous": previous, "deepspeed": deepspeed, "compute": compute}
     key = artifact_key(context, f"iteration-{iteration:03d}", "reward_model", inputs)

@@ -8,7 +8,7 @@ from infra.artifacts import BASE_MODEL_DIR, read_demonstrations
 from infra.catalog import SFT
 from infra.deepspeed_engine import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
-from rlhf_core.engine import ComputeConfig
+from rlhf_core.engine import DEFAULT_COMPUTE, ComputeConfig
 from rlhf_core.modeling import load_policy, load_tokenizer
 from rlhf_core.sft import SFTConfig, num_training_steps, train_sft
 from rlhf_core.types import MetricsCallback
@@ -38,11 +38,10 @@ def run_sft(
     trust_remote_code: bool = False,
     checkpointer: Checkpointer | None = None,
     deepspeed: DeepSpeedConfig | None = None,
-    compute: ComputeConfig | None = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> dict[str, float]:
     """Load the base model, fine-tune it (as ``compute`` says: precision, recomputation, attention kernel), save it
     with its tokenizer to ``out_dir``."""
-    compute = compute or ComputeConfig()
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
     model = load_policy(base_dir, trust_remote_code, attn_implementation=compute.attn_implementation)
     demonstrations = read_demonstrations(data_dir)
@@ -66,9 +65,8 @@ def sft_task(
     config: SFTConfig,
     seed: int,
     deepspeed: DeepSpeedConfig | None = None,
-    compute: ComputeConfig | None = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> PhaseOutput:
-    compute = compute or ComputeConfig()
     inputs = {"data": data, "config": config, "seed": seed, "deepspeed": deepspeed, "compute": compute}
     key = artifact_key(context, "sft", "policy", inputs)
     if done := existing_output(context, key):
