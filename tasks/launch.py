@@ -27,8 +27,18 @@ from typing import Any
 from pydantic import ConfigDict, validate_call
 from pydantic_core import to_jsonable_python
 
-from infra.checkpoints import CheckpointSpec, StoreCheckpointer
-from tasks.common import PhaseLog, alarm_reporter, phase_logger, resume_reporter
+from infra.checkpoints import CheckpointSpec
+from infra.deepspeed_engine import DeepSpeedConfig
+from rlhf_core.engine import ComputeConfig
+from tasks.common import (
+    PhaseLog,
+    RunContext,
+    Workspace,
+    alarm_reporter,
+    phase_logger,
+    resume_reporter,
+    world_size,
+)
 
 RESULT = "result.json"
 _EXCEPTION = re.compile(r"^(\[rank\d+\]: )?[\w.]*(Error|Exception): ")
@@ -74,16 +84,20 @@ def write_spec(
 
 def run_entry(
     entry: Callable[..., dict[str, float]],
-    kwargs: dict[str, Any],
+    context: RunContext,
+    work: Workspace,
     *,
-    num_processes: int,
-    log: PhaseLog,
-    checkpointer: StoreCheckpointer | None = None,
+    deepspeed: DeepSpeedConfig | None,
+    compute: ComputeConfig,
+    **kwargs: Any,
 ) -> dict[str, float]:
-    """A phase's entry point as ``num_processes`` ranks (``kwargs`` and where the checkpoints go travel as JSON),
-    or with one, here. Either way it gets the phase's metrics callback, its checkpointer, and where the entry takes
-    one, an alarm reporter."""
-    if num_processes > 1:
+    """A training phase's entry point (SFT, reward model, PPO) with ``kwargs`` and what every one takes: the engine's
+    settings and ``trust_remote_code``. As ``deepspeed.num_processes`` ranks (the arguments and where the
+    checkpoints go travel as JSON), or with one, here. Either way it gets the workspace's metrics callback and
+    checkpointer and, where the entry takes one, an alarm reporter."""
+    kwargs |= {"trust_remote_code": context.trust_remote_code, "deepspeed": deepspeed, "compute": compute}
+    log, checkpointer = work.log, work.checkpointer
+    if (num_processes := world_size(deepspeed)) > 1:
         if checkpointer is not None and checkpointer.spec is None:
             raise ValueError("ranks reopen the phase's checkpointer from its spec: open it with CheckpointSpec.open")
         checkpoint = checkpointer.spec if checkpointer is not None else None

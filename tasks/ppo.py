@@ -175,18 +175,10 @@ def ppo_task(
         total_steps=config.steps,
         checkpoint_every=config.checkpoint_every,
     ) as work:
-        kwargs = {
-            "inputs": dirs,
-            "out_dir": work.out_dir,
-            "config": config,
-            "seed": seed,
-            "trust_remote_code": context.trust_remote_code,
-            "deepspeed": deepspeed,
-            "compute": compute,
-        }
         metrics = run_entry(
-            run_ppo, kwargs, num_processes=world_size(deepspeed), log=work.log, checkpointer=work.checkpointer
-        )
+            run_ppo, context, work, inputs=dirs, out_dir=work.out_dir, config=config, seed=seed,
+            deepspeed=deepspeed, compute=compute,
+        )  # fmt: skip
         if alarms := {name: step for name, step in metrics.items() if name.startswith("alarm/")}:
             work.log(alarms, config.steps)
         return publish(

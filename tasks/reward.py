@@ -182,19 +182,10 @@ def reward_task(
         params={"reward": config.model_dump(), "seed": seed, "world_size": world_size(deepspeed)},
         checkpoint_every=config.checkpoint_every,
     ) as work:
-        kwargs = {
-            "init_dir": init_dir,
-            "preference_dirs": [fetch(context, p) for p in preferences],
-            "out_dir": work.out_dir,
-            "config": config,
-            "seed": seed,
-            "trust_remote_code": context.trust_remote_code,
-            "deepspeed": deepspeed,
-            "compute": compute,
-        }
         metrics = run_entry(
-            run_reward, kwargs, num_processes=world_size(deepspeed), log=work.log, checkpointer=work.checkpointer
-        )
+            run_reward, context, work, init_dir=init_dir, preference_dirs=[fetch(context, p) for p in preferences],
+            out_dir=work.out_dir, config=config, seed=seed, deepspeed=deepspeed, compute=compute,
+        )  # fmt: skip
         work.log(metrics, iteration)
         return publish(
             context,

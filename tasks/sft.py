@@ -80,19 +80,10 @@ def sft_task(
         total_steps=num_training_steps(len(read_demonstrations(data_dir)), config.batch_size, config.epochs),
         checkpoint_every=config.checkpoint_every,
     ) as work:
-        kwargs = {
-            "base_dir": data_dir / BASE_MODEL_DIR,
-            "data_dir": data_dir,
-            "out_dir": work.out_dir,
-            "config": config,
-            "seed": seed,
-            "trust_remote_code": context.trust_remote_code,
-            "deepspeed": deepspeed,
-            "compute": compute,
-        }
         metrics = run_entry(
-            run_sft, kwargs, num_processes=world_size(deepspeed), log=work.log, checkpointer=work.checkpointer
-        )
+            run_sft, context, work, base_dir=data_dir / BASE_MODEL_DIR, data_dir=data_dir, out_dir=work.out_dir,
+            config=config, seed=seed, deepspeed=deepspeed, compute=compute,
+        )  # fmt: skip
         return publish(
             context,
             key,
