@@ -23,6 +23,10 @@ dropped. Remaining semantic differences, none of which changes the work a step d
   no weight (under Adam, a constant factor on a loss of its own would change only its gradient clipping).
 - We train on minibatches grouped by response length and trimmed of padding (``ppo.group_by_length``); TRL trains
   uniformly random minibatches at the rollout's padded width.
+- We run each minibatch's critic step in a thread beside its policy step, each on one of the two threads
+  (``ppo.parallel_critic``): the same updates (bitwise, in the test), overlapped; TRL runs its one wrapper's forward
+  and backward on both threads. So the update's parts below (forwards, backward, optimizer step) overlap: their sum
+  is more than the update's wall time.
 See ``bench/trl_ppo_side.py`` for TRL's side in detail.
 
 Printed: seconds per step and samples per second (median over rounds, with min-max), the ratio, where our step's

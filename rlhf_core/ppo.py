@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -26,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf_core.alarms import Alarm, AlarmConfig, check_alarms
 from rlhf_core.checkpoint import Checkpointer, DivergenceError, check_finite, checkpoint_due, rng_state, set_rng_state
-from rlhf_core.engine import Engine, rank_rows
+from rlhf_core.engine import Engine, module_device, rank_rows
 from rlhf_core.kl_control import AdaptiveKLController, FixedKLController, KLController
 from rlhf_core.lora import LoRAConfig
 from rlhf_core.losses import (
@@ -50,6 +51,7 @@ from rlhf_core.modeling import (
     trim_padding,
 )
 from rlhf_core.reward import RewardFunction
+from rlhf_core.threads import side_by_side
 from rlhf_core.types import GoldScorer, MetricsCallback
 
 
@@ -99,6 +101,12 @@ class PPOConfig(BaseModel):
         default_factory=AlarmConfig, description="Thresholds of the training-health alarms (length hacking, ...)."
     )
     stop_on_alarm: bool = Field(False, description="Stop the phase with an error at its first training-health alarm.")
+    parallel_critic: bool = Field(
+        True,
+        description="On a CPU, in one process: run the critic's forward, backward and optimizer step in a thread "
+        "beside the policy's, each on half the CPU threads. The same updates, up to rounding, in less time: tiny "
+        "models leave a core idle. Ignored on a GPU and as several ranks.",
+    )
     group_by_length: bool = Field(
         True,
         description="Form each epoch's minibatches from rollouts of similar length, in random order, so that they "
@@ -123,6 +131,13 @@ class PPOModels:
     critic: Engine
     reference: nn.Module  # the frozen SFT model the KL penalty anchors to
     reward: RewardFunction
+
+
+def side_by_side_models(models: PPOModels, config: PPOConfig) -> bool:
+    """Whether policy and critic train in threads side by side: with
+    ``config.parallel_critic``, on a CPU, in one process."""
+    on_cpu = module_device(models.policy.module).type == "cpu"
+    return config.parallel_critic and on_cpu and models.policy.world_size == 1
 
 
 @dataclass
@@ -244,6 +259,29 @@ def rollout_minibatch(rollout: Rollout, index: Tensor, *, advantages: Tensor, re
     return Minibatch(qr, attention_mask, ctx, response_mask, logprobs, values, advantages, returns)
 
 
+def policy_minibatch_step(policy: Engine, mb: Minibatch, share: Tensor, config: PPOConfig) -> dict[str, Tensor]:
+    """One clipped policy-gradient step on a minibatch, its loss weighted by ``share``: the loss and its stats."""
+    qr, attention_mask, ctx = mb.query_responses, mb.attention_mask, mb.context_length
+    logprobs, _ = response_logprobs(policy.module, qr, attention_mask, ctx, temperature=config.temperature)
+    pg_loss, pg_stats = policy_loss(
+        logprobs, mb.logprobs, mb.advantages, mb.response_mask, clip_range=config.clip_range
+    )
+    policy.backward(pg_loss * share)
+    policy.step()
+    return {"policy_loss": pg_loss, **pg_stats}
+
+
+def critic_minibatch_step(critic: Engine, mb: Minibatch, share: Tensor, config: PPOConfig) -> dict[str, Tensor]:
+    """One clipped value-regression step on a minibatch, its loss weighted by ``share``: the loss and its stats."""
+    values = token_scores(critic.module, mb.query_responses, mb.attention_mask)[:, mb.context_length - 1 : -1]
+    vf_loss, vf_stats = value_loss(
+        values, mb.values, mb.returns, mb.response_mask, clip_range_value=config.clip_range_value
+    )
+    critic.backward(vf_loss * share)
+    critic.step()
+    return {"value_loss": vf_loss, **vf_stats}
+
+
 def ppo_update(
     models: PPOModels,
     rollout: Rollout,
@@ -254,46 +292,39 @@ def ppo_update(
     generator: torch.Generator,
 ) -> dict[str, float]:
     """Several epochs of clipped policy and value updates over minibatches of one rollout batch,
-    stopped early when the approx-KL to the rollout policy passes ``target_kl``. As one of several ranks (each
-    holding the whole rollout and drawing the same minibatches), each trains on its share of every minibatch, its
-    losses weighted by its share of the minibatch's response tokens; statistics and the stop are the minibatch's."""
+    stopped early when the approx-KL to the rollout policy passes ``target_kl``. Policy and critic are independent
+    given a minibatch, so their steps may run side by side (:func:`side_by_side_models`). As one of several ranks
+    (each holding the whole rollout and drawing the same minibatches), each trains on its share of every minibatch,
+    its losses weighted by its share of the minibatch's response tokens; statistics and the stop are the
+    minibatch's."""
     lengths = rollout.samples.response_mask.sum(1)
-    policy, critic = models.policy.module, models.critic.module
-    policy.train()
-    critic.train()
+    models.policy.module.train()
+    models.critic.module.train()
     stats: dict[str, list[float]] = {}
     stopped = False
-    for _ in range(config.epochs):
-        if config.group_by_length:
-            minibatches = length_grouped_minibatches(lengths, config.minibatch_size, generator)
-        else:
-            minibatches = torch.randperm(len(lengths), generator=generator).split(config.minibatch_size)
-        for index in minibatches:
-            mine, weight = rank_rows(index.tolist(), models.policy)
-            mb = rollout_minibatch(rollout, torch.tensor(mine), advantages=advantages, returns=returns)
-            share = weight * mb.response_mask.sum() / rollout.samples.response_mask[index].sum()
-            qr, attention_mask, ctx = mb.query_responses, mb.attention_mask, mb.context_length
-            logprobs, _ = response_logprobs(policy, qr, attention_mask, ctx, temperature=config.temperature)
-            pg_loss, pg_stats = policy_loss(
-                logprobs, mb.logprobs, mb.advantages, mb.response_mask, clip_range=config.clip_range
-            )
-            models.policy.backward(pg_loss * share)
-            models.policy.step()
-            values = token_scores(critic, qr, attention_mask)[:, ctx - 1 : -1]
-            vf_loss, vf_stats = value_loss(
-                values, mb.values, mb.returns, mb.response_mask, clip_range_value=config.clip_range_value
-            )
-            models.critic.backward(vf_loss * share)
-            models.critic.step()
-            for key, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats}.items():
-                stats.setdefault(key, []).append(models.policy.sum_across_ranks(value.detach() * share).item())
-            if config.target_kl is not None and stats["approx_kl"][-1] > config.target_kl:
-                stopped = True
+    with side_by_side(side_by_side_models(models, config)) as run:
+        for _ in range(config.epochs):
+            if config.group_by_length:
+                minibatches = length_grouped_minibatches(lengths, config.minibatch_size, generator)
+            else:
+                minibatches = torch.randperm(len(lengths), generator=generator).split(config.minibatch_size)
+            for index in minibatches:
+                mine, weight = rank_rows(index.tolist(), models.policy)
+                mb = rollout_minibatch(rollout, torch.tensor(mine), advantages=advantages, returns=returns)
+                share = weight * mb.response_mask.sum() / rollout.samples.response_mask[index].sum()
+                policy_stats, critic_stats = run(
+                    partial(policy_minibatch_step, models.policy, mb, share, config),
+                    partial(critic_minibatch_step, models.critic, mb, share, config),
+                )
+                for key, value in (policy_stats | critic_stats).items():
+                    stats.setdefault(key, []).append(models.policy.sum_across_ranks(value.detach() * share).item())
+                if config.target_kl is not None and stats["approx_kl"][-1] > config.target_kl:
+                    stopped = True
+                    break
+            if stopped:
                 break
-        if stopped:
-            break
-    policy.eval()
-    critic.eval()
+    models.policy.module.eval()
+    models.critic.module.eval()
     return {
         **{key: sum(v) / len(v) for key, v in stats.items()},
         "early_stopped": float(stopped),

@@ -1,0 +1,76 @@
+"""PPO's policy and critic trained side by side in two threads: the same update as one after the other."""
+
+import copy
+import threading
+
+import pytest
+import torch
+from conftest import TINY_WORLD
+from test_phases import ppo_models
+
+from rlhf_core import world
+from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
+from rlhf_core.ppo import PPOConfig, advantages_and_returns, collect_rollout, ppo_update
+from rlhf_core.threads import side_by_side
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_side_by_side_runs_each_call_in_a_thread_of_its_own_on_half_the_threads(two_threads):
+    seen, both_running = [], threading.Barrier(2, timeout=10)  # broken, and failing, unless the two overlap
+
+    def record() -> str:
+        name = threading.current_thread().name
+        seen.append((name, torch.get_num_threads(), torch.is_grad_enabled()))
+        both_running.wait()
+        return name
+
+    with torch.no_grad(), side_by_side() as run:
+        first, second = run(record, record)
+    assert first != second and threading.current_thread().name not in (first, second)
+    assert all(threads == 1 and not grad for _, threads, grad in seen)  # the caller's grad mode, half the threads
+    assert torch.get_num_threads() == 2
+    with side_by_side(enabled=False) as run:
+        assert run(lambda: threading.current_thread().name) == (threading.current_thread().name,)
+
+
+def fresh_models(sft_dir, config: PPOConfig):
+    torch.manual_seed(0)  # the critic's fresh head
+    return ppo_models(
+        load_policy(sft_dir), load_scorer(sft_dir), load_policy(sft_dir).eval(), load_scorer(sft_dir).eval(), config
+    )
+
+
+def test_policy_and_critic_side_by_side_make_the_update_one_after_the_other_makes(sft_dir, two_threads):
+    tokenizer = load_tokenizer(sft_dir)
+    config = PPOConfig(rollout_batch_size=16, minibatch_size=4, epochs=2, lr=1e-3, max_new_tokens=8, target_kl=None)
+    models = fresh_models(sft_dir, config)
+    start = [copy.deepcopy(models.policy.module.state_dict()), copy.deepcopy(models.critic.module.state_dict())]
+    rollout = collect_rollout(models, tokenizer, world.make_world(0, TINY_WORLD).ppo_prompts[:16], config)
+    _, _, advantages, returns = advantages_and_returns(rollout, config, kl_coef=0.1)
+    updated = {}
+    for parallel in (False, True):
+        models = fresh_models(sft_dir, config)
+        stats = ppo_update(
+            models,
+            rollout,
+            advantages=advantages,
+            returns=returns,
+            config=config.model_copy(update={"parallel_critic": parallel}),
+            generator=torch.Generator().manual_seed(0),
+        )
+        updated[parallel] = (models.policy.module.state_dict(), models.critic.module.state_dict(), stats)
+    for i, before in enumerate(start):
+        one_after_another, beside = updated[False][i], updated[True][i]
+        assert max((one_after_another[k] - before[k]).abs().max().item() for k in before) > 1e-4  # it trained
+        # one intra-op thread instead of two changes only how a sum is split: rounding
+        assert max((one_after_another[k] - beside[k]).abs().max().item() for k in before) < 1e-5
+    sequential, parallel = updated[False][2], updated[True][2]
+    assert sequential.keys() == parallel.keys()
+    assert all(sequential[k] == pytest.approx(parallel[k], abs=1e-5) for k in sequential)
