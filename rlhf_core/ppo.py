@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf_core.alarms import Alarm, AlarmConfig, check_alarms
 from rlhf_core.checkpoint import Checkpointer, DivergenceError, check_finite, checkpoint_due, rng_state, set_rng_state
-from rlhf_core.engine import Engine, module_device, rank_rows
+from rlhf_core.engine import Engine, TorchEngine, module_device, rank_rows
 from rlhf_core.kl_control import AdaptiveKLController, FixedKLController, KLController
 from rlhf_core.lora import LoRAConfig
 from rlhf_core.losses import (
@@ -105,7 +105,7 @@ class PPOConfig(BaseModel):
         True,
         description="On a CPU, in one process: run the critic's forward, backward and optimizer step in a thread "
         "beside the policy's, each on half the CPU threads. The same updates, up to rounding, in less time: tiny "
-        "models leave a core idle. Ignored on a GPU and as several ranks.",
+        "models leave a core idle. Ignored on a GPU and under DeepSpeed.",
     )
     group_by_length: bool = Field(
         True,
@@ -134,10 +134,11 @@ class PPOModels:
 
 
 def side_by_side_models(models: PPOModels, config: PPOConfig) -> bool:
-    """Whether policy and critic train in threads side by side: with
-    ``config.parallel_critic``, on a CPU, in one process."""
+    """Whether policy and critic train in threads side by side: with ``config.parallel_critic``, on a CPU, under
+    plain torch (a DeepSpeed engine communicates even as one process)."""
     on_cpu = module_device(models.policy.module).type == "cpu"
-    return config.parallel_critic and on_cpu and models.policy.world_size == 1
+    plain = all(isinstance(engine, TorchEngine) for engine in (models.policy, models.critic))
+    return config.parallel_critic and on_cpu and plain
 
 
 @dataclass
