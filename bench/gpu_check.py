@@ -36,15 +36,17 @@ import torch
 from torch import distributed as dist
 from transformers import AutoModelForSequenceClassification
 
-from infra.deepspeed_engine import DeepSpeedConfig, DeepSpeedEngine, inference_module
+from infra.deepspeed_config import DeepSpeedConfig
+from infra.deepspeed_engine import DeepSpeedEngine, inference_module
 from rlhf_core import world
+from rlhf_core.config import PPOConfig, SFTConfig
 from rlhf_core.engine import Optimization, rank_rows
 from rlhf_core.losses import bradley_terry_loss
 from rlhf_core.modeling import disable_dropout, prompt_token_ids
-from rlhf_core.ppo import PPOConfig, PPOModels, train_ppo
+from rlhf_core.ppo import PPOModels, train_ppo
 from rlhf_core.preferences import PreferencePair
 from rlhf_core.reward import RewardFunction, pair_rewards
-from rlhf_core.sft import SFTConfig, sft_loss, shard_batch
+from rlhf_core.sft import sft_loss, shard_batch
 
 LAUNCHED = "TORCHELASTIC_RUN_ID"  # set by torch.distributed.run in every rank it starts
 

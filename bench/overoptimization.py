@@ -43,10 +43,9 @@ import transformers
 
 from bench.ppo_vs_trl import world_models
 from infra.artifacts import PhaseInputs, data_judge, read_pairs, read_prompts
-from rlhf_core.dpo import DPOConfig
-from rlhf_core.evaluate import EvalConfig, evaluate_policy, sample_baseline
+from rlhf_core.config import DPOConfig, EvalConfig, PPOConfig
+from rlhf_core.evaluate import evaluate_policy, sample_baseline
 from rlhf_core.modeling import load_policy, load_tokenizer
-from rlhf_core.ppo import PPOConfig
 from rlhf_core.reward import ENSEMBLE_DIR, load_reward_function
 from tasks.dpo import run_dpo
 from tasks.ppo import run_ppo

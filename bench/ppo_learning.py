@@ -22,7 +22,7 @@ import yaml
 
 from bench.ppo_vs_trl import world_models
 from infra.artifacts import PhaseInputs
-from rlhf_core.ppo import PPOConfig
+from rlhf_core.config import PPOConfig
 from tasks.ppo import run_ppo
 
 METRICS = ("reward", "kl", "gold_reward")

@@ -26,9 +26,9 @@ import torch
 from infra.artifacts import PhaseInputs
 from infra.checkpoints import StoreCheckpointer
 from infra.storage import LocalStore, folder_digest
+from rlhf_core.config import PPOConfig
 from rlhf_core.data import DataConfig
 from rlhf_core.modeling import load_scorer, load_tokenizer
-from rlhf_core.ppo import PPOConfig
 from tasks.data import write_data
 from tasks.ppo import run_ppo
 

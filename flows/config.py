@@ -9,16 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from flows.overrides import ConfigError, describe_errors, read_config_data
 from infra.credentials import StorageConfig, refuse_credentials
-from infra.deepspeed_engine import DeepSpeedConfig
+from infra.deepspeed_config import DeepSpeedConfig
 from infra.lineage import check_lineage_name
+from rlhf_core.config import ComputeConfig, DPOConfig, EvalConfig, PPOConfig, PreferenceConfig, RewardConfig, SFTConfig
 from rlhf_core.data import DataConfig
-from rlhf_core.dpo import DPOConfig
-from rlhf_core.engine import ComputeConfig
-from rlhf_core.evaluate import EvalConfig
-from rlhf_core.ppo import PPOConfig
-from rlhf_core.preferences import PreferenceConfig
-from rlhf_core.reward import RewardConfig
-from rlhf_core.sft import SFTConfig
 
 
 class TrackingConfig(BaseModel):

@@ -49,8 +49,8 @@ from infra.labeling import (
     stored_labels,
     write_waiting,
 )
+from rlhf_core.config import PreferenceConfig
 from rlhf_core.labelers import STRENGTH_SCALE, LabelingPair
-from rlhf_core.preferences import PreferenceConfig
 from tasks.common import PhaseOutput, RunContext, fetch, phase_logger
 
 POLL_INTERVAL_S = 3  # how often a paused run asks the Prefect API whether it was resumed

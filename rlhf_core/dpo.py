@@ -4,62 +4,18 @@ reward beta * log(policy / reference), with no reward model and no RL loop."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from rlhf_core.checkpoint import Checkpointer, check_finite, checkpoint_due
+from rlhf_core.config import DPOConfig
 from rlhf_core.engine import Engine
-from rlhf_core.lora import LoRAConfig
 from rlhf_core.losses import dpo_loss, masked_sum, selective_log_softmax
 from rlhf_core.modeling import EncodedPairs, batch_schedule, encode_prompt_responses, position_ids_from_mask
 from rlhf_core.preferences import PreferencePair
 from rlhf_core.types import MetricsCallback
-
-
-class DPOConfig(BaseModel):
-    """DPO as each iteration's policy phase (``algorithm: dpo``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    beta: float = Field(0.1, gt=0, description="Strength of the KL regularization to the reference (DPO's beta).")
-    loss_type: Literal["sigmoid", "ipo"] = Field(
-        "sigmoid",
-        description="sigmoid: the DPO loss; ipo: IPO's squared loss (Azar et al. 2023) on per-token (length-"
-        "normalized) log-ratios.",
-    )
-    label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="Conservative DPO (cDPO): the assumed probability that a label is flipped."
-    )
-    reference: Literal["sft", "previous"] = Field(
-        "sft",
-        description="The frozen reference: the SFT model, or the previous iteration's policy (iterative DPO "
-        "recipes differ on this).",
-    )
-    pairs: Literal["all", "latest"] = Field(
-        "all", description="Train on the preference pairs of every iteration so far, or on the latest iteration's."
-    )
-    online: bool = Field(
-        True,
-        description="Iterative (online) DPO: each iteration's pairs are sampled from the current policy and labeled "
-        "(Dong et al. 2024); false: always sampled from the SFT model (offline DPO, on the SFT distribution).",
-    )
-    epochs: int = Field(2, ge=1, description="Passes over the training pairs.")
-    batch_size: int = Field(32, ge=1, description="Preference pairs per optimizer step.")
-    lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate (linear warmup, cosine decay).")
-    warmup_steps: int = Field(5, ge=0, description="Optimizer steps of linear learning-rate warmup.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
-    max_length: int = Field(48, ge=4, description="Prompt + response tokens kept; longer responses are truncated.")
-    log_every: int = Field(5, ge=1, description="Report metrics every this many optimizer steps.")
-    checkpoint_every: int = Field(
-        50, ge=0, description="Save a resumable checkpoint every this many optimizer steps; 0: never."
-    )
-    lora: LoRAConfig | None = Field(
-        None, description="Train the policy as LoRA adapters, the SFT reference being the same model with them off."
-    )
 
 
 def sequence_logprobs(model: nn.Module, batch: EncodedPairs, *, mean: bool = False) -> Tensor:

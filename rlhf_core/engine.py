@@ -5,67 +5,19 @@ mixed precision, activation recomputation, the attention kernel)."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MethodType
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-Autocast = Literal["off", "bf16", "fp16"]
-AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+from rlhf_core.config import Autocast
+
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ComputeConfig(BaseModel):
-    """How the models run on the hardware: mixed precision, activation recomputation and the attention kernel."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    autocast: Autocast = Field(
-        "off",
-        description="Mixed precision under plain torch: every model's matmuls run in bf16 or fp16 under "
-        "torch.autocast, in every phase (the trained models, PPO's and DPO's frozen reference and reward model, "
-        "sampling and evaluation), while weights and AdamW state stay fp32 and log-probs are taken in fp32; fp16 adds "
-        "dynamic loss scaling. bf16 needs a GPU that has it (Ampere or later) or the CPU (slow). off: fp32 "
-        "throughout. Under DeepSpeed use deepspeed.precision instead.",
-    )
-    gradient_checkpointing: bool = Field(
-        False,
-        description="Recompute each layer's activations in the backward pass instead of holding them, for the "
-        "trained models (the policy in SFT, PPO and DPO, the reward model, the critic), under plain torch and "
-        "DeepSpeed, with LoRA too: less memory for about a third more compute, the same results. Sampling still "
-        "uses the KV cache.",
-    )
-    attn_implementation: AttnImplementation = Field(
-        "sdpa",
-        description="The attention kernel every model loads with: sdpa (torch's scaled_dot_product_attention), "
-        "eager (plain matmuls), or flash_attention_2 (needs the flash-attn package, a GPU and compute.autocast bf16 "
-        "or fp16, so not with deepspeed yet). A kernel changes rounding, not results, so it is not part of the "
-        "phases' cache keys.",
-    )
-
-    @field_validator("attn_implementation")
-    @classmethod
-    def _flash_attn_installed(cls, value: str) -> str:
-        if value == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            raise ValueError(
-                "flash_attention_2 needs the flash-attn package, which is not installed here (pip install flash-attn "
-                "on a machine with a CUDA GPU); use sdpa"
-            )
-        return value
-
-    def cache_identity(self) -> dict[str, str]:
-        """What of this config changes a phase's artifact: the precision. Recomputing activations and the attention
-        kernel change neither the math nor, beyond rounding, the numbers."""
-        return {"autocast": self.autocast}
-
-
-DEFAULT_COMPUTE = ComputeConfig()  # fp32, no recomputation, sdpa: the default of every phase that takes one
 
 
 def autocast_dtype(autocast: Autocast, device: torch.device) -> torch.dtype | None:

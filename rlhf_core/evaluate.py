@@ -5,37 +5,14 @@ from __future__ import annotations
 import random
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_core.config import EvalConfig
 from rlhf_core.labelers import HumanLabel, LabelingPair
 from rlhf_core.losses import masked_mean, masked_sum
 from rlhf_core.modeling import Samples, response_logprobs, sample_responses
 from rlhf_core.reward import RewardFunction
 from rlhf_core.types import GoldBreakdown, GoldScorer
-
-
-class EvalConfig(BaseModel):
-    """Held-out evaluation."""
-
-    model_config = ConfigDict(extra="forbid")
-    max_new_tokens: int = Field(32, ge=1, description="Longest sampled response, in tokens.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature for policy and SFT samples.")
-    batch_size: int = Field(256, ge=1, description="Prompts per generation batch.")
-    n_samples_logged: int = Field(32, ge=0, description="Sample completions logged to MLflow as a table.")
-    samples_per_prompt: int = Field(
-        1,
-        ge=1,
-        description="Responses per held-out prompt from the policy and from the SFT baseline; the win rate is over "
-        "matched pairs (the policy's j-th response against the baseline's j-th), its standard error over prompts.",
-    )
-    human_pairs: int = Field(
-        0,
-        ge=0,
-        description="Also have people judge this many (policy, SFT) response pairs blind, A and B in random order, "
-        "through the labeling path of preferences.source: human (its timeout, min_labeled_fraction and Label "
-        "Studio settings); reports the human-judged win rate beside the gold one. 0: none.",
-    )
 
 
 def win_rate(policy_gold: list[float], baseline_gold: list[float]) -> float:

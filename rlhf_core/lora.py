@@ -11,21 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from rlhf_core.config import LoRAConfig
+
 ADAPTER_DIR = "adapter"
-
-
-class LoRAConfig(BaseModel):
-    """Low-rank adapters on a model (the policy, the reward model or the critic)."""
-
-    model_config = ConfigDict(extra="forbid")
-    r: int = Field(8, ge=1, description="Rank of each adapter.")
-    alpha: float = Field(16.0, gt=0, description="Scale of the adapters' output (alpha / r multiplies it).")
-    target_modules: str | list[str] = Field(
-        "all-linear", description="Layers that get adapters: 'all-linear' or a list of module names."
-    )
 
 
 def add_lora(model: nn.Module, config: LoRAConfig, *, scorer: bool = False) -> nn.Module:

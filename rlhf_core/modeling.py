@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rlhf_core.engine import AttnImplementation
+from rlhf_core.config import AttnImplementation
 from rlhf_core.losses import entropy_from_logits, selective_log_softmax
 
 

@@ -17,19 +17,17 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import PreTrainedTokenizerBase
 
-from rlhf_core.alarms import Alarm, AlarmConfig, check_alarms
+from rlhf_core.alarms import Alarm, check_alarms
 from rlhf_core.checkpoint import Checkpointer, DivergenceError, check_finite, checkpoint_due, rng_state, set_rng_state
+from rlhf_core.config import PPOConfig
 from rlhf_core.engine import Engine, TorchEngine, module_device, rank_rows
 from rlhf_core.kl_control import AdaptiveKLController, FixedKLController, KLController
-from rlhf_core.lora import LoRAConfig
 from rlhf_core.losses import (
     compute_gae,
     explained_variance,
@@ -53,66 +51,6 @@ from rlhf_core.modeling import (
 from rlhf_core.reward import RewardFunction
 from rlhf_core.threads import side_by_side
 from rlhf_core.types import GoldScorer, MetricsCallback
-
-
-class PPOConfig(BaseModel):
-    """PPO against the reward model with a KL penalty to the SFT reference."""
-
-    model_config = ConfigDict(extra="forbid")
-    steps: int = Field(40, ge=1, description="Rollout-then-update steps.")
-    rollout_batch_size: int = Field(64, ge=1, description="Prompts sampled per step.")
-    minibatch_size: int = Field(16, ge=1, description="Rollouts per optimizer step inside an update.")
-    epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
-    lr: float = Field(3e-4, gt=0, description="Policy AdamW learning rate.")
-    critic_lr: float = Field(1e-3, gt=0, description="Critic AdamW learning rate.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping for policy and critic.")
-    max_new_tokens: int = Field(32, ge=1, description="Longest sampled response, in tokens.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs are recomputed with it.")
-    missing_eos_penalty: float = Field(1.0, ge=0, description="Subtracted from the score of a response with no EOS.")
-    clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon.")
-    clip_range_value: float = Field(0.2, gt=0, description="Value-prediction clip around the rollout's values.")
-    gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
-    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
-    whiten_advantages: bool = Field(True, description="Normalize advantages to mean 0, std 1 per batch.")
-    kl_coef: float = Field(0.15, ge=0, description="Initial coefficient of the per-token KL penalty.")
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator in the penalty.")
-    adaptive_kl: bool = Field(True, description="Adapt kl_coef toward kl_target (Ziegler et al. 2019); else fixed.")
-    kl_target: float = Field(3.0, gt=0, description="Target KL to the reference, in nats per response.")
-    kl_horizon: int = Field(
-        500,
-        ge=1,
-        description="Horizon of the adaptive KL controller, in samples. Keep it to a fraction of a phase's "
-        "steps * rollout_batch_size, or the coefficient barely moves.",
-    )
-    max_kl: float | None = Field(
-        50.0, gt=0, description="Stop PPO with an error once the KL to the reference passes this (nats per response)."
-    )
-    lora: LoRAConfig | None = Field(
-        None, description="Train the policy as LoRA adapters, the reference being the same model with them off."
-    )
-    critic_lora: LoRAConfig | None = Field(
-        None, description="Train the critic as LoRA adapters on its initial model, its value head in full."
-    )
-    checkpoint_every: int = Field(10, ge=0, description="Save a resumable checkpoint every this many steps; 0: never.")
-    target_kl: float | None = Field(
-        0.1, gt=0, description="Stop an update early once the minibatch approx-KL to the rollout policy exceeds this."
-    )
-    alarms: AlarmConfig = Field(
-        default_factory=AlarmConfig, description="Thresholds of the training-health alarms (length hacking, ...)."
-    )
-    stop_on_alarm: bool = Field(False, description="Stop the phase with an error at its first training-health alarm.")
-    parallel_critic: bool = Field(
-        True,
-        description="On a CPU, in one process: run the critic's forward, backward and optimizer step in a thread "
-        "beside the policy's, each on half the CPU threads. The same updates, up to rounding, in less time: tiny "
-        "models leave a core idle. Ignored on a GPU and under DeepSpeed.",
-    )
-    group_by_length: bool = Field(
-        True,
-        description="Form each epoch's minibatches from rollouts of similar length, in random order, so that they "
-        "carry little padding to train on; else uniformly random minibatches.",
-    )
-
 
 AlarmCallback = Callable[[Alarm], None]
 

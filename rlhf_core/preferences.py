@@ -6,94 +6,21 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_core.config import PreferenceConfig
 from rlhf_core.labelers import (
     HumanLabel,
-    LabelerConfig,
     LabelingPair,
     agreement_stats,
     calibrate_noise_scale,
-    default_labelers,
     draw_labels,
     human_label_stats,
 )
 from rlhf_core.modeling import sample_responses
 from rlhf_core.types import GoldScorer
-
-
-class LabelStudioConfig(BaseModel):
-    """A Label Studio server that people label the batches in."""
-
-    model_config = ConfigDict(extra="forbid")
-    url: str = Field(
-        description="Label Studio's address, e.g. http://127.0.0.1:8080; its API token comes from "
-        "the environment variable LABEL_STUDIO_API_KEY."
-    )
-    project_title: str = Field("rlhf", description="The project to create, or reuse, for the labeling batches.")
-    poll_interval_s: float = Field(15.0, gt=0, description="Seconds between checks for finished annotations.")
-
-
-class PreferenceConfig(BaseModel):
-    """Sampling response pairs from the current policy and labeling them."""
-
-    model_config = ConfigDict(extra="forbid")
-    source: Literal["simulated", "human"] = Field(
-        "simulated",
-        description="Who labels the pairs: the simulated labelers, or people (each iteration publishes a labeling "
-        "batch and waits for labels from `rlhf label import`, the Prefect UI or Label Studio).",
-    )
-    n_pairs: int = Field(1536, ge=1, description="Response pairs sampled per iteration (identical pairs are dropped).")
-    max_new_tokens: int = Field(32, ge=1, description="Longest sampled response, in tokens.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature for the response pairs.")
-    batch_size: int = Field(256, ge=1, description="Prompts per generation batch.")
-    labelers: list[LabelerConfig] = Field(
-        default_factory=default_labelers,
-        min_length=2,
-        description="The simulated labelers; each pair is labeled by all of them.",
-    )
-    target_agreement: float | None = Field(
-        0.7,
-        gt=0.5,
-        lt=1.0,
-        description="Scale labeler noise so two labelers agree on this fraction of pairs (InstructGPT saw about "
-        "0.7); null keeps noise_scale fixed.",
-    )
-    noise_scale: float = Field(1.0, gt=0, description="Shared labeler noise when target_agreement is null.")
-    min_labeled_fraction: float = Field(
-        1.0,
-        gt=0,
-        le=1,
-        description="Human labels: the share of a batch's pairs that must have a label before the iteration goes "
-        "on; pairs left unlabeled are dropped and counted.",
-    )
-    labels_per_pair: int = Field(
-        1,
-        ge=1,
-        description="Human labels: labels wanted per pair (overlap between labelers); Label Studio's wait "
-        "ends when that many labelers have labeled each pair.",
-    )
-    label_timeout_s: float = Field(
-        86400.0,
-        gt=0,
-        description="Human labels: how long a run waits for them before it fails (the batch and any labels are "
-        "kept: re-run the same command to wait again).",
-    )
-    label_studio: LabelStudioConfig | None = Field(
-        None, description="Human labels: also publish each batch to this Label Studio server and wait for it."
-    )
-
-    def cache_identity(self) -> dict[str, Any]:
-        """What of this config decides the phase's output: the labelers' settings for simulated labels, the
-        labeling settings for human ones (how long to wait decides nothing)."""
-        human_only = {"min_labeled_fraction", "labels_per_pair", "label_timeout_s", "label_studio", "source"}
-        simulated_only = {"labelers", "target_agreement", "noise_scale"}
-        exclude = human_only if self.source == "simulated" else simulated_only | {"label_timeout_s"}
-        return self.model_dump(mode="json", exclude=exclude)
 
 
 @dataclass

@@ -6,16 +6,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.checkpoint import Checkpointer, check_finite, checkpoint_due
-from rlhf_core.engine import AttnImplementation, Engine, rank_rows
-from rlhf_core.lora import LoRAConfig
+from rlhf_core.config import AttnImplementation, RewardConfig
+from rlhf_core.engine import Engine, rank_rows
 from rlhf_core.losses import aggregate_rewards, bradley_terry_loss
 from rlhf_core.modeling import (
     Samples,
@@ -30,67 +28,12 @@ from rlhf_core.preferences import PreferencePair
 from rlhf_core.types import MetricsCallback
 
 
-class RewardConfig(BaseModel):
-    """Bradley-Terry reward-model training."""
-
-    model_config = ConfigDict(extra="forbid")
-    warm_start: bool = Field(
-        True,
-        description="Start each iteration's reward model from the previous iteration's (still trained on every "
-        "preference so far) rather than from the base backbone, so it accumulates training across iterations; "
-        "the first iteration starts from the base.",
-    )
-    max_epochs: int = Field(2, ge=1, description="Most passes over the training pairs (early stopping may end sooner).")
-    batch_size: int = Field(32, ge=1, description="Preference pairs per optimizer step.")
-    lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
-    warmup_steps: int = Field(10, ge=0, description="Optimizer steps of linear learning-rate warmup.")
-    weight_decay: float = Field(
-        0.01, ge=0, description="AdamW weight decay (a slightly underfit reward model is safer)."
-    )
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of pairs held out for validation accuracy.")
-    evals_per_epoch: int = Field(2, ge=1, description="Validation checks per epoch.")
-    patience: int = Field(2, ge=1, description="Validation checks without improvement before stopping early.")
-    max_length: int = Field(48, ge=4, description="Prompt + response tokens kept.")
-    checkpoint_every: int = Field(
-        50, ge=0, description="Save a resumable checkpoint every this many optimizer steps; 0: never."
-    )
-    ensemble_size: int = Field(
-        1,
-        ge=1,
-        le=16,
-        description="Reward models trained in the phase, each with its own seed (and its own resample of the pairs "
-        "with reward.bootstrap); PPO and evaluation score with their aggregate (reward.aggregate). The critic starts "
-        "from the first.",
-    )
-    bootstrap: bool = Field(False, description="Train each ensemble member on a bootstrap resample of the pairs.")
-    lora: LoRAConfig | None = Field(
-        None,
-        description="Train each reward model as LoRA adapters on its initial model, its scalar head in full; "
-        "saved with the adapters merged in, as a plain sequence-classification model.",
-    )
-    aggregate: Literal["mean", "min", "mean_minus_std"] = Field(
-        "mean",
-        description="How an ensemble's scores become one reward: mean, min (worst case) or mean_minus_std (the mean "
-        "less reward.uncertainty_coef times the members' standard deviation), as in Coste et al. 2023.",
-    )
-    uncertainty_coef: float = Field(
-        1.0, ge=0, description="Weight of the members' standard deviation (mean_minus_std)."
-    )
-    strength_margins: list[float] | None = Field(
-        None,
-        min_length=4,
-        max_length=4,
-        description="Margins in the Bradley-Terry loss for a human label's strength 1-4 (negligibly, slightly, "
-        "better, significantly better), as Llama 2 does, e.g. [0, 0.33, 0.67, 1]; labels without one get 0. "
-        "Null: no margins.",
-    )
-
-    def margins(self, pairs: list[PreferencePair]) -> Tensor | None:
-        """Each pair's margin from its strength, or None without strength_margins. -> (B,)."""
-        if self.strength_margins is None:
-            return None
-        return torch.tensor([self.strength_margins[p.strength - 1] if p.strength else 0.0 for p in pairs])
+def strength_margins(config: RewardConfig, pairs: list[PreferencePair]) -> Tensor | None:
+    """Each pair's Bradley-Terry margin from its strength (``config.strength_margins``; 0 without one), or None
+    without margins. -> (B,)."""
+    if config.strength_margins is None:
+        return None
+    return torch.tensor([config.strength_margins[p.strength - 1] if p.strength else 0.0 for p in pairs])
 
 
 def bootstrap_resample(pairs: list[PreferencePair], seed: int) -> list[PreferencePair]:
@@ -205,7 +148,7 @@ def train_reward_model(
         batch = [train_pairs[i] for i in schedule[step - 1].tolist()]
         mine, weight = rank_rows(batch, engine)
         chosen, rejected = pair_rewards(model, tokenizer, mine, config.max_length)
-        margin = config.margins(mine)
+        margin = strength_margins(config, mine)
         loss = bradley_terry_loss(chosen, rejected, None if margin is None else margin.to(chosen.device))
         share = loss * (weight * len(mine) / len(batch))  # the ranks' shares sum to the whole batch's mean loss
         check_finite("reward", step, loss=share.item())

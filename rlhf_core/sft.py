@@ -5,32 +5,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.checkpoint import Checkpointer, check_finite, checkpoint_due
+from rlhf_core.config import SFTConfig
 from rlhf_core.engine import Engine, rank_rows
 from rlhf_core.losses import masked_mean, masked_sum, selective_log_softmax
 from rlhf_core.modeling import EncodedPairs, batch_schedule, encode_prompt_responses, position_ids_from_mask
 from rlhf_core.types import MetricsCallback
-
-
-class SFTConfig(BaseModel):
-    """Supervised fine-tuning on (prompt, response) demonstrations."""
-
-    model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(3, ge=1, description="Passes over the demonstrations.")
-    batch_size: int = Field(64, ge=1, description="Demonstrations per optimizer step.")
-    lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (linear warmup, cosine decay).")
-    warmup_steps: int = Field(20, ge=0, description="Optimizer steps of linear learning-rate warmup.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
-    max_length: int = Field(48, ge=4, description="Prompt + response tokens kept; longer responses are truncated.")
-    log_every: int = Field(10, ge=1, description="Report metrics every this many optimizer steps.")
-    checkpoint_every: int = Field(
-        100, ge=0, description="Save a resumable checkpoint every this many optimizer steps; 0: never."
-    )
 
 
 def num_training_steps(n_examples: int, batch_size: int, epochs: int) -> int:

@@ -26,7 +26,7 @@ from infra.catalog import TAG_ALARM, TAG_CODE_VERSION, TAG_RESUMED_FROM, Phase
 from infra.checkpoints import CheckpointSpec, ResumeHook, StoreCheckpointer
 from infra.codebase import PACKAGE_ROOT, import_closure
 from infra.credentials import open_configured_store
-from infra.deepspeed_engine import DeepSpeedConfig
+from infra.deepspeed_config import DeepSpeedConfig
 from infra.storage import (
     ArtifactRef,
     ObjectStore,
@@ -38,7 +38,8 @@ from infra.storage import (
 )
 from rlhf_core.alarms import Alarm
 from rlhf_core.checkpoint import DivergenceError
-from rlhf_core.engine import DEFAULT_COMPUTE, ComputeConfig, Engine, Optimization, TorchEngine, autocast_model
+from rlhf_core.config import DEFAULT_COMPUTE, ComputeConfig
+from rlhf_core.engine import Engine, Optimization, TorchEngine, autocast_model
 from rlhf_core.modeling import default_device, enable_gradient_checkpointing, load_policy
 
 if TYPE_CHECKING:

@@ -8,10 +8,10 @@ import torch
 
 from infra.artifacts import read_pairs
 from infra.catalog import DPO
-from infra.deepspeed_engine import DeepSpeedConfig
+from infra.deepspeed_config import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
-from rlhf_core.dpo import DPOConfig, train_dpo
-from rlhf_core.engine import DEFAULT_COMPUTE, ComputeConfig
+from rlhf_core.config import DEFAULT_COMPUTE, ComputeConfig, DPOConfig
+from rlhf_core.dpo import train_dpo
 from rlhf_core.lora import add_lora
 from rlhf_core.modeling import load_policy, load_tokenizer
 from rlhf_core.preferences import PreferencePair

@@ -18,8 +18,8 @@ from infra.artifacts import (
 from infra.catalog import EVALUATION, HUMAN_EVALUATION
 from infra.datasets import read_rows, write_rows
 from infra.labeling import read_batch, read_imports, write_batch
-from rlhf_core.engine import DEFAULT_COMPUTE, ComputeConfig
-from rlhf_core.evaluate import EvalConfig, evaluate_policy, evaluation_pairs, human_win_rate, sample_baseline
+from rlhf_core.config import DEFAULT_COMPUTE, ComputeConfig, EvalConfig
+from rlhf_core.evaluate import evaluate_policy, evaluation_pairs, human_win_rate, sample_baseline
 from rlhf_core.modeling import load_tokenizer
 from rlhf_core.reward import load_reward_function
 from tasks.common import (

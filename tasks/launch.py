@@ -28,8 +28,8 @@ from pydantic import ConfigDict, validate_call
 from pydantic_core import to_jsonable_python
 
 from infra.checkpoints import CheckpointSpec
-from infra.deepspeed_engine import DeepSpeedConfig
-from rlhf_core.engine import ComputeConfig
+from infra.deepspeed_config import DeepSpeedConfig
+from rlhf_core.config import ComputeConfig
 from tasks.common import (
     PhaseLog,
     RunContext,

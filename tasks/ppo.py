@@ -12,12 +12,14 @@ from transformers import PreTrainedTokenizerBase
 
 from infra.artifacts import PhaseInputs, data_judge, read_prompts
 from infra.catalog import PPO
-from infra.deepspeed_engine import DeepSpeedConfig, inference_module
+from infra.deepspeed_config import DeepSpeedConfig
+from infra.deepspeed_engine import inference_module
 from rlhf_core.checkpoint import Checkpointer
-from rlhf_core.engine import DEFAULT_COMPUTE, AttnImplementation, ComputeConfig, Engine, Optimization
-from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, LoRAConfig, add_lora, load_lora, merged
+from rlhf_core.config import DEFAULT_COMPUTE, AttnImplementation, ComputeConfig, LoRAConfig, PPOConfig
+from rlhf_core.engine import Engine, Optimization
+from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, add_lora, load_lora, merged
 from rlhf_core.modeling import fold_reward_normalization, load_policy, load_scorer, load_tokenizer
-from rlhf_core.ppo import AlarmCallback, PPOConfig, PPOModels, train_ppo
+from rlhf_core.ppo import AlarmCallback, PPOModels, train_ppo
 from rlhf_core.reward import load_reward_function
 from rlhf_core.types import MetricsCallback
 from tasks.common import (

@@ -10,9 +10,9 @@ from infra.artifacts import PAIRS_FILE, PhaseInputs, data_judge, read_prompts
 from infra.catalog import PREFERENCES
 from infra.datasets import write_rows
 from infra.labeling import read_batch, read_imports, write_batch
-from rlhf_core.engine import DEFAULT_COMPUTE, ComputeConfig
+from rlhf_core.config import DEFAULT_COMPUTE, ComputeConfig, PreferenceConfig
 from rlhf_core.modeling import load_tokenizer
-from rlhf_core.preferences import PreferenceConfig, collect_preferences, labeling_pairs, preferences_from_labels
+from rlhf_core.preferences import collect_preferences, labeling_pairs, preferences_from_labels
 from tasks.common import (
     PhaseOutput,
     RunContext,

@@ -9,14 +9,13 @@ from transformers import PreTrainedTokenizerBase
 
 from infra.artifacts import read_pairs, reward_init_dir
 from infra.catalog import REWARD
-from infra.deepspeed_engine import DeepSpeedConfig
+from infra.deepspeed_config import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
-from rlhf_core.engine import DEFAULT_COMPUTE, ComputeConfig
+from rlhf_core.config import DEFAULT_COMPUTE, ComputeConfig, RewardConfig
 from rlhf_core.lora import add_lora, merged
 from rlhf_core.modeling import load_scorer, load_tokenizer
 from rlhf_core.reward import (
     ENSEMBLE_DIR,
-    RewardConfig,
     RewardFunction,
     bootstrap_resample,
     normalize_reward_model,

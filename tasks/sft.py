@@ -6,11 +6,11 @@ from pathlib import Path
 
 from infra.artifacts import BASE_MODEL_DIR, read_demonstrations
 from infra.catalog import SFT
-from infra.deepspeed_engine import DeepSpeedConfig
+from infra.deepspeed_config import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
-from rlhf_core.engine import DEFAULT_COMPUTE, ComputeConfig
+from rlhf_core.config import DEFAULT_COMPUTE, ComputeConfig, SFTConfig
 from rlhf_core.modeling import load_policy, load_tokenizer
-from rlhf_core.sft import SFTConfig, num_training_steps, train_sft
+from rlhf_core.sft import num_training_steps, train_sft
 from rlhf_core.types import MetricsCallback
 from tasks.common import (
     PhaseOutput,

@@ -5,9 +5,10 @@ from collections.abc import Iterator
 import pytest
 
 from rlhf_core import world
+from rlhf_core.config import SFTConfig
 from rlhf_core.engine import Optimization, TorchEngine
 from rlhf_core.modeling import load_policy, load_tokenizer
-from rlhf_core.sft import SFTConfig, train_sft
+from rlhf_core.sft import train_sft
 
 
 @pytest.fixture(scope="session")

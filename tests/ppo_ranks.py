@@ -4,10 +4,11 @@ from pathlib import Path
 
 import torch
 
-from infra.deepspeed_engine import DeepSpeedConfig
+from infra.deepspeed_config import DeepSpeedConfig
+from rlhf_core.config import PPOConfig
 from rlhf_core.engine import Optimization
 from rlhf_core.modeling import load_policy, load_scorer
-from rlhf_core.ppo import PPOConfig, PPOModels, advantages_and_returns, ppo_update
+from rlhf_core.ppo import PPOModels, advantages_and_returns, ppo_update
 from tasks.common import make_engine
 
 

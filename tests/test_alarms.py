@@ -8,8 +8,9 @@ from test_phases import ppo_models
 from rlhf_core import world
 from rlhf_core.alarms import ALARMS, AlarmConfig, check_alarms
 from rlhf_core.checkpoint import DivergenceError
+from rlhf_core.config import PPOConfig
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
-from rlhf_core.ppo import PPOConfig, train_ppo
+from rlhf_core.ppo import train_ppo
 
 CONFIG = AlarmConfig(window=3)
 

@@ -19,10 +19,11 @@ from test_flow import TINY
 
 from flows.config import ConfigError, load_config
 from infra.artifacts import PhaseInputs
-from infra.deepspeed_engine import DeepSpeedConfig
+from infra.deepspeed_config import DeepSpeedConfig
 from rlhf_core import world
-from rlhf_core.engine import ComputeConfig, Optimization, TorchEngine, autocast_dtype, autocast_model
-from rlhf_core.lora import LoRAConfig, add_lora
+from rlhf_core.config import ComputeConfig, LoRAConfig
+from rlhf_core.engine import Optimization, TorchEngine, autocast_dtype, autocast_model
+from rlhf_core.lora import add_lora
 from rlhf_core.modeling import (
     EncodedPairs,
     enable_gradient_checkpointing,

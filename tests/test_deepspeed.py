@@ -18,13 +18,8 @@ from flows.config import ConfigError, load_config
 from infra.artifacts import PhaseInputs
 from infra.catalog import PPO
 from infra.checkpoints import CheckpointSpec, checkpoint_prefix
-from infra.deepspeed_engine import (
-    DeepSpeedConfig,
-    DeepSpeedEngine,
-    deepspeed_config,
-    inference_config,
-    inference_module,
-)
+from infra.deepspeed_config import DeepSpeedConfig, deepspeed_config, inference_config
+from infra.deepspeed_engine import DeepSpeedEngine, inference_module
 from rlhf_core import world
 from rlhf_core.alarms import AlarmConfig
 from rlhf_core.engine import Optimization

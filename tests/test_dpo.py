@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from conftest import TINY_WORLD
 
 from rlhf_core import world
-from rlhf_core.dpo import DPOConfig, encode_pairs, sequence_logprobs, train_dpo
+from rlhf_core.config import DPOConfig
+from rlhf_core.dpo import encode_pairs, sequence_logprobs, train_dpo
 from rlhf_core.engine import Optimization, TorchEngine
 from rlhf_core.losses import dpo_loss
 from rlhf_core.modeling import load_policy, load_tokenizer

@@ -7,10 +7,11 @@ from conftest import TINY_WORLD
 from infra.artifacts import PAIRS_FILE
 from infra.datasets import write_rows
 from rlhf_core import world
+from rlhf_core.config import RewardConfig
 from rlhf_core.losses import aggregate_rewards
 from rlhf_core.modeling import load_policy, load_tokenizer, sample_responses
 from rlhf_core.preferences import PreferencePair
-from rlhf_core.reward import ENSEMBLE_DIR, RewardConfig, load_reward_function
+from rlhf_core.reward import ENSEMBLE_DIR, load_reward_function
 from tasks.reward import run_reward
 
 
@@ -57,8 +58,9 @@ def test_an_ensemble_trains_saves_loads_and_scores_conservatively(sft_dir, tmp_p
 def test_ppo_reports_the_ensembles_disagreement(sft_dir):
     from test_phases import ppo_models
 
+    from rlhf_core.config import PPOConfig
     from rlhf_core.modeling import load_scorer
-    from rlhf_core.ppo import PPOConfig, train_ppo
+    from rlhf_core.ppo import train_ppo
     from rlhf_core.reward import RewardFunction
 
     tokenizer = load_tokenizer(sft_dir)

@@ -8,7 +8,8 @@ import math
 import pytest
 
 from rlhf_core import world
-from rlhf_core.evaluate import EvalConfig, evaluate_policy, sample_baseline, win_rate, win_rate_stderr
+from rlhf_core.config import EvalConfig
+from rlhf_core.evaluate import evaluate_policy, sample_baseline, win_rate, win_rate_stderr
 from rlhf_core.modeling import load_policy, load_tokenizer
 
 

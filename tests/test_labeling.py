@@ -19,11 +19,12 @@ from infra.labeling import (
     stored_labels,
 )
 from infra.storage import LocalStore
+from rlhf_core.config import PreferenceConfig, RewardConfig
 from rlhf_core.evaluate import evaluation_pairs, human_win_rate
 from rlhf_core.labelers import HumanLabel, LabelingPair, cohen_kappa, human_label_stats
 from rlhf_core.losses import bradley_terry_loss
-from rlhf_core.preferences import PreferenceConfig, preferences_from_labels
-from rlhf_core.reward import RewardConfig
+from rlhf_core.preferences import preferences_from_labels
+from rlhf_core.reward import strength_margins
 
 PAIRS = [
     LabelingPair("b1-00000", "describe ocean :", "water waves", "lava", 2.0, -1.0, False),
@@ -191,13 +192,14 @@ def test_the_human_win_rate_counts_the_policy_whichever_side_it_was_shown_on():
 
 def test_the_bradley_terry_margin_is_llama_2s():
     chosen, rejected = torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0])
-    margins = RewardConfig(strength_margins=[0.0, 1 / 3, 2 / 3, 1.0]).margins(
-        [preferences_from_labels(PAIRS, [HumanLabel("b1-00000", "a", "ann", 4)])[0][0]] * 2
+    margins = strength_margins(
+        RewardConfig(strength_margins=[0.0, 1 / 3, 2 / 3, 1.0]),
+        [preferences_from_labels(PAIRS, [HumanLabel("b1-00000", "a", "ann", 4)])[0][0]] * 2,
     )
     assert margins.tolist() == [1.0, 1.0]
     assert bradley_terry_loss(chosen, rejected, margins).item() == pytest.approx(math.log(2))  # -log sigmoid(1 - 1)
     assert bradley_terry_loss(chosen, rejected).item() == pytest.approx(-math.log(1 / (1 + math.exp(-1))))
-    assert RewardConfig().margins([]) is None
+    assert strength_margins(RewardConfig(), []) is None
 
 
 def test_simulated_and_human_settings_stay_out_of_each_others_cache_key():

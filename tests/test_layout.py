@@ -1,6 +1,8 @@
 """House rules that keep the layers apart, read from the source."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from infra.codebase import PACKAGE_ROOT, all_modules, module_path, project_imports
@@ -80,3 +82,15 @@ def test_functions_of_more_than_four_parameters_take_the_rest_by_keyword():
                 if len(positional) > 4:
                     offenders.append(f"{module}:{node.lineno} {node.name}({', '.join(positional)})")
     assert offenders == []
+
+
+def test_a_config_is_read_and_checked_without_torch_or_the_services():
+    """The CLI loads a config and finds a run already done before it imports any heavy library."""
+    script = (
+        "import sys; from flows.config import load_config; load_config(None, ['ppo.steps=3']); "
+        "print(sorted(m for m in ('torch', 'transformers', 'prefect', 'mlflow', 'boto3') if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=PACKAGE_ROOT
+    )
+    assert loaded.stdout.strip() == "[]"

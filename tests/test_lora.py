@@ -13,13 +13,14 @@ from test_phases import held_out_eos_rate
 
 from flows.config import ConfigError, load_config
 from infra.artifacts import PhaseInputs, read_pairs
-from infra.deepspeed_engine import DeepSpeedConfig
+from infra.deepspeed_config import DeepSpeedConfig
 from rlhf_core import world
+from rlhf_core.config import LoRAConfig, PPOConfig
 from rlhf_core.engine import Optimization, TorchEngine
-from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, LoRAConfig, add_lora
+from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, add_lora
 from rlhf_core.losses import bradley_terry_loss
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
-from rlhf_core.ppo import PPOConfig, PPOModels, train_ppo
+from rlhf_core.ppo import PPOModels, train_ppo
 from rlhf_core.reward import RewardFunction, pair_rewards, preference_accuracy, split_pairs
 from tasks.common import make_engine
 from tasks.data import write_data

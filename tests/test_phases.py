@@ -7,6 +7,7 @@ import torch
 from conftest import TINY_WORLD
 
 from rlhf_core import world
+from rlhf_core.config import PPOConfig, PreferenceConfig, RewardConfig, SFTConfig
 from rlhf_core.engine import Optimization, TorchEngine
 from rlhf_core.modeling import (
     encode_prompt_responses,
@@ -18,17 +19,10 @@ from rlhf_core.modeling import (
     sample_responses,
     truncate_after_eos,
 )
-from rlhf_core.ppo import PPOConfig, PPOModels, train_ppo
-from rlhf_core.preferences import PreferenceConfig, PreferencePair, collect_preferences
-from rlhf_core.reward import (
-    RewardConfig,
-    RewardFunction,
-    normalize_reward_model,
-    score_texts,
-    split_pairs,
-    train_reward_model,
-)
-from rlhf_core.sft import SFTConfig, sft_loss, train_sft
+from rlhf_core.ppo import PPOModels, train_ppo
+from rlhf_core.preferences import PreferencePair, collect_preferences
+from rlhf_core.reward import RewardFunction, normalize_reward_model, score_texts, split_pairs, train_reward_model
+from rlhf_core.sft import sft_loss, train_sft
 
 TINY = TINY_WORLD
 

@@ -22,12 +22,13 @@ from infra.checkpoints import StoreCheckpointer, checkpoint_prefix
 from infra.storage import LocalStore
 from rlhf_core import world
 from rlhf_core.checkpoint import DivergenceError
+from rlhf_core.config import PPOConfig, RewardConfig, SFTConfig
 from rlhf_core.engine import Optimization, TorchEngine
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
-from rlhf_core.ppo import PPOConfig, train_ppo
+from rlhf_core.ppo import train_ppo
 from rlhf_core.preferences import PreferencePair
-from rlhf_core.reward import RewardConfig, split_pairs, train_reward_model
-from rlhf_core.sft import SFTConfig, train_sft
+from rlhf_core.reward import split_pairs, train_reward_model
+from rlhf_core.sft import train_sft
 from tasks.common import PhaseLog, RunContext, checkpointing, should_retry
 
 KEY = "pipelines/test/phase-0123456789ab"

@@ -9,8 +9,9 @@ from conftest import TINY_WORLD
 from test_phases import ppo_models
 
 from rlhf_core import world
+from rlhf_core.config import PPOConfig
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
-from rlhf_core.ppo import PPOConfig, advantages_and_returns, collect_rollout, ppo_update
+from rlhf_core.ppo import advantages_and_returns, collect_rollout, ppo_update
 from rlhf_core.threads import side_by_side
 
 
