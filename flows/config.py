@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +14,8 @@ from infra.deepspeed_config import DeepSpeedConfig
 from infra.lineage import check_lineage_name
 from rlhf_core.config import ComputeConfig, DPOConfig, EvalConfig, PPOConfig, PreferenceConfig, RewardConfig, SFTConfig
 from rlhf_core.data import DataConfig
+
+DEFAULT_TRACKING_ROOT = Path("./rlhf-mlflow")
 
 
 class TrackingConfig(BaseModel):
@@ -51,6 +54,11 @@ class TrackingConfig(BaseModel):
     def _no_credentials(cls, uri: str | None) -> str | None:
         refuse_credentials(uri, "use MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")
         return uri
+
+    def resolved_uri(self, root: Path = DEFAULT_TRACKING_ROOT) -> str:
+        """Where this run logs: ``uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite store at ``<root>/mlflow.db``
+        (made absolute, so it names one file from any working directory)."""
+        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.resolve()}/mlflow.db"
 
 
 class PipelineConfig(BaseModel):

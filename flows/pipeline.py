@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -28,10 +27,10 @@ from infra.deepspeed_engine import quiet_unused_deepspeed
 from infra.lineage import Lineage, LineagePointer
 from infra.registry import Registration
 from infra.report import mlflow_run_url
-from infra.sources import StoreOpener
+from infra.sources import StoreOpener, inputs_digest
 from infra.storage import is_complete
-from infra.tracking import RunLogger, Tracker, default_tracking_uri
-from infra.user_data import base_tokenizer, check_data, inputs_digest
+from infra.tracking import RunLogger, Tracker
+from infra.user_data import base_tokenizer, check_data
 from tasks.common import PhaseOutput, RunContext, TrackingContext, fetch
 from tasks.data import prepare_data
 from tasks.dpo import dpo_task
@@ -40,8 +39,6 @@ from tasks.ppo import ppo_task
 from tasks.preferences import human_preferences_task, labeling_batch_task, preferences_task
 from tasks.reward import reward_task
 from tasks.sft import sft_task
-
-DEFAULT_TRACKING_ROOT = Path("./rlhf-mlflow")
 
 
 class PipelineState(BaseModel):
@@ -343,7 +340,7 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
     if config.deepspeed is None:
         quiet_unused_deepspeed()
     check_inputs(config)
-    tracking_uri = config.tracking.uri or default_tracking_uri(DEFAULT_TRACKING_ROOT)
+    tracking_uri = config.tracking.resolved_uri()
     flow_run_id, lineage = str(flow_run.get_id() or ""), open_lineage(config)
     tags = publishing.run_tags(flow_run_id, flow_run.ui_url, config.lineage)
     tracker = Tracker(tracking_uri, config.experiment)

@@ -177,8 +177,7 @@ def publish_report(tracker: Tracker, parent: RunLogger, lineage: str | None) -> 
 
 def run_tags(flow_run_id: str, flow_run_url: str | None, lineage: str | None) -> dict[str, str]:
     """The pipeline run's provenance tags."""
-    from infra.codebase import git_commit
-    from tasks.common import code_version
+    from infra.codebase import code_version, git_commit
 
     tags = {
         catalog.TAG_FLOW_RUN: flow_run_id,

@@ -25,12 +25,9 @@ def open_tracking(
     """The config (with the lineage set) and an MLflow client on its tracking server and registry."""
     from mlflow.tracking import MlflowClient
 
-    from flows.pipeline import DEFAULT_TRACKING_ROOT
-    from infra.tracking import default_tracking_uri
-
     extra = [f"lineage={json.dumps(lineage)}"] if lineage is not None else []
     pipeline_config = load_or_exit(config, [*(overrides or []), *extra])
-    tracking_uri = pipeline_config.tracking.uri or default_tracking_uri(DEFAULT_TRACKING_ROOT)
+    tracking_uri = pipeline_config.tracking.resolved_uri()
     return pipeline_config, MlflowClient(tracking_uri, registry_uri=tracking_uri), tracking_uri
 
 

@@ -4,6 +4,7 @@ the source without running it: what the cache key's code digest covers, and what
 from __future__ import annotations
 
 import ast
+import hashlib
 from functools import cache
 from pathlib import Path
 
@@ -51,6 +52,22 @@ def import_closure(roots: list[str]) -> dict[str, Path]:
         seen[module] = path
         todo += project_imports(module)
     return seen
+
+
+@cache
+def source_digest(roots: tuple[str, ...]) -> str:
+    """Digest of the source of ``roots`` and of every project module they import, directly or not."""
+    sha = hashlib.sha256()
+    for module, path in sorted(import_closure(list(roots)).items()):
+        sha.update(module.encode())
+        sha.update(path.read_bytes())
+    return sha.hexdigest()[:16]
+
+
+def code_version() -> str:
+    """Digest of the source the phases run (the task modules and every project module they import, directly or
+    not), so a change there invalidates caches and a change elsewhere (the CLI, the stack) does not."""
+    return source_digest(tuple(sorted(f"tasks.{path.stem}" for path in (PACKAGE_ROOT / "tasks").glob("*.py"))))
 
 
 def all_modules() -> list[str]:

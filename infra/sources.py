@@ -16,6 +16,7 @@ keeps its own Parquet tables after this point: ``datasets`` is used only to read
 from __future__ import annotations
 
 import hashlib
+import inspect
 import re
 import tempfile
 from collections.abc import Callable, Iterator
@@ -24,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from infra.datasets import TABLE_LOADERS, DatasetError, read_table
-from infra.storage import ObjectStore, StorageError, folder_digest
+from infra.storage import ObjectStore, StorageError, folder_digest, open_store
+from rlhf_core.data import DataConfig, load_gold_scorer
 
 HUB = "hf://"
 _HUB_SPEC = re.compile(r"hf://(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[^:]+))?(?::(?P<split>[\w.-]+))?")
@@ -285,3 +287,29 @@ def to_columns(
                 f"map other names with data.columns (e.g. data.columns: {{prompt: question}})"
             ) from e
     return out
+
+
+def aws_env_store(uri: str):
+    """A store with the AWS environment's credentials: how sources in a bucket are read when no Prefect block is
+    configured."""
+    return open_store(uri)
+
+
+def inputs_digest(config: DataConfig, open_store: StoreOpener = aws_env_store) -> str | None:
+    """Digest of what the data phase reads besides its config (base- and reward-model folders, the user's data by
+    content digest, pinned hub commit or object ETag, the judge's source), so a change to any of them invalidates
+    the cache (a hub dataset's moving branch only when its commit moved). None when there are none."""
+    parts = [
+        f"{name}={folder_digest(Path(model))}"
+        for name, model in (("base_model", config.base_model), ("reward_model", config.reward_model))
+        if model is not None and Path(model).is_dir()
+    ]
+    for name, spec in config.user_sources.items():
+        parts.append(f"{name}={resolve(f'data.{name}', spec, open_store).identity}")
+    if config.gold_reward is not None:
+        try:
+            source = inspect.getsource(inspect.getmodule(load_gold_scorer(config.gold_reward)))
+        except (OSError, TypeError):  # no source to read: the name is all there is
+            source = config.gold_reward
+        parts.append(f"gold_reward={hashlib.sha256(source.encode()).hexdigest()}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest() if parts else None

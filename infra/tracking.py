@@ -38,7 +38,6 @@ __all__ = [
     "DatasetRecord",
     "RunLogger",
     "Tracker",
-    "default_tracking_uri",
     "flatten_params",
     "redact",
     "system_metrics",
@@ -68,11 +67,6 @@ _REFERENCE_WORDS = {"block"}
 # MLflow 3's UI opens an experiment without this tag on its GenAI view (traces, judges); ours are training runs.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_EXPERIMENT_KIND = "custom_model_development"
-
-
-def default_tracking_uri(root: Path) -> str:
-    """``$MLFLOW_TRACKING_URI`` if set, else a sqlite store at ``<root>/mlflow.db``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.resolve()}/mlflow.db"
 
 
 def _key_words(key: str) -> list[str]:

@@ -6,17 +6,14 @@ the first problem."""
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
 from infra.artifacts import SPLITS, USER_SPLITS
 from infra.datasets import DatasetError, text_rows
-from infra.sources import Source, StoreOpener, chat_renderer, load_rows, resolve, to_columns
-from infra.storage import folder_digest, open_store
+from infra.sources import Source, StoreOpener, aws_env_store, chat_renderer, load_rows, resolve, to_columns
 from rlhf_core import world
 from rlhf_core.data import DataConfig, load_gold_scorer
 from rlhf_core.modeling import load_tokenizer
@@ -146,12 +143,6 @@ def read_user_data(config: DataConfig, tokenizer, max_tokens: int | None, open_s
     return Dataset(prompts, demonstrations, preferences, sources)
 
 
-def aws_env_store(uri: str):
-    """A store with the AWS environment's credentials: how sources in a bucket are read when no Prefect block is
-    configured."""
-    return open_store(uri)
-
-
 def model_tokenizer(name_or_path: str, field: str, trust_remote_code: bool = False):
     """The tokenizer of a named model, without loading its weights; errors name the config ``field``."""
     try:
@@ -193,21 +184,3 @@ def check_data(
     return dataset
 
 
-def inputs_digest(config: DataConfig, open_store: StoreOpener = aws_env_store) -> str | None:
-    """Digest of what the data phase reads besides its config (base- and reward-model folders, the user's data by
-    content digest, pinned hub commit or object ETag, the judge's source), so a change to any of them invalidates
-    the cache (a hub dataset's moving branch only when its commit moved). None when there are none."""
-    parts = [
-        f"{name}={folder_digest(Path(model))}"
-        for name, model in (("base_model", config.base_model), ("reward_model", config.reward_model))
-        if model is not None and Path(model).is_dir()
-    ]
-    for name, spec in config.user_sources.items():
-        parts.append(f"{name}={resolve(f'data.{name}', spec, open_store).identity}")
-    if config.gold_reward is not None:
-        try:
-            source = inspect.getsource(inspect.getmodule(load_gold_scorer(config.gold_reward)))
-        except (OSError, TypeError):  # no source to read: the name is all there is
-            source = config.gold_reward
-        parts.append(f"gold_reward={hashlib.sha256(source.encode()).hexdigest()}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest() if parts else None

@@ -11,7 +11,6 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -24,7 +23,7 @@ from transformers import PreTrainedModel
 from infra.artifacts import PhaseInputs
 from infra.catalog import TAG_ALARM, TAG_CODE_VERSION, TAG_RESUMED_FROM, Phase
 from infra.checkpoints import CheckpointSpec, ResumeHook, StoreCheckpointer
-from infra.codebase import PACKAGE_ROOT, import_closure
+from infra.codebase import code_version
 from infra.credentials import open_configured_store
 from infra.deepspeed_config import DeepSpeedConfig
 from infra.storage import (
@@ -102,18 +101,6 @@ class PhaseOutput(BaseModel):
     @property
     def digest(self) -> str:
         return self.artifact["digest"]
-
-
-@cache
-def code_version() -> str:
-    """Digest of the source the phases run (the task modules and every project module they import, directly or
-    not), so a change there invalidates caches and a change elsewhere (the CLI, the stack) does not."""
-    sha = hashlib.sha256()
-    tasks = sorted(f"tasks.{path.stem}" for path in (PACKAGE_ROOT / "tasks").glob("*.py"))
-    for module, path in sorted(import_closure(tasks).items()):
-        sha.update(module.encode())
-        sha.update(path.read_bytes())
-    return sha.hexdigest()[:16]
 
 
 def _identity(value: Any) -> Any:

@@ -20,8 +20,8 @@ from infra.artifacts import (
 from infra.catalog import DATA
 from infra.credentials import open_configured_store
 from infra.datasets import write_rows
-from infra.sources import StoreOpener
-from infra.user_data import aws_env_store, check_data
+from infra.sources import StoreOpener, aws_env_store
+from infra.user_data import check_data
 from rlhf_core import world
 from rlhf_core.data import DataConfig
 from rlhf_core.modeling import load_policy, load_tokenizer

@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from flows.config import load_config
 from infra.artifacts import PhaseInputs, read_prompts, reward_init_dir
-from infra.user_data import inputs_digest
+from infra.sources import inputs_digest
 from rlhf_core import world
 from rlhf_core.data import DataConfig
 from rlhf_core.modeling import load_policy, load_tokenizer, sample_responses

@@ -204,7 +204,7 @@ def test_run_registers_each_policy_and_records_provenance(first_run: dict, pipel
     inputs = {i.dataset.name: i.dataset.digest for i in parent.inputs.dataset_inputs}
     assert set(inputs) == {"prompts", "demonstrations", "preferences-iteration-1", "preferences-iteration-2"}
     assert all(re.fullmatch(r"[0-9a-f]{16}", digest) for digest in inputs.values())
-    from tasks.common import code_version
+    from infra.codebase import code_version
 
     assert parent.data.tags["rlhf.code_version"] == code_version()
     assert parent.data.tags["prefect_flow_run_id"] == result["prefect_flow_run_id"]

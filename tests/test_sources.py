@@ -16,8 +16,8 @@ import pytest
 from test_user_data import MAX_TOKENS, user_config, user_rows, write_jsonl
 
 from infra.datasets import DatasetError
-from infra.sources import chat_renderer, resolve, to_columns
-from infra.user_data import check_data, inputs_digest
+from infra.sources import chat_renderer, inputs_digest, resolve, to_columns
+from infra.user_data import check_data
 from rlhf_core import world
 from rlhf_core.modeling import load_tokenizer, prompt_token_ids
 from tasks.data import write_data

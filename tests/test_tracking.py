@@ -15,8 +15,9 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from pydantic import SecretStr
 
+from flows.config import TrackingConfig
 from infra.report import Report, plot_report
-from infra.tracking import EXPERIMENT_KIND_TAG, Tracker, default_tracking_uri, flatten_params
+from infra.tracking import EXPERIMENT_KIND_TAG, Tracker, flatten_params
 
 SECRET = "sk-test-SECRET-123"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -54,15 +55,16 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.chdir(cwd)
-        uri = default_tracking_uri(root)
+        uri = TrackingConfig().resolved_uri(root)
         yield Store(root, cwd, Tracker(uri, "rlhf-test"), MlflowClient(tracking_uri=uri))
 
 
 def test_default_tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert TrackingConfig().resolved_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert default_tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+    assert TrackingConfig().resolved_uri(tmp_path) == "http://127.0.0.1:5000"
+    assert TrackingConfig(uri="http://mlflow:5000").resolved_uri(tmp_path) == "http://mlflow:5000"
 
 
 def test_flatten_params_nests_truncates_and_drops_secrets() -> None:

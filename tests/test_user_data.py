@@ -14,7 +14,8 @@ from test_flow import RLHF, rlhf_run, summary
 from flows.config import ConfigError, load_config
 from infra.artifacts import read_prompts
 from infra.datasets import DatasetError
-from infra.user_data import check_data, inputs_digest
+from infra.sources import inputs_digest
+from infra.user_data import check_data
 from rlhf_core import world
 from tasks.data import write_data
 
