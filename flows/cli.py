@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -19,6 +20,7 @@ from flows.results_cli import export, report
 from flows.stack_cli import stack_app
 
 if TYPE_CHECKING:
+    from flows.config import PipelineConfig
     from infra.lineage import Lineage
 
 app = typer.Typer(help="The InstructGPT RLHF recipe as a Prefect workflow tracked in MLflow.", no_args_is_help=True)
@@ -102,17 +104,42 @@ class PhaseBars:
             self.progress.update(bar, total=task.completed or 1)
 
 
+def quiet_prefect() -> None:
+    """Only warnings from Prefect: the terminal is the progress bars'."""
+    import logging
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def quiet_libraries() -> None:
-    """Leave the terminal to the progress bars: only warnings from Prefect, transformers and MLflow."""
+    """Leave the terminal to the progress bars: only warnings from transformers and MLflow (and Prefect)."""
     import logging
 
     import mlflow  # noqa: F401  (its import sets its loggers' level: set ours after it)
     import transformers
 
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "mlflow"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_prefect()
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+
+
+def start_temporary_prefect_server() -> Callable[[], None]:
+    """Without ``PREFECT_API_URL`` a run talks to a temporary Prefect server of its own, which takes seconds to start
+    (tens of seconds on a fresh database): start it now, in a process of its own, while this one loads the pipeline
+    and checks its inputs. Returns what waits until it answers (nothing to wait for with a server configured)."""
+    import threading
+
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return lambda: None
+    from prefect.server.api.server import SubprocessASGIServer  # imported here: the thread below imports nothing
+
+    starting = threading.Thread(target=SubprocessASGIServer().start, name="prefect-server-start", daemon=True)
+    starting.start()
+    return starting.join
 
 
 @app.command()
@@ -121,9 +148,23 @@ def run(
     overrides: OverridesOpt = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the run summary as JSON here.")] = None,
     verbose: Annotated[bool, typer.Option(help="Show Prefect's logs.")] = False,
+    rerun: Annotated[
+        bool,
+        typer.Option(
+            help="Run the flow even when an identical run completed already (its phases then come from Prefect's "
+            "cache, and it makes a flow run and an MLflow run of its own)."
+        ),
+    ] = False,
 ) -> None:
-    """Run the whole pipeline: data, SFT, then N iterations of preferences, reward model, PPO, evaluation."""
+    """Run the whole pipeline: data, SFT, then N iterations of preferences, reward model, PPO, evaluation. An
+    identical run that completed already (same config, code, inputs and MLflow store, its artifacts and MLflow run
+    still there) is reported, not run again."""
     pipeline_config = load_or_exit(config, overrides or [])
+    if not rerun and report_finished_run(pipeline_config, json_path):
+        return
+    if not verbose:
+        quiet_prefect()
+    prefect_ready = start_temporary_prefect_server()
     if not verbose:
         quiet_libraries()
     from flows.pipeline import check_inputs, rlhf_pipeline
@@ -131,10 +172,13 @@ def run(
     from infra.storage import StorageError
     from rlhf_core.checkpoint import DivergenceError
 
+    if pipeline_config.storage.aws_credentials_block:  # the checks read the block from Prefect
+        prefect_ready()
     try:
         check_inputs(pipeline_config)
     except (ValueError, StorageError) as e:  # DatasetError included: the file, row and column at fault
         fail(e, 2)
+    prefect_ready()
     from tasks.common import PROGRESS_HOOKS
 
     with Progress(
@@ -149,6 +193,11 @@ def run(
         finally:
             PROGRESS_HOOKS.remove(bars)
             bars.finish()
+    show_summary(summary, json_path)
+
+
+def show_summary(summary: dict[str, Any], json_path: Path | None) -> None:
+    """A run's table, where its results are, and its summary as JSON at ``json_path``."""
     console.print(summary_table(summary))
     console.print(
         f"artifacts: {summary['artifacts_uri']}\nMLflow: {summary['mlflow_tracking_uri']} "
@@ -157,6 +206,30 @@ def run(
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(summary, indent=2))
+
+
+def report_finished_run(config: PipelineConfig, json_path: Path | None) -> bool:
+    """Show an identical run that completed already (:func:`flows.done.finished_run`) and say so; False where there
+    is none, or where the store or the inputs cannot be read (the run itself then says what is wrong)."""
+    from flows.done import finished_run
+    from infra.storage import StorageError
+
+    try:
+        record, why = finished_run(config)
+    except (StorageError, ValueError, OSError):
+        return False
+    if record is None:
+        if why.startswith("the run that did it"):
+            console.print(f"running: {why}")
+        return False
+    summary = record.summary | {"up_to_date": True, "phases": dict.fromkeys(record.summary["phases"], "Up to date")}
+    console.print(
+        f"up to date: this config, code and data completed at {record.finished_at} (Prefect flow run "
+        f"{summary['prefect_flow_run_id']}), and its artifacts and MLflow run are all still there: nothing to run "
+        "(--rerun runs the flow anyway, every phase from Prefect's cache)"
+    )
+    show_summary(summary, json_path)
+    return True
 
 
 @app.command()

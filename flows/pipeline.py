@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from flows import publishing
 from flows.config import PipelineConfig
+from flows.done import record_run, source_store_opener
 from flows.labeling import wait_for_labels
 from flows.limits import check_lengths
 from infra import catalog
@@ -27,7 +28,7 @@ from infra.deepspeed_engine import quiet_unused_deepspeed
 from infra.lineage import Lineage, LineagePointer
 from infra.registry import Registration
 from infra.report import mlflow_run_url
-from infra.sources import StoreOpener, inputs_digest
+from infra.sources import inputs_digest
 from infra.storage import is_complete
 from infra.tracking import RunLogger, Tracker
 from infra.user_data import base_tokenizer, check_data
@@ -219,11 +220,6 @@ def iteration_flow(
     )
 
 
-def source_store_opener(config: PipelineConfig) -> StoreOpener:
-    """How a data source in a bucket is opened: with the storage's credentials (its Prefect block or the AWS env)."""
-    return lambda uri: open_configured_store(uri, config.storage.aws_credentials_block)
-
-
 def check_inputs(config: PipelineConfig) -> None:
     """Read and check every user-supplied input (files, judge, base model's tokenizer) and reach the object
     store before anything is written, and the token budgets against the models (:func:`check_lengths`):
@@ -252,9 +248,10 @@ def open_lineage(config: PipelineConfig) -> Lineage | None:
 
 
 def start_or_resume(
-    config: PipelineConfig, context: RunContext, lineage: Lineage | None, phases: dict[str, str]
+    config: PipelineConfig, context: RunContext, lineage: Lineage | None, phases: dict[str, str], *, inputs: str | None
 ) -> PipelineState:
-    """The lineage's state where it has one; else data and SFT, the first iteration starting from the SFT model."""
+    """The lineage's state where it has one; else data and SFT, the first iteration starting from the SFT model
+    (``inputs``: the digest of what the data phase reads, :func:`infra.sources.inputs_digest`)."""
     resumed = lineage.read() if lineage else None
     if resumed is not None:
         phases |= {"data": "Reused", "sft": "Reused"}
@@ -269,7 +266,7 @@ def start_or_resume(
         context=context,
         config=config.data,
         seed=config.seed,
-        inputs_digest=inputs_digest(config.data, source_store_opener(config)),
+        inputs_digest=inputs,
         max_tokens=config.max_tokens,
     )
     sft = run_phase(
@@ -364,7 +361,8 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
             ),
         )
         phases: dict[str, str] = {}
-        state = start_or_resume(config, context, lineage, phases)
+        inputs = inputs_digest(config.data, source_store_opener(config))
+        state = start_or_resume(config, context, lineage, phases, inputs=inputs)
         tracker.log_datasets(parent.run_id, publishing.data_datasets(context.store, state.data))
         baseline = run_phase(  # iteration 0's seed: the SFT model's responses, the same for every iteration
             sft_baseline_task,
@@ -381,10 +379,11 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
         run_url = (
             mlflow_run_url(tracking_uri, tracker.experiment_id, parent.run_id) or f"{tracking_uri}#{parent.run_id}"
         )
-        history, alarms = [], []
+        history, alarms, made = [], [], [state.data, state.sft, baseline]
         for iteration in range(state.iteration + 1, state.iteration + config.iterations + 1):
             result = iteration_flow(config, context, state, iteration, baseline=baseline)
             state, phases = result.state, phases | result.phases
+            made += [result.new_preferences, state.reward, state.policy, result.evaluation, result.human_evaluation]
             alarms += publishing.alarms_of(iteration, state.policy)
             row, registration = record_iteration(tracker, parent, context=context, result=result, config=config)
             history.append(row)
@@ -398,7 +397,7 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
             )
         parent.log_dict({"phases": phases, "final_policy": state.policy.artifact}, catalog.PIPELINE_ARTIFACT)
         finish(tracker, parent, lineage=lineage, state=state, registration=registration, artifacts_uri=artifacts_uri)
-        return {
+        summary = {
             "sft": {"gold_reward": history[-1]["sft_gold_reward"]},
             "iterations": history,
             "lineage": config.lineage,
@@ -407,7 +406,11 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
             "prefect_flow_run_id": flow_run_id,
             "artifacts_uri": artifacts_uri,
             "final_policy_uri": state.policy.ref.uri,
+            "final_policy_key": state.policy.ref.key,
             **registration.summary(),
             "alarms": alarms,
             "phases": phases,
         }
+    keys = list(dict.fromkeys(output.ref.key for output in made if output is not None))
+    record_run(config, inputs=inputs, summary=summary, artifacts=keys)
+    return summary

@@ -46,8 +46,11 @@ PHASES = ["data", "sft", "sft-baseline"] + [
 ]
 
 
-def rlhf_run(env: dict, cwd: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    args = [RLHF, "run", "--json", str(cwd / "summary.json")]
+def rlhf_run(
+    env: dict, cwd: Path, *overrides: str, check: bool = True, rerun: bool = False
+) -> subprocess.CompletedProcess:
+    """``rlhf run`` on the tiny world in ``cwd``; ``rerun``: the flow runs even where an identical run completed."""
+    args = [RLHF, "run", "--json", str(cwd / "summary.json"), *(["--rerun"] if rerun else [])]
     for item in [*TINY, *overrides]:
         args += ["--set", item]
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
@@ -317,9 +320,22 @@ asyncio.run(main())
     return [a for a in json.loads(proc.stdout.strip().splitlines()[-1]) if a["flow_run_id"] == flow_run_id]
 
 
-def test_rerun_of_the_same_config_is_served_from_cache(first_run: dict, workdir: Path, pipeline_env: dict):
+def test_an_identical_run_is_up_to_date_and_a_rerun_is_served_from_cache(
+    first_run: dict, workdir: Path, pipeline_env: dict
+):
     before = sorted(p.as_posix() for p in Path(first_run["artifacts_uri"]).rglob("MANIFEST.json"))
-    rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db")
+    client = MlflowClient(first_run["mlflow_tracking_uri"])
+    experiment = client.get_run(first_run["mlflow_run_id"]).info.experiment_id
+    runs_before = len(client.search_runs([experiment]))
+    done = rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db")
+    again = summary(workdir)
+    assert done.stdout.startswith("up to date: this config, code and data completed at ")
+    assert again["up_to_date"] is True and again["phases"] == dict.fromkeys(PHASES, "Up to date")
+    assert {k: again[k] for k in first_run if k != "phases"} == {k: v for k, v in first_run.items() if k != "phases"}
+    assert len(client.search_runs([experiment])) == runs_before  # no new MLflow run, nor a flow run
+    assert sorted(p.as_posix() for p in Path(again["artifacts_uri"]).rglob("MANIFEST.json")) == before
+
+    rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db", rerun=True)
     rerun = summary(workdir)
     assert rerun["phases"] == dict.fromkeys(PHASES, "Cached")
     assert rerun["iterations"] == first_run["iterations"]
@@ -329,6 +345,12 @@ def test_rerun_of_the_same_config_is_served_from_cache(first_run: dict, workdir:
     parent = client.get_run(rerun["mlflow_run_id"])
     recomputed = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert recomputed == []  # nothing was trained again, so no phase logged a run
+
+    evaluation = next(Path(rerun["artifacts_uri"]).glob("iteration-002/evaluation-*"))
+    shutil.rmtree(evaluation)  # something the run made is gone: the next run makes it again
+    stale = rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db")
+    assert stale.stdout.startswith("running: the run that did it has lost something: 1 of its artifacts are gone")
+    assert summary(workdir)["phases"] == dict.fromkeys(PHASES[:-1], "Cached") | {PHASES[-1]: "Completed"}
 
 
 def artifact_digests(root: Path) -> dict[str, str]:
@@ -350,11 +372,11 @@ def test_an_artifact_does_not_depend_on_where_the_store_lives(
     assert artifact_digests(Path(in_b["artifacts_uri"])) == artifact_digests(Path(first_run["artifacts_uri"]))
     assert in_b["final_policy_uri"].startswith(str(folder_b))
 
-    rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db")
+    rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db", rerun=True)
     assert summary(workdir)["phases"] == dict.fromkeys(PHASES, "Cached")
     moved = tmp_path / "moved"
     folder_b.rename(moved)
-    rlhf_run(pipeline_env, moved, f"tracking.uri=sqlite:///{moved}/mlflow.db")
+    rlhf_run(pipeline_env, moved, f"tracking.uri=sqlite:///{moved}/mlflow.db", rerun=True)
     assert summary(moved)["phases"] == dict.fromkeys(PHASES, "Cached")
     assert summary(moved)["final_policy_uri"].startswith(str(moved))  # the cached reference, in this store
 
@@ -406,7 +428,7 @@ def test_dpo_pipeline_trains_no_reward_model_and_caches(first_run: dict, workdir
     assert {"dpo/loss", "dpo/reward_accuracy", "dpo/reward_margin", "dpo/logratio_chosen"} <= set(dpo_run.data.metrics)
     assert result["registered_model"]["version"]
 
-    rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db", *dpo)
+    rlhf_run(pipeline_env, workdir, f"tracking.uri=sqlite:///{workdir}/mlflow.db", *dpo, rerun=True)
     assert set(summary(workdir)["phases"].values()) == {"Cached"}
 
     # offline DPO against the previous policy, on the latest pairs: iteration 2 samples its pairs from the SFT model
