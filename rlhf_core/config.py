@@ -85,6 +85,11 @@ class SFTConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
     max_length: int = Field(48, ge=4, description="Prompt + response tokens kept; longer responses are truncated.")
     log_every: int = Field(10, ge=1, description="Report metrics every this many optimizer steps.")
+    group_by_length: bool = Field(
+        False,
+        description="Form each epoch's batches from demonstrations of similar length, in random order, so that "
+        "they carry little padding to train on; else uniformly random batches.",
+    )
     checkpoint_every: int = Field(
         100, ge=0, description="Save a resumable checkpoint every this many optimizer steps; 0: never."
     )
@@ -178,7 +183,13 @@ class RewardConfig(BaseModel):
         0.01, ge=0, description="AdamW weight decay (a slightly underfit reward model is safer)."
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of pairs held out for validation accuracy.")
+    val_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Share of comparisons held out for validation accuracy and early stopping: the same ones in every "
+        "iteration (by a digest of the prompt and its two responses), all labels of one comparison on one side.",
+    )
     evals_per_epoch: int = Field(2, ge=1, description="Validation checks per epoch.")
     patience: int = Field(2, ge=1, description="Validation checks without improvement before stopping early.")
     max_length: int = Field(48, ge=4, description="Prompt + response tokens kept.")

@@ -176,6 +176,17 @@ def encode_prompt_responses(
     return EncodedPairs(input_ids.to(device), attention_mask.to(device), response_mask.to(device))
 
 
+def encoded_lengths(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
+) -> Tensor:
+    """The length :func:`encode_prompt_responses` gives each (prompt, response): its tokens, EOS appended, at most
+    ``max_length``. -> (N,)."""
+    prompt_ids = {prompt: len(prompt_token_ids(tokenizer, prompt)) for prompt in set(prompts)}
+    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"] if responses else []
+    pairs = zip(prompts, response_ids, strict=True)
+    return torch.tensor([max(min(prompt_ids[p] + len(r) + 1, max_length), prompt_ids[p] + 1) for p, r in pairs])
+
+
 def truncate_after_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor]:
     """Replace everything after the first EOS with padding. (B, R) -> responses (B, R), and
     response_mask (B, R): 1 up to and including the first EOS."""
@@ -410,8 +421,20 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> lis
     return list(torch.randperm(n, generator=generator).split(batch_size))
 
 
-def batch_schedule(n: int, batch_size: int, epochs: int, seed: int) -> list[Tensor]:
+def length_grouped_batches(lengths: Tensor, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+    """Index batches of rows of similar length, in random order: a random permutation, stably sorted by length,
+    cut into batches, which are then shuffled; so a batch carries little padding. lengths: (N,) -> index tensors
+    covering range(N)."""
+    order = torch.randperm(len(lengths), generator=generator)
+    batches = order[lengths[order].argsort(stable=True)].split(batch_size)
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+
+
+def batch_schedule(n: int, batch_size: int, epochs: int, seed: int, *, lengths: Tensor | None = None) -> list[Tensor]:
     """Every batch of ``epochs`` shuffled passes, in order: step ``k`` trains on ``schedule[k - 1]``, so the
-    step number alone is a loop's data position when it resumes."""
+    step number alone is a loop's data position when it resumes. With ``lengths`` (n,), each pass's batches group
+    rows of similar length (:func:`length_grouped_batches`)."""
     generator = torch.Generator().manual_seed(seed)
-    return [index for _ in range(epochs) for index in shuffled_batches(n, batch_size, generator)]
+    if lengths is None:
+        return [index for _ in range(epochs) for index in shuffled_batches(n, batch_size, generator)]
+    return [index for _ in range(epochs) for index in length_grouped_batches(lengths, batch_size, generator)]

@@ -42,6 +42,7 @@ from rlhf_core.losses import (
 from rlhf_core.modeling import (
     Samples,
     concat_samples,
+    length_grouped_batches,
     response_logprobs,
     sample_responses,
     to_device,
@@ -161,14 +162,6 @@ def advantages_and_returns(
     return kl, rewards, advantages, returns
 
 
-def length_grouped_minibatches(lengths: Tensor, minibatch_size: int, generator: torch.Generator) -> list[Tensor]:
-    """Index minibatches of rows of similar length, in random order: a random permutation, stably sorted by
-    length, cut into minibatches, which are then shuffled. lengths: (B,) -> index tensors covering range(B)."""
-    order = torch.randperm(len(lengths), generator=generator)
-    minibatches = order[lengths[order].argsort(stable=True)].split(minibatch_size)
-    return [minibatches[i] for i in torch.randperm(len(minibatches), generator=generator)]
-
-
 @dataclass
 class Minibatch:
     """Rows of a rollout without the columns that are padding in all of them. query_responses,
@@ -244,7 +237,7 @@ def ppo_update(
     with side_by_side(side_by_side_models(models, config)) as run:
         for _ in range(config.epochs):
             if config.group_by_length:
-                minibatches = length_grouped_minibatches(lengths, config.minibatch_size, generator)
+                minibatches = length_grouped_batches(lengths, config.minibatch_size, generator)
             else:
                 minibatches = torch.randperm(len(lengths), generator=generator).split(config.minibatch_size)
             for index in minibatches:

@@ -3,6 +3,7 @@ labeler preferences, early-stopped on validation accuracy, and normalized on pol
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,12 +43,23 @@ def bootstrap_resample(pairs: list[PreferencePair], seed: int) -> list[Preferenc
     return [rng.choice(pairs) for _ in pairs]
 
 
-def split_pairs(pairs: list[PreferencePair], val_fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded train/validation split, at least one pair on each side."""
-    shuffled = pairs[:]
-    random.Random(seed).shuffle(shuffled)
-    n_val = min(max(1, round(len(pairs) * val_fraction)), len(pairs) - 1)
-    return shuffled[n_val:], shuffled[:n_val]
+def validation_share(pair: PreferencePair) -> float:
+    """Where a comparison falls in [0, 1), from its prompt and its two responses (whichever won): the same for every
+    label of it and in every iteration."""
+    first, second = sorted((pair.chosen, pair.rejected))
+    digest = hashlib.sha256("\x00".join((pair.prompt, first, second)).encode()).hexdigest()
+    return int(digest[:13], 16) / 16**13
+
+
+def split_pairs(pairs: list[PreferencePair], val_fraction: float) -> tuple[list, list]:
+    """A train/validation split by comparison (:func:`validation_share` below ``val_fraction``: validation): every
+    label of one comparison lands on the same side, and a comparison stays on its side as pairs accumulate over
+    iterations, so a reward model continued from the last one never validates on pairs it trained on. At least one
+    pair on each side (the comparison nearest the boundary moves)."""
+    order = sorted(pairs, key=validation_share)
+    n_val = sum(validation_share(p) < val_fraction for p in order)
+    n_val = min(max(1, n_val), len(pairs) - 1)
+    return order[n_val:], order[:n_val]
 
 
 def score_texts(

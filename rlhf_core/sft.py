@@ -12,7 +12,13 @@ from rlhf_core.checkpoint import Checkpointer, check_finite, checkpoint_due
 from rlhf_core.config import SFTConfig
 from rlhf_core.engine import Engine, rank_rows
 from rlhf_core.losses import masked_mean, masked_sum, selective_log_softmax
-from rlhf_core.modeling import EncodedPairs, batch_schedule, encode_prompt_responses, position_ids_from_mask
+from rlhf_core.modeling import (
+    EncodedPairs,
+    batch_schedule,
+    encode_prompt_responses,
+    encoded_lengths,
+    position_ids_from_mask,
+)
 from rlhf_core.types import MetricsCallback
 
 
@@ -82,7 +88,11 @@ def train_sft(
     """Fit ``engine.module`` to the demonstrations; returns the first and last logged losses. With a
     checkpointer it saves every ``checkpointer.every`` steps and continues from its latest checkpoint."""
     model = engine.module
-    schedule = batch_schedule(len(demonstrations), config.batch_size, config.epochs, seed)
+    lengths = None
+    if config.group_by_length:
+        prompts, responses = [p for p, _ in demonstrations], [r for _, r in demonstrations]
+        lengths = encoded_lengths(tokenizer, prompts, responses, config.max_length)
+    schedule = batch_schedule(len(demonstrations), config.batch_size, config.epochs, seed, lengths=lengths)
     steps_per_epoch = len(schedule) // config.epochs
     start, losses = 0, []
     if checkpointer is not None and (state := checkpointer.restore()):

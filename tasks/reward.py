@@ -60,7 +60,7 @@ def run_reward(
     recomputation and attention kernel."""
     tokenizer = load_tokenizer(init_dir, trust_remote_code)
     pairs = [pair for d in preference_dirs for pair in read_pairs(d)]
-    train, val = split_pairs(pairs, config.val_fraction, seed)
+    train, val = split_pairs(pairs, config.val_fraction)
     latest = read_pairs(preference_dirs[-1])
     prompts, responses = [p.prompt for p in latest] * 2, [p.chosen for p in latest] + [p.rejected for p in latest]
     metrics: dict[str, float] = {}

@@ -183,7 +183,7 @@ def test_a_lora_reward_model_trains_adapters_and_its_head_and_exports_merged(tmp
             assert 0 < torch.linalg.matrix_rank(update, atol=1e-6) <= 4, name
         else:  # embeddings and norms stay frozen
             torch.testing.assert_close(weight, initial.model.state_dict()[name], atol=0, rtol=0, msg=name)
-    _, val = split_pairs(pairs, config.reward.val_fraction, 1)
+    _, val = split_pairs(pairs, config.reward.val_fraction)
     accuracy = preference_accuracy(trained, tokenizer, val, config.reward.max_length)["accuracy"]
     assert accuracy == pytest.approx(metrics["val_accuracy"], abs=1e-9)
 

@@ -172,15 +172,15 @@ def test_trimmed_minibatch_scores_as_the_padded_one(sft_dir):
 
 
 def test_length_grouped_minibatches_cover_every_row_once_and_group_by_length():
-    from rlhf_core.ppo import length_grouped_minibatches
+    from rlhf_core.modeling import length_grouped_batches
 
     lengths = torch.tensor([5, 30, 6, 29, 7, 31, 4, 28, 8, 27, 3, 32])
-    minibatches = length_grouped_minibatches(lengths, 4, torch.Generator().manual_seed(0))
+    minibatches = length_grouped_batches(lengths, 4, torch.Generator().manual_seed(0))
     assert sorted(torch.cat(minibatches).tolist()) == list(range(12))
     groups = sorted(sorted(lengths[index].tolist()) for index in minibatches)
     assert groups == [[3, 4, 5, 6], [7, 8, 27, 28], [29, 30, 31, 32]]
     orders = {
-        tuple(tuple(i.tolist()) for i in length_grouped_minibatches(lengths, 4, torch.Generator().manual_seed(s)))
+        tuple(tuple(i.tolist()) for i in length_grouped_batches(lengths, 4, torch.Generator().manual_seed(s)))
         for s in range(8)
     }
     assert len(orders) > 1  # the order of the minibatches is random
@@ -200,6 +200,26 @@ def test_preferences_labels_and_agreement(sft_dir):
     assert {p.labeler for p in pairs} == {lab.name for lab in PreferenceConfig().labelers}
 
 
+def test_validation_pairs_are_the_same_comparisons_in_every_iteration_whoever_labeled_them():
+    def pair(i: int, labeler: str = "ann", flip: bool = False) -> PreferencePair:
+        a, b = f"response {i} a", f"response {i} b"
+        return PreferencePair(f"prompt {i}", *((b, a) if flip else (a, b)), labeler, 0.0, 0.0)
+
+    first = [pair(i) for i in range(200)]
+    train, val = split_pairs(first, 0.1)
+    assert 10 < len(val) < 30 and len(train) + len(val) == 200
+    relabeled = [pair(i, "bo", flip=i % 2 == 0) for i in range(200)]  # the same comparisons, other labels
+    more = first + relabeled + [pair(i) for i in range(200, 400)]  # and the next iteration's pairs
+    _, val_later = split_pairs(more, 0.1)
+    def comparison(p: PreferencePair) -> tuple[str, ...]:
+        return (p.prompt, *sorted((p.chosen, p.rejected)))
+
+    later = {comparison(p) for p in val_later}
+    assert {comparison(p) for p in val} < later  # validation pairs stay validation pairs
+    assert all((comparison(p) in later) == (p in val_later) for p in more)  # every label of a comparison alike
+    assert [len(side) for side in split_pairs(first[:2], 0.01)] == [1, 1]
+
+
 def test_reward_model_learns_preferences_and_normalizes(sft_dir):
     tokenizer, model = load_tokenizer(sft_dir), load_scorer(sft_dir)
     before = copy.deepcopy(model.state_dict())
@@ -212,7 +232,7 @@ def test_reward_model_learns_preferences_and_normalizes(sft_dir):
         pairs.append(
             PreferencePair(prompt, good, bad, "ann", world.gold_reward(prompt, good), world.gold_reward(prompt, bad))
         )
-    train, val = split_pairs(pairs, 0.2, seed=0)
+    train, val = split_pairs(pairs, 0.2)
     config = RewardConfig(max_epochs=3, batch_size=16, lr=2e-3, warmup_steps=2, patience=3)
     engine = TorchEngine(model, Optimization(lr=config.lr, total_steps=30, warmup_steps=2))
     result = train_reward_model(engine, tokenizer, train, val, config=config, seed=0)

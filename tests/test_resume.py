@@ -92,7 +92,7 @@ def test_reward_training_resumes_with_its_best_model(sft_dir, tmp_path):
         pairs.append(
             PreferencePair(prompt, good, bad, "ann", world.gold_reward(prompt, good), world.gold_reward(prompt, bad))
         )
-    train, val = split_pairs(pairs, 0.2, seed=0)
+    train, val = split_pairs(pairs, 0.2)
     config = RewardConfig(max_epochs=3, batch_size=16, lr=2e-3, warmup_steps=2, patience=10, evals_per_epoch=2)
 
     def run(checkpointer, on_metrics):
