@@ -193,6 +193,11 @@ class RewardConfig(BaseModel):
     evals_per_epoch: int = Field(2, ge=1, description="Validation checks per epoch.")
     patience: int = Field(2, ge=1, description="Validation checks without improvement before stopping early.")
     max_length: int = Field(48, ge=4, description="Prompt + response tokens kept.")
+    group_by_length: bool = Field(
+        False,
+        description="Form each epoch's batches from pairs of similar length (the longer of chosen and rejected), in "
+        "random order, so that they carry little padding to train on; else uniformly random batches.",
+    )
     checkpoint_every: int = Field(
         50, ge=0, description="Save a resumable checkpoint every this many optimizer steps; 0: never."
     )

@@ -20,6 +20,7 @@ from rlhf_core.modeling import (
     Samples,
     batch_schedule,
     encode_prompt_responses,
+    encoded_lengths,
     load_scorer,
     load_tokenizer,
     reward_inputs,
@@ -146,7 +147,13 @@ def train_reward_model(
     parallelism each rank trains on its share of every batch, and every rank scores the whole validation set, so
     that all of them take the same early-stopping decision."""
     model = engine.module
-    schedule = batch_schedule(len(train_pairs), config.batch_size, config.max_epochs, seed)
+    lengths = None
+    if config.group_by_length:
+        prompts = [p.prompt for p in train_pairs]
+        chosen = encoded_lengths(tokenizer, prompts, [p.chosen for p in train_pairs], config.max_length)
+        rejected = encoded_lengths(tokenizer, prompts, [p.rejected for p in train_pairs], config.max_length)
+        lengths = torch.maximum(chosen, rejected)
+    schedule = batch_schedule(len(train_pairs), config.batch_size, config.max_epochs, seed, lengths=lengths)
     eval_every = max(1, len(schedule) // config.max_epochs // config.evals_per_epoch)
     best, best_weights, checks_since_best, start, losses = None, None, 0, 0, []
     if checkpointer is not None and (state := checkpointer.restore()):

@@ -11,6 +11,7 @@ from rlhf_core.config import PPOConfig, PreferenceConfig, RewardConfig, SFTConfi
 from rlhf_core.engine import Optimization, TorchEngine
 from rlhf_core.modeling import (
     encode_prompt_responses,
+    encoded_lengths,
     load_policy,
     load_scorer,
     load_tokenizer,
@@ -70,6 +71,18 @@ def test_sft_masks_prompt_and_padding_and_appends_eos(base_dir):
     wide.attention_mask = torch.cat([batch.attention_mask, torch.zeros_like(extra)], 1)
     wide.response_mask = torch.cat([batch.response_mask, torch.zeros_like(extra)], 1)
     assert sft_loss(model, batch).item() == pytest.approx(sft_loss(model, wide).item(), abs=1e-5)
+
+
+def test_encoded_lengths_are_the_lengths_the_encoding_gives(base_dir):
+    tokenizer = load_tokenizer(base_dir)
+    demos = world.make_world(0, TINY).demonstrations[:64]
+    prompts, responses = [p for p, _ in demos], [r for _, r in demos]
+    for max_length in (8, 16, 48):
+        encoded = encode_prompt_responses(tokenizer, prompts, responses, max_length)
+        assert (
+            encoded_lengths(tokenizer, prompts, responses, max_length).tolist()
+            == encoded.attention_mask.sum(1).tolist()
+        )
 
 
 def test_sft_lowers_its_loss(base_dir):
@@ -211,6 +224,7 @@ def test_validation_pairs_are_the_same_comparisons_in_every_iteration_whoever_la
     relabeled = [pair(i, "bo", flip=i % 2 == 0) for i in range(200)]  # the same comparisons, other labels
     more = first + relabeled + [pair(i) for i in range(200, 400)]  # and the next iteration's pairs
     _, val_later = split_pairs(more, 0.1)
+
     def comparison(p: PreferencePair) -> tuple[str, ...]:
         return (p.prompt, *sorted((p.chosen, p.rejected)))
 
