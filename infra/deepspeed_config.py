@@ -20,8 +20,8 @@ class DeepSpeedConfig(BaseModel):
     num_processes: int = Field(
         1,
         ge=1,
-        description="Run SFT, the reward model and PPO as this many data-parallel processes (torchrun, started by "
-        "the phase's task); DPO still runs in one process.",
+        description="Run SFT, the reward model, PPO and DPO as this many data-parallel processes (torchrun, started "
+        "by the phase's task).",
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Training precision; bf16 and fp16 need hardware that has them (fp16 adds loss scaling)."

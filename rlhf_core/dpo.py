@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf_core.checkpoint import Checkpointer, check_finite, checkpoint_due
 from rlhf_core.config import DPOConfig
-from rlhf_core.engine import Engine
+from rlhf_core.engine import Engine, rank_rows
 from rlhf_core.losses import dpo_loss, masked_sum, selective_log_softmax
 from rlhf_core.modeling import EncodedPairs, batch_schedule, encode_prompt_responses, position_ids_from_mask
 from rlhf_core.preferences import PreferencePair
@@ -88,7 +88,9 @@ def train_dpo(
 ) -> DPOResult:
     """Fit ``engine.module`` to the pairs with the DPO (or IPO) loss against the frozen ``reference``. Logged every
     ``config.log_every`` steps: the loss, implicit-reward accuracy and margin, and the log-ratio of the chosen
-    response (KL-like: how far the policy moved from the reference on preferred text)."""
+    response (KL-like: how far the policy moved from the reference on preferred text). Under data parallelism each
+    rank trains on its share of every batch, its loss and statistics weighted by that share, so that they sum to
+    the batch's."""
     policy = engine.module
     schedule = batch_schedule(len(pairs), config.batch_size, config.epochs, seed)
     start, history, window = 0, [], []
@@ -100,25 +102,23 @@ def train_dpo(
     ref_logps = reference_logprobs(reference, tokenizer, pairs, config=config, device=policy.device)
     policy.train()
     for step in range(start + 1, len(schedule) + 1):
-        index = schedule[step - 1]
-        batch = encode_pairs(tokenizer, [pairs[i] for i in index.tolist()], config.max_length, policy.device)
+        index = schedule[step - 1].tolist()
+        mine, weight = rank_rows(index, engine)
+        batch = encode_pairs(tokenizer, [pairs[i] for i in mine], config.max_length, policy.device)
         chosen_logps = sequence_logprobs(policy, batch.chosen, mean=mean)
         rejected_logps = sequence_logprobs(policy, batch.rejected, mean=mean)
-        chosen, rejected = chosen_logps - ref_logps[index, 0], rejected_logps - ref_logps[index, 1]
+        chosen, rejected = chosen_logps - ref_logps[mine, 0], rejected_logps - ref_logps[mine, 1]
         loss, stats = dpo_loss(
             chosen, rejected, beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing
         )
         check_finite("dpo", step, loss=loss.item())
-        engine.backward(loss)
+        share = weight * len(mine) / len(index)  # the ranks' shares sum to the whole batch's means
+        engine.backward(loss * share)
         update = engine.step()
-        window.append(
-            {"loss": loss.item(), **{k: v.item() for k, v in stats.items()}}
-            | {"logratio_chosen": chosen.mean().item(), "logratio_rejected": rejected.mean().item()}
-            | {
-                "logps_chosen": chosen_logps.mean().item(),
-                "logps_rejected": rejected_logps.mean().item(),
-            }
-        )
+        means = {"loss": loss, **stats, "logratio_chosen": chosen.mean(), "logratio_rejected": rejected.mean()}
+        means |= {"logps_chosen": chosen_logps.mean(), "logps_rejected": rejected_logps.mean()}
+        batch_means = engine.sum_across_ranks(torch.stack([v.detach() for v in means.values()]) * share)
+        window.append(dict(zip(means, batch_means.tolist(), strict=True)))
         if step % config.log_every == 0 or step == len(schedule):
             metrics = {k: sum(row[k] for row in window) / len(window) for k in window[0]} | update
             history.append(metrics)

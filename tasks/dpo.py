@@ -28,7 +28,9 @@ from tasks.common import (
     phase_task,
     phase_workspace,
     publish,
+    world_size,
 )
+from tasks.launch import run_entry
 from tasks.ppo import load_policy_and_reference, save_policy
 
 
@@ -102,24 +104,24 @@ def dpo_task(
         params={
             "dpo": config.model_dump(),
             "seed": seed,
-            "world_size": 1,  # one process, whatever deepspeed.num_processes says
+            "world_size": world_size(deepspeed),
         },
         total_steps=num_training_steps(len(pairs), config.batch_size, config.epochs),
         checkpoint_every=config.checkpoint_every,
     ) as work:
-        metrics = run_dpo(
-            fetch(context, policy),
-            fetch(context, reference),
-            pairs,
-            work.out_dir,
+        metrics = run_entry(
+            run_dpo,
+            context,
+            work,
+            deepspeed=deepspeed,
+            compute=compute,
+            policy_dir=fetch(context, policy),
+            reference_dir=fetch(context, reference),
+            pairs=pairs,
+            out_dir=work.out_dir,
             sft_dir=fetch(context, sft),
             config=config,
             seed=seed,
-            on_metrics=work.log,
-            trust_remote_code=context.trust_remote_code,
-            checkpointer=work.checkpointer,
-            deepspeed=deepspeed,
-            compute=compute,
         )
         return publish(
             context,

@@ -15,7 +15,7 @@ import torch
 from test_flow import TINY
 
 from flows.config import ConfigError, load_config
-from infra.artifacts import PhaseInputs
+from infra.artifacts import PhaseInputs, read_pairs
 from infra.catalog import PPO
 from infra.checkpoints import CheckpointSpec, checkpoint_prefix
 from infra.deepspeed_config import DeepSpeedConfig, deepspeed_config, inference_config
@@ -26,6 +26,7 @@ from rlhf_core.engine import Optimization
 from rlhf_core.modeling import load_policy, load_scorer, load_tokenizer
 from tasks.common import PhaseLog
 from tasks.data import write_data
+from tasks.dpo import run_dpo
 from tasks.launch import launch, rank_command, write_spec
 from tasks.ppo import run_ppo
 from tasks.preferences import run_preferences
@@ -152,6 +153,23 @@ def test_reward_model_as_two_processes_matches_one(phase_inputs, tmp_path):
         one_rm, two_rm = load_scorer(tmp_path / "one" / member), load_scorer(tmp_path / "two" / member)
         assert_same_weights(two_rm, one_rm, atol=1e-4)
         assert two_rm.config.reward_gain == pytest.approx(one_rm.config.reward_gain, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_dpo_as_two_processes_matches_one(phase_inputs, tmp_path):
+    """The same global batches of pairs split over two ZeRO-2 ranks (each its rows at its parity, its loss and
+    statistics weighted by its share of the batch): the one-process run's metrics and weights, to float rounding."""
+    config = load_config(None, [*TINY, "dpo.epochs=1", "dpo.batch_size=5", "dpo.log_every=2"]).dpo  # odd: shares differ
+    pairs = read_pairs(phase_inputs / "preferences")
+    sft = phase_inputs / "sft"
+    kwargs = {"policy_dir": sft, "reference_dir": sft, "pairs": pairs, "sft_dir": sft, "config": config, "seed": 1}
+    single = run_dpo(**kwargs, out_dir=tmp_path / "one")
+    zero = DeepSpeedConfig(zero_stage=2, num_processes=2)
+    two = launch("tasks.dpo:run_dpo", kwargs | {"out_dir": tmp_path / "two", "deepspeed": zero}, num_processes=2)
+    assert set(two) == set(single) and single["steps"] > 1
+    for key, value in single.items():
+        assert two[key] == pytest.approx(value, abs=1e-4), key
+    assert_same_weights(load_policy(tmp_path / "two"), load_policy(tmp_path / "one"), atol=1e-4)
 
 
 @pytest.mark.slow
