@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -125,21 +126,34 @@ def quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def start_temporary_prefect_server() -> Callable[[], None]:
+@contextmanager
+def temporary_prefect_server() -> Iterator[Callable[[], None]]:
     """Without ``PREFECT_API_URL`` a run talks to a temporary Prefect server of its own, which takes seconds to start
     (tens of seconds on a fresh database): start it now, in a process of its own, while this one loads the pipeline
-    and checks its inputs. Returns what waits until it answers (nothing to wait for with a server configured)."""
+    and checks its inputs. Yields what waits until it answers (nothing to wait for with a server configured). On
+    exit, Prefect's log and event workers are drained into it and it is stopped, as Prefect's own test harness does:
+    left to the interpreter's exit, stopping it waits seconds on open connections."""
     import threading
 
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
-        return lambda: None
+        yield lambda: None
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.server.api.server import SubprocessASGIServer  # imported here: the thread below imports nothing
 
-    starting = threading.Thread(target=SubprocessASGIServer().start, name="prefect-server-start", daemon=True)
+    server = SubprocessASGIServer()
+    starting = threading.Thread(target=server.start, name="prefect-server-start", daemon=True)
     starting.start()
-    return starting.join
+    try:
+        yield starting.join
+    finally:
+        starting.join()
+        APILogWorker.drain_all(timeout=5)
+        EventsWorker.drain_all(timeout=5)
+        server.stop()
 
 
 @app.command()
@@ -164,36 +178,41 @@ def run(
         return
     if not verbose:
         quiet_prefect()
-    prefect_ready = start_temporary_prefect_server()
+    with temporary_prefect_server() as prefect_ready:
+        summary = run_pipeline(pipeline_config, prefect_ready, verbose=verbose)
+    show_summary(summary, json_path)
+
+
+def run_pipeline(config: PipelineConfig, prefect_ready: Callable[[], None], *, verbose: bool) -> dict[str, Any]:
+    """Check the inputs, then run the flow under progress bars; a failure the message says in full exits without a
+    traceback (status 2: bad input; 1: storage, divergence, labels that did not come)."""
     if not verbose:
         quiet_libraries()
     from flows.pipeline import check_inputs, rlhf_pipeline
     from infra.labeling import LabelTimeout
     from infra.storage import StorageError
     from rlhf_core.checkpoint import DivergenceError
+    from tasks.common import PROGRESS_HOOKS
 
-    if pipeline_config.storage.aws_credentials_block:  # the checks read the block from Prefect
+    if config.storage.aws_credentials_block:  # the checks read the block from Prefect
         prefect_ready()
     try:
-        check_inputs(pipeline_config)
+        check_inputs(config)
     except (ValueError, StorageError) as e:  # DatasetError included: the file, row and column at fault
         fail(e, 2)
     prefect_ready()
-    from tasks.common import PROGRESS_HOOKS
-
     with Progress(
         TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as progress:
         bars = PhaseBars(progress)
         PROGRESS_HOOKS.append(bars)
         try:
-            summary = rlhf_pipeline(pipeline_config)
+            return rlhf_pipeline(config)
         except (StorageError, DivergenceError, LabelTimeout) as e:  # said in full already: no traceback
             fail(e, 1)
         finally:
             PROGRESS_HOOKS.remove(bars)
             bars.finish()
-    show_summary(summary, json_path)
 
 
 def show_summary(summary: dict[str, Any], json_path: Path | None) -> None:
