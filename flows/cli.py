@@ -158,6 +158,7 @@ def temporary_prefect_server() -> Iterator[Callable[[], None]]:
 
 @app.command()
 def run(
+    *,
     config: ConfigOpt = None,
     overrides: OverridesOpt = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the run summary as JSON here.")] = None,
