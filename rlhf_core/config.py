@@ -291,6 +291,11 @@ class PPOConfig(BaseModel):
         "carry little padding to train on; else uniformly random minibatches.",
     )
 
+    def cache_identity(self) -> dict[str, Any]:
+        """What of this config decides the phase's output: all of it but ``parallel_critic``, which changes how the
+        same updates are scheduled on a CPU's threads (and so the rounding), not the updates."""
+        return self.model_dump(mode="json", exclude={"parallel_critic"})
+
 
 class DPOConfig(BaseModel):
     """DPO as each iteration's policy phase (``algorithm: dpo``)."""
