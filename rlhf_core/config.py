@@ -85,10 +85,12 @@ class SFTConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
     max_length: int = Field(48, ge=4, description="Prompt + response tokens kept; longer responses are truncated.")
     log_every: int = Field(10, ge=1, description="Report metrics every this many optimizer steps.")
-    group_by_length: bool = Field(
-        False,
-        description="Form each epoch's batches from demonstrations of similar length, in random order, so that "
-        "they carry little padding to train on; else uniformly random batches.",
+    packing: bool = Field(
+        True,
+        description="Pack each batch's demonstrations several to a row of max_length tokens, each attending only to "
+        "itself with its positions restarting, so that compute goes to tokens rather than padding: the loss and "
+        "gradients of padded rows. Where the model does not keep packed sequences apart (checked on two short ones "
+        "before training), rows are padded.",
     )
     checkpoint_every: int = Field(
         100, ge=0, description="Save a resumable checkpoint every this many optimizer steps; 0: never."

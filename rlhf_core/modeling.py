@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from rlhf_core.config import AttnImplementation
+from rlhf_core.engine import module_device
 from rlhf_core.losses import entropy_from_logits, selective_log_softmax
 
 
@@ -139,12 +140,36 @@ def encode_prompts(
 
 @dataclass
 class EncodedPairs:
-    """Prompt + response + EOS, right padded: ids and attention mask (B, L), and a mask over the
-    response tokens (EOS included) for next-token losses."""
+    """Prompt + response + EOS, right padded: ids and attention mask (B, L), and a mask over the response tokens
+    (EOS included) for next-token losses. Packed (:func:`pack_prompt_responses`): several sequences a row, no
+    attention mask, and ``position_ids`` (B, L) restarting at each sequence."""
 
     input_ids: Tensor
-    attention_mask: Tensor
+    attention_mask: Tensor | None
     response_mask: Tensor
+    position_ids: Tensor | None = None
+
+    def model_inputs(self) -> dict[str, Tensor]:
+        """The forward's ids and positions, with the attention mask where the rows are padded (packed rows have none:
+        the model keeps their sequences apart by where the positions restart)."""
+        if self.position_ids is not None:
+            return {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        mask = self.attention_mask
+        return {"input_ids": self.input_ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask)}
+
+
+def prompt_response_ids(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
+) -> list[tuple[list[int], int]]:
+    """Each prompt's and response's tokens joined, EOS appended, the response cut so the whole fits in
+    ``max_length``; with the prompt's length."""
+    rows = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        prompt_ids = prompt_token_ids(tokenizer, prompt)
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        response_ids = response_ids[: max(0, max_length - len(prompt_ids) - 1)] + [tokenizer.eos_token_id]
+        rows.append((prompt_ids + response_ids, len(prompt_ids)))
+    return rows
 
 
 def encode_prompt_responses(
@@ -156,24 +181,72 @@ def encode_prompt_responses(
     device: torch.device | str = "cpu",
 ) -> EncodedPairs:
     """Tokenize prompt and response separately and join them with EOS appended, truncating the response
-    so the whole fits in ``max_length``; the tensors on ``device``."""
-    rows, prompt_lengths = [], []
-    for prompt, response in zip(prompts, responses, strict=True):
-        prompt_ids = prompt_token_ids(tokenizer, prompt)
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        response_ids = response_ids[: max(0, max_length - len(prompt_ids) - 1)] + [tokenizer.eos_token_id]
-        rows.append(prompt_ids + response_ids)
-        prompt_lengths.append(len(prompt_ids))
-    width = max(map(len, rows))
+    so the whole fits in ``max_length``; a row each, right padded; the tensors on ``device``."""
+    rows = prompt_response_ids(tokenizer, prompts, responses, max_length)
+    width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        attention_mask[i, : len(row)] = 1
-    response_mask = attention_mask.clone()
-    for i, n in enumerate(prompt_lengths):
-        response_mask[i, :n] = 0
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, prompt_length) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        response_mask[i, prompt_length : len(ids)] = 1
     return EncodedPairs(input_ids.to(device), attention_mask.to(device), response_mask.to(device))
+
+
+def pack_prompt_responses(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
+    max_length: int,
+    *,
+    row_length: int,
+    device: torch.device | str = "cpu",
+) -> EncodedPairs:
+    """The sequences of :func:`encode_prompt_responses` packed into rows of at most ``row_length`` tokens (first fit,
+    longest first), positions restarting at each, so that little compute goes to padding; the tensors on
+    ``device``. Only for a model that keeps packed sequences apart (:func:`keeps_packed_sequences_apart`). A
+    prediction across two sequences lands on a prompt token, which the response mask leaves out."""
+    rows: list[list[tuple[list[int], int]]] = []
+    room: list[int] = []
+    sequences = prompt_response_ids(tokenizer, prompts, responses, max_length)
+    for sequence in sorted(sequences, key=lambda s: -len(s[0])):
+        row = next((i for i, free in enumerate(room) if free >= len(sequence[0])), None)
+        if row is None:
+            rows.append([])
+            room.append(max(row_length, len(sequence[0])))
+            row = len(rows) - 1
+        rows[row].append(sequence)
+        room[row] -= len(sequence[0])
+    width = max(sum(len(ids) for ids, _ in row) for row in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        start = 0
+        for ids, prompt_length in row:
+            end = start + len(ids)
+            input_ids[i, start:end] = torch.tensor(ids)
+            position_ids[i, start:end] = torch.arange(len(ids))
+            response_mask[i, start + prompt_length : end] = 1
+            start = end
+        position_ids[i, start:] = torch.arange(width - start)  # the padding: a sequence of its own, masked out
+    return EncodedPairs(input_ids.to(device), None, response_mask.to(device), position_ids.to(device))
+
+
+@torch.no_grad()
+def keeps_packed_sequences_apart(model: nn.Module, *, tolerance: float = 0.02) -> bool:
+    """Whether ``model`` keeps sequences packed in one row apart (transformers does, from where the positions
+    restart, for the architectures whose masks it builds with ``create_causal_mask``): two short sequences packed
+    give the logits they give alone, within ``tolerance`` of the largest (room for half-precision rounding; a
+    sequence that sees its neighbour moves far more)."""
+    device = module_device(model)
+    vocab = model.get_input_embeddings().num_embeddings
+    first, second = (torch.arange(n, device=device) * 7 % vocab + 1 for n in (5, 4))
+    alone = torch.cat([model(input_ids=ids[None], use_cache=False).logits[0] for ids in (first, second)]).float()
+    positions = torch.cat([torch.arange(5), torch.arange(4)]).to(device)
+    packed = model(input_ids=torch.cat([first, second])[None], position_ids=positions[None], use_cache=False).logits
+    return bool((packed[0].float() - alone).abs().max() <= tolerance * alone.abs().max())
 
 
 def encoded_lengths(

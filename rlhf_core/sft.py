@@ -16,8 +16,9 @@ from rlhf_core.modeling import (
     EncodedPairs,
     batch_schedule,
     encode_prompt_responses,
-    encoded_lengths,
-    position_ids_from_mask,
+    keeps_packed_sequences_apart,
+    pack_prompt_responses,
+    to_device,
 )
 from rlhf_core.types import MetricsCallback
 
@@ -30,12 +31,7 @@ def num_training_steps(n_examples: int, batch_size: int, epochs: int) -> int:
 def sft_loss(model: PreTrainedModel, batch: EncodedPairs, num_tokens: int | None = None) -> Tensor:
     """Next-token negative log-likelihood over response tokens (EOS included), summed and divided by
     ``num_tokens`` (default: this batch's response tokens, i.e. the mean). -> scalar."""
-    logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=position_ids_from_mask(batch.attention_mask),
-        use_cache=False,
-    ).logits[:, :-1]
+    logits = model(**batch.model_inputs(), use_cache=False).logits[:, :-1]
     nll = -selective_log_softmax(logits.float(), batch.input_ids[:, 1:])
     if num_tokens is None:
         return masked_mean(nll, batch.response_mask[:, 1:])
@@ -56,22 +52,23 @@ def shard_batch(
     *,
     config: SFTConfig,
     engine: Engine,
+    packed: bool,
 ) -> tuple[EncodedPairs, int, float]:
-    """This rank's rows of a batch, the response tokens of the whole batch (so the ranks' losses sum to the
-    batch's mean) and a weight: 0 for a rank left without rows by a short last batch, which still takes part
-    in the step with a copy of the first row."""
+    """This rank's rows of a batch (``packed``: several to a row, :func:`pack_prompt_responses`), the response tokens
+    of the whole batch (so the ranks' losses sum to the batch's mean) and a weight: 0 for a rank left without rows
+    by a short last batch, which still takes part in the step with a copy of the first row."""
     rows = [demonstrations[i] for i in index.tolist()]
-    device = engine.module.device
-    if engine.world_size == 1:
-        batch = encode_prompt_responses(
-            tokenizer, [p for p, _ in rows], [r for _, r in rows], config.max_length, device=device
-        )
-        return batch, int(batch.response_mask[:, 1:].sum()), 1.0
-    full = encode_prompt_responses(tokenizer, [p for p, _ in rows], [r for _, r in rows], config.max_length)
     mine, weight = rank_rows(rows, engine)
-    batch = encode_prompt_responses(
-        tokenizer, [p for p, _ in mine], [r for _, r in mine], config.max_length, device=device
-    )
+    prompts, responses = [p for p, _ in mine], [r for _, r in mine]
+    device = engine.module.device
+    if packed:
+        batch = pack_prompt_responses(tokenizer, prompts, responses, config.max_length, row_length=config.max_length)
+        batch = to_device(batch, device)
+    else:
+        batch = encode_prompt_responses(tokenizer, prompts, responses, config.max_length, device=device)
+    if engine.world_size == 1:
+        return batch, int(batch.response_mask[:, 1:].sum()), weight
+    full = encode_prompt_responses(tokenizer, [p for p, _ in rows], [r for _, r in rows], config.max_length)
     return batch, int(full.response_mask[:, 1:].sum()), weight
 
 
@@ -88,11 +85,8 @@ def train_sft(
     """Fit ``engine.module`` to the demonstrations; returns the first and last logged losses. With a
     checkpointer it saves every ``checkpointer.every`` steps and continues from its latest checkpoint."""
     model = engine.module
-    lengths = None
-    if config.group_by_length:
-        prompts, responses = [p for p, _ in demonstrations], [r for _, r in demonstrations]
-        lengths = encoded_lengths(tokenizer, prompts, responses, config.max_length)
-    schedule = batch_schedule(len(demonstrations), config.batch_size, config.epochs, seed, lengths=lengths)
+    schedule = batch_schedule(len(demonstrations), config.batch_size, config.epochs, seed)
+    packed = config.packing and keeps_packed_sequences_apart(model)
     steps_per_epoch = len(schedule) // config.epochs
     start, losses = 0, []
     if checkpointer is not None and (state := checkpointer.restore()):
@@ -102,7 +96,7 @@ def train_sft(
     model.train()
     for step in range(start + 1, len(schedule) + 1):
         batch, num_tokens, weight = shard_batch(
-            tokenizer, demonstrations, schedule[step - 1], config=config, engine=engine
+            tokenizer, demonstrations, schedule[step - 1], config=config, engine=engine, packed=packed
         )
         share = sft_loss(model, batch, num_tokens) * weight
         check_finite("sft", step, loss=share.item())
