@@ -230,14 +230,17 @@ def show_summary(summary: dict[str, Any], json_path: Path | None) -> None:
 
 def report_finished_run(config: PipelineConfig, json_path: Path | None) -> bool:
     """Show an identical run that completed already (:func:`flows.done.finished_run`) and say so; False where there
-    is none, or where the store or the inputs cannot be read (the run itself then says what is wrong)."""
+    is none, or where the inputs or a passing storage fault stand in the way (the run itself then says what is
+    wrong). A store that cannot work at all (no such bucket, access denied) exits here, with status 2."""
     from flows.done import finished_run
-    from infra.storage import StorageError
+    from infra.storage import ObjectNotFoundError, StorageError, TransientStorageError
 
     try:
         record, why = finished_run(config)
-    except (StorageError, ValueError, OSError):
+    except (ObjectNotFoundError, TransientStorageError, ValueError, OSError):
         return False
+    except StorageError as e:  # a missing bucket, denied access: the run would stop on it too, after a second request
+        fail(e, 2)
     if record is None:
         if why.startswith("the run that did it"):
             console.print(f"running: {why}")

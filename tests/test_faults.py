@@ -2,6 +2,7 @@
 upload and download still completes, and a whole pipeline run finishes with every artifact whole; a
 permanent error (no such bucket) fails the run at once with a message naming the bucket."""
 
+import json
 import os
 
 import boto3
@@ -57,8 +58,11 @@ def test_the_pipeline_completes_over_a_flaky_s3_with_every_artifact_whole(
     store = open_store(f"s3://{s3_bucket}")
     for key in manifests:
         download_dir(store, key, tmp_path / "check" / key)
-    sealed = {m + "/" for m in manifests}
-    assert all(any(k.startswith(prefix) for prefix in sealed) for k in keys)  # no stray, unsealed objects
+    # no stray, unsealed objects: besides the artifacts, only the run's record, one object naming all of them
+    (record,) = [k for k in keys if not any(k.startswith(m + "/") for m in manifests)]
+    assert record.startswith("rlhf/pipelines/default/runs/") and record.endswith(".json")
+    artifacts = json.loads(client.get_object(Bucket=s3_bucket, Key=record)["Body"].read())["artifacts"]
+    assert sorted(f"rlhf/{key}" for key in artifacts) == sorted(manifests)
 
 
 def test_a_missing_bucket_fails_the_run_at_once_naming_it(s3_endpoint, pipeline_env, tmp_path):
