@@ -182,5 +182,3 @@ def check_data(
         splits = (generated.sft_prompts, generated.preference_prompts, generated.ppo_prompts, generated.eval_prompts)
         dataset.prompts = dict(zip(SPLITS, splits, strict=True))
     return dataset
-
-

@@ -25,6 +25,7 @@ class LoRAConfig(BaseModel):
 
 Autocast = Literal["off", "bf16", "fp16"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+RewardPooling = Literal["last", "sum"]
 
 
 class ComputeConfig(BaseModel):
@@ -195,10 +196,19 @@ class RewardConfig(BaseModel):
     evals_per_epoch: int = Field(2, ge=1, description="Validation checks per epoch.")
     patience: int = Field(2, ge=1, description="Validation checks without improvement before stopping early.")
     max_length: int = Field(48, ge=4, description="Prompt + response tokens kept.")
-    group_by_length: bool = Field(
-        False,
-        description="Form each epoch's batches from pairs of similar length (the longer of chosen and rejected), in "
-        "random order, so that they carry little padding to train on; else uniformly random batches.",
+    pooling: RewardPooling = Field(
+        "last",
+        description="How the scalar head's per-token scores become a response's reward: its score at the response's "
+        "last token, the EOS, which attends to the whole sequence (last; InstructGPT's reward model); or the sum of "
+        "its scores over the response's tokens, EOS included (sum: a reward that adds up word by word, where the "
+        "head only has to judge each token in its context). Stored with the model, so every phase reads it alike.",
+    )
+    packing: bool = Field(
+        True,
+        description="Pack each batch's responses (chosen and rejected) several to a row of max_length tokens, each "
+        "attending only to itself with its positions restarting, and read each reward at its own last token: the "
+        "loss and gradients of padded rows in less compute. Where the model does not keep packed sequences apart "
+        "(checked on two short ones before training), rows are padded.",
     )
     checkpoint_every: int = Field(
         50, ge=0, description="Save a resumable checkpoint every this many optimizer steps; 0: never."

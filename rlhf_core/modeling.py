@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rlhf_core.config import AttnImplementation
+from rlhf_core.config import AttnImplementation, RewardPooling
 from rlhf_core.engine import module_device
 from rlhf_core.losses import entropy_from_logits, selective_log_softmax
 
@@ -96,11 +96,15 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
 def fold_reward_normalization(scorer: PreTrainedModel) -> PreTrainedModel:
     """Fold a reward model's output normalization (``gain * r + bias``, in its config) into its scalar head, so
     that a critic started from it predicts in the normalized units of the returns it learns; the config's gain
-    and bias become 1 and 0. A model without a normalization is returned as it is."""
+    and bias become 1 and 0. A model without a normalization is returned as it is. A reward model that sums
+    per-token scores (``reward_pooling: sum``) has no value to fold in: its head judges single tokens, not what is
+    still to come, so the critic's head starts at zero, the normalized reward's mean."""
     config = scorer.config
     gain, bias = getattr(config, "reward_gain", None), getattr(config, "reward_bias", None)
     if gain is None or bias is None:
         return scorer
+    if getattr(config, "reward_pooling", "last") == "sum":
+        gain, bias = 0.0, 0.0
     head = scorer.score
     folded = nn.Linear(
         head.in_features, head.out_features, bias=True, device=head.weight.device, dtype=head.weight.dtype
@@ -148,6 +152,14 @@ class EncodedPairs:
     attention_mask: Tensor | None
     response_mask: Tensor
     position_ids: Tensor | None = None
+    sequence_index: Tensor | None = None  # packed: (B, L) which input sequence each position belongs to
+
+    def sequences(self) -> Tensor:
+        """(B, L): the input sequence each position belongs to (a padded row holds one: its row's)."""
+        if self.sequence_index is not None:
+            return self.sequence_index
+        rows = torch.arange(len(self.input_ids), device=self.input_ids.device)
+        return rows[:, None].expand_as(self.input_ids)
 
     def model_inputs(self) -> dict[str, Tensor]:
         """The forward's ids and positions, with the attention mask where the rows are padded (packed rows have none:
@@ -204,60 +216,65 @@ def pack_prompt_responses(
     device: torch.device | str = "cpu",
 ) -> EncodedPairs:
     """The sequences of :func:`encode_prompt_responses` packed into rows of at most ``row_length`` tokens (first fit,
-    longest first), positions restarting at each, so that little compute goes to padding; the tensors on
-    ``device``. Only for a model that keeps packed sequences apart (:func:`keeps_packed_sequences_apart`). A
-    prediction across two sequences lands on a prompt token, which the response mask leaves out."""
-    rows: list[list[tuple[list[int], int]]] = []
-    room: list[int] = []
+    longest first), positions restarting at each, so that little compute goes to padding; which sequence each
+    position belongs to in ``sequence_index``; the tensors on ``device``. Only for a model that keeps packed
+    sequences apart (:func:`keeps_packed_sequences_apart`). A prediction across two sequences lands on a prompt
+    token, which the response mask leaves out."""
     sequences = prompt_response_ids(tokenizer, prompts, responses, max_length)
-    for sequence in sorted(sequences, key=lambda s: -len(s[0])):
-        row = next((i for i, free in enumerate(room) if free >= len(sequence[0])), None)
+    rows: list[list[int]] = []  # each row's sequences, by index
+    room: list[int] = []
+    for index in sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0])):
+        length = len(sequences[index][0])
+        row = next((r for r, free in enumerate(room) if free >= length), None)
         if row is None:
             rows.append([])
-            room.append(max(row_length, len(sequence[0])))
+            room.append(max(row_length, length))
             row = len(rows) - 1
-        rows[row].append(sequence)
-        room[row] -= len(sequence[0])
-    width = max(sum(len(ids) for ids, _ in row) for row in rows)
+        rows[row].append(index)
+        room[row] -= length
+    width = max(sum(len(sequences[i][0]) for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     response_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
+    sequence_index = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
         start = 0
-        for ids, prompt_length in row:
+        for index in row:
+            ids, prompt_length = sequences[index]
             end = start + len(ids)
-            input_ids[i, start:end] = torch.tensor(ids)
-            position_ids[i, start:end] = torch.arange(len(ids))
-            response_mask[i, start + prompt_length : end] = 1
+            input_ids[r, start:end] = torch.tensor(ids)
+            position_ids[r, start:end] = torch.arange(len(ids))
+            response_mask[r, start + prompt_length : end] = 1
+            sequence_index[r, start:end] = index
             start = end
-        position_ids[i, start:] = torch.arange(width - start)  # the padding: a sequence of its own, masked out
-    return EncodedPairs(input_ids.to(device), None, response_mask.to(device), position_ids.to(device))
+        position_ids[r, start:] = torch.arange(width - start)  # the padding: a sequence of its own, masked out
+    tensors = (input_ids, None, response_mask, position_ids, sequence_index)
+    return EncodedPairs(*(t if t is None else t.to(device) for t in tensors))
+
+
+def transformer_body(model: nn.Module) -> nn.Module:
+    """The transformer under a model's language-model or scalar head (a peft model's through the model inside it)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model
 
 
 @torch.no_grad()
 def keeps_packed_sequences_apart(model: nn.Module, *, tolerance: float = 0.02) -> bool:
-    """Whether ``model`` keeps sequences packed in one row apart (transformers does, from where the positions
-    restart, for the architectures whose masks it builds with ``create_causal_mask``): two short sequences packed
-    give the logits they give alone, within ``tolerance`` of the largest (room for half-precision rounding; a
-    sequence that sees its neighbour moves far more)."""
-    device = module_device(model)
+    """Whether ``model`` (a causal LM or a scorer) keeps sequences packed in one row apart (transformers does, from
+    where the positions restart, for the architectures whose masks it builds with ``create_causal_mask``): two short
+    sequences packed give the hidden states they give alone, within ``tolerance`` of the largest (room for
+    half-precision rounding; a sequence that sees its neighbour moves far more)."""
+    body, device = transformer_body(model), module_device(model)
     vocab = model.get_input_embeddings().num_embeddings
     first, second = (torch.arange(n, device=device) * 7 % vocab + 1 for n in (5, 4))
-    alone = torch.cat([model(input_ids=ids[None], use_cache=False).logits[0] for ids in (first, second)]).float()
-    positions = torch.cat([torch.arange(5), torch.arange(4)]).to(device)
-    packed = model(input_ids=torch.cat([first, second])[None], position_ids=positions[None], use_cache=False).logits
-    return bool((packed[0].float() - alone).abs().max() <= tolerance * alone.abs().max())
 
+    def hidden(ids: Tensor, positions: Tensor | None = None) -> Tensor:
+        return body(input_ids=ids[None], position_ids=positions, use_cache=False).last_hidden_state[0].float()
 
-def encoded_lengths(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
-) -> Tensor:
-    """The length :func:`encode_prompt_responses` gives each (prompt, response): its tokens, EOS appended, at most
-    ``max_length``. -> (N,)."""
-    prompt_ids = {prompt: len(prompt_token_ids(tokenizer, prompt)) for prompt in set(prompts)}
-    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"] if responses else []
-    pairs = zip(prompts, response_ids, strict=True)
-    return torch.tensor([max(min(prompt_ids[p] + len(r) + 1, max_length), prompt_ids[p] + 1) for p, r in pairs])
+    alone = torch.cat([hidden(first), hidden(second)])
+    positions = torch.cat([torch.arange(5), torch.arange(4)]).to(device)[None]
+    packed = hidden(torch.cat([first, second]), positions)
+    return bool((packed - alone).abs().max() <= tolerance * alone.abs().max())
 
 
 def truncate_after_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor]:
@@ -413,10 +430,10 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
     return replace(batch, **changes)  # type: ignore[type-var]
 
 
-def reward_inputs(samples: Samples, max_length: int | None) -> tuple[Tensor, Tensor]:
+def reward_inputs(samples: Samples, max_length: int | None) -> EncodedPairs:
     """The samples as a reward model is trained on them (:func:`encode_prompt_responses`): the response without
     its EOS, cut so that prompt + response + EOS fit in ``max_length`` (None: not cut), then one EOS. The prompt
-    stays left padded, the response right padded. -> input_ids, attention_mask, (B, P + R + 1) each."""
+    stays left padded, the response right padded: (B, P + R + 1) tensors."""
     context_length, device = samples.context_length, samples.responses.device
     prompt_mask = samples.attention_mask[:, :context_length]
     kept = samples.response_mask.sum(1) - samples.has_eos.long()  # (B,) response tokens before the EOS
@@ -427,7 +444,8 @@ def reward_inputs(samples: Samples, max_length: int | None) -> tuple[Tensor, Ten
     responses = responses.masked_fill(positions >= kept[:, None], samples.pad_token_id)
     responses = responses.masked_fill(positions == kept[:, None], samples.eos_token_id)
     input_ids = torch.cat([samples.query_responses[:, :context_length], responses], 1)
-    return input_ids, torch.cat([prompt_mask, (positions <= kept[:, None]).long()], 1)
+    response_mask = torch.cat([torch.zeros_like(prompt_mask), (positions <= kept[:, None]).long()], 1)
+    return EncodedPairs(input_ids, torch.cat([prompt_mask, response_mask[:, context_length:]], 1), response_mask)
 
 
 def response_logprobs(
@@ -461,32 +479,51 @@ def trim_padding(query_responses: Tensor, attention_mask: Tensor, context_length
     return query_responses[:, start:end], attention_mask[:, start:end], context_length - start
 
 
-def token_scores(scorer: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def token_scores(
+    scorer: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    position_ids: Tensor | None = None,
+) -> Tensor:
     """The scalar head of a sequence-classification model applied at every position, (B, L) -> (B, L).
-    Read at the last real token it is a reward; read along a response it is a critic's values. A LoRA scorer (a peft
-    model) is read through the transformers model inside it, adapters and trained head included."""
+    Pooled over a response it is a reward (:func:`pool_rewards`); read along a response it is a critic's values. A
+    LoRA scorer (a peft model) is read through the transformers model inside it, adapters and trained head included.
+    Packed rows: no attention mask, and their ``position_ids``."""
     scorer = scorer.get_base_model() if hasattr(scorer, "get_base_model") else scorer
     hidden = scorer.base_model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
+        position_ids=position_ids if position_ids is not None else position_ids_from_mask(attention_mask),
         use_cache=False,
     ).last_hidden_state
     return scorer.score(hidden).squeeze(-1).float()
 
 
-def last_token_index(attention_mask: Tensor) -> Tensor:
-    """Index of the last real token of each row, whatever the padding side. (B, L) -> (B,)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask).argmax(-1)
-
-
-def reward_scores(reward_model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Normalized reward, ``gain * r + bias``, read at the last real token. (B, L) -> (B,)."""
-    scores = token_scores(reward_model, input_ids, attention_mask)
-    raw = scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+def normalized(reward_model: PreTrainedModel, raw: Tensor) -> Tensor:
+    """A reward model's raw scores in its normalized units, ``gain * r + bias`` (from its config). (N,) -> (N,)."""
     config = reward_model.config
     return getattr(config, "reward_gain", 1.0) * raw + getattr(config, "reward_bias", 0.0)
+
+
+def pool_rewards(scores: Tensor, response_mask: Tensor, sequences: Tensor, *, pooling: RewardPooling) -> Tensor:
+    """One reward per sequence from a scalar head's score at every position: the score at the last token of its
+    response, the EOS, which attends to all of it (``last``); or the sum of the scores over its response tokens, EOS
+    included (``sum``: a reward made of per-token contributions). Each sequence has at least its EOS. scores,
+    response_mask, sequences (which sequence each position belongs to, 0..N-1): (B, L) -> (N,)."""
+    weights = response_mask.to(scores.dtype)
+    if pooling == "last":
+        weights = weights * (1 - F.pad(weights[:, 1:], (0, 1)))  # a response token that no response token follows
+    n = int(sequences.max()) + 1
+    return scores.new_zeros(n).index_add(0, sequences.flatten(), (scores * weights).flatten())
+
+
+def batch_rewards(reward_model: PreTrainedModel, batch: EncodedPairs) -> Tensor:
+    """Normalized reward of each sequence of a padded or packed batch, pooled as the model was trained
+    (``reward_pooling`` in its config; ``last`` for a model without one). -> (N,)."""
+    scores = token_scores(reward_model, **batch.model_inputs())
+    pooling = getattr(reward_model.config, "reward_pooling", "last")
+    return normalized(reward_model, pool_rewards(scores, batch.response_mask, batch.sequences(), pooling=pooling))
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
@@ -503,11 +540,8 @@ def length_grouped_batches(lengths: Tensor, batch_size: int, generator: torch.Ge
     return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
 
 
-def batch_schedule(n: int, batch_size: int, epochs: int, seed: int, *, lengths: Tensor | None = None) -> list[Tensor]:
+def batch_schedule(n: int, batch_size: int, epochs: int, seed: int) -> list[Tensor]:
     """Every batch of ``epochs`` shuffled passes, in order: step ``k`` trains on ``schedule[k - 1]``, so the
-    step number alone is a loop's data position when it resumes. With ``lengths`` (n,), each pass's batches group
-    rows of similar length (:func:`length_grouped_batches`)."""
+    step number alone is a loop's data position when it resumes."""
     generator = torch.Generator().manual_seed(seed)
-    if lengths is None:
-        return [index for _ in range(epochs) for index in shuffled_batches(n, batch_size, generator)]
-    return [index for _ in range(epochs) for index in length_grouped_batches(lengths, batch_size, generator)]
+    return [index for _ in range(epochs) for index in shuffled_batches(n, batch_size, generator)]

@@ -18,13 +18,15 @@ from rlhf_core.engine import Engine, rank_rows
 from rlhf_core.losses import aggregate_rewards, bradley_terry_loss
 from rlhf_core.modeling import (
     Samples,
+    batch_rewards,
     batch_schedule,
     encode_prompt_responses,
-    encoded_lengths,
+    keeps_packed_sequences_apart,
     load_scorer,
     load_tokenizer,
+    pack_prompt_responses,
     reward_inputs,
-    reward_scores,
+    to_device,
 )
 from rlhf_core.preferences import PreferencePair
 from rlhf_core.types import MetricsCallback
@@ -79,31 +81,34 @@ def score_texts(
             enc = encode_prompt_responses(
                 tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], max_length, device=model.device
             )
-            scores.append(reward_scores(model, enc.input_ids, enc.attention_mask))
+            scores.append(batch_rewards(model, enc))
     return torch.cat(scores).cpu() if scores else torch.zeros(0)
 
 
-def pair_rewards(model, tokenizer, pairs: list[PreferencePair], max_length: int) -> tuple[Tensor, Tensor]:
-    """Rewards of chosen and rejected responses, in one forward pass. -> (B,), (B,)."""
-    prompts = [p.prompt for p in pairs]
-    enc = encode_prompt_responses(
-        tokenizer,
-        prompts + prompts,
-        [p.chosen for p in pairs] + [p.rejected for p in pairs],
-        max_length,
-        device=model.device,
-    )
-    rewards = reward_scores(model, enc.input_ids, enc.attention_mask)
+def pair_rewards(
+    model, tokenizer, pairs: list[PreferencePair], max_length: int, *, packed: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Rewards of chosen and rejected responses, in one forward pass; ``packed``: the responses several to a row
+    (:func:`rlhf_core.modeling.pack_prompt_responses`, for a model that keeps them apart). -> (B,), (B,)."""
+    prompts, responses = [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    if packed:
+        batch = pack_prompt_responses(tokenizer, prompts, responses, max_length, row_length=max_length)
+        batch = to_device(batch, model.device)
+    else:
+        batch = encode_prompt_responses(tokenizer, prompts, responses, max_length, device=model.device)
+    rewards = batch_rewards(model, batch)
     return rewards[: len(pairs)], rewards[len(pairs) :]
 
 
-def preference_accuracy(model, tokenizer, pairs: list[PreferencePair], max_length: int) -> dict[str, float]:
+def preference_accuracy(
+    model, tokenizer, pairs: list[PreferencePair], max_length: int, *, packed: bool = False
+) -> dict[str, float]:
     """Share of pairs where the reward model agrees with the label, and with the gold ordering
-    (pairs with equal gold reward left out)."""
+    (pairs with equal gold reward left out); ``packed`` as in :func:`pair_rewards`."""
     with torch.no_grad():
         chosen, rejected = [], []
         for i in range(0, len(pairs), 256):
-            c, r = pair_rewards(model, tokenizer, pairs[i : i + 256], max_length)
+            c, r = pair_rewards(model, tokenizer, pairs[i : i + 256], max_length, packed=packed)
             chosen.append(c)
             rejected.append(r)
     margin = (torch.cat(chosen) - torch.cat(rejected)).cpu()
@@ -147,13 +152,8 @@ def train_reward_model(
     parallelism each rank trains on its share of every batch, and every rank scores the whole validation set, so
     that all of them take the same early-stopping decision."""
     model = engine.module
-    lengths = None
-    if config.group_by_length:
-        prompts = [p.prompt for p in train_pairs]
-        chosen = encoded_lengths(tokenizer, prompts, [p.chosen for p in train_pairs], config.max_length)
-        rejected = encoded_lengths(tokenizer, prompts, [p.rejected for p in train_pairs], config.max_length)
-        lengths = torch.maximum(chosen, rejected)
-    schedule = batch_schedule(len(train_pairs), config.batch_size, config.max_epochs, seed, lengths=lengths)
+    schedule = batch_schedule(len(train_pairs), config.batch_size, config.max_epochs, seed)
+    packed = config.packing and keeps_packed_sequences_apart(model)
     eval_every = max(1, len(schedule) // config.max_epochs // config.evals_per_epoch)
     best, best_weights, checks_since_best, start, losses = None, None, 0, 0, []
     if checkpointer is not None and (state := checkpointer.restore()):
@@ -166,7 +166,7 @@ def train_reward_model(
         model.train()
         batch = [train_pairs[i] for i in schedule[step - 1].tolist()]
         mine, weight = rank_rows(batch, engine)
-        chosen, rejected = pair_rewards(model, tokenizer, mine, config.max_length)
+        chosen, rejected = pair_rewards(model, tokenizer, mine, config.max_length, packed=packed)
         margin = strength_margins(config, mine)
         loss = bradley_terry_loss(chosen, rejected, None if margin is None else margin.to(chosen.device))
         share = loss * (weight * len(mine) / len(batch))  # the ranks' shares sum to the whole batch's mean loss
@@ -176,7 +176,7 @@ def train_reward_model(
         losses.append(engine.sum_across_ranks(share).item())
         if step % eval_every == 0:
             model.eval()
-            val = preference_accuracy(model, tokenizer, val_pairs, config.max_length)
+            val = preference_accuracy(model, tokenizer, val_pairs, config.max_length, packed=packed)
             if on_metrics:
                 recent = losses[-eval_every:]
                 on_metrics({"loss": sum(recent) / len(recent), **{f"val_{k}": v for k, v in val.items()}}, step)
@@ -253,8 +253,7 @@ class RewardFunction:
 
     def score(self, model: PreTrainedModel, samples: Samples) -> Tensor:
         if self.tokenizer is None:
-            input_ids, attention_mask = reward_inputs(samples, getattr(model.config, "reward_max_length", None))
-            return reward_scores(model, input_ids, attention_mask)
+            return batch_rewards(model, reward_inputs(samples, getattr(model.config, "reward_max_length", None)))
         max_length = getattr(model.config, "reward_max_length", None) or self.tokenizer.model_max_length
         scores = score_texts(model, self.tokenizer, samples.prompts, samples.texts, max_length=max_length)
         return scores.to(samples.query_responses.device)

@@ -1,20 +1,25 @@
-"""SFT's packed rows: several demonstrations to a row, kept apart by their restarting positions, give the loss and
-gradients of one padded row each, in fewer positions."""
+"""Packed rows (SFT's demonstrations, the reward model's responses), several sequences to a row kept apart by their
+restarting positions, give the losses and gradients of one padded row each, in fewer positions."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from conftest import TINY_WORLD
 from torch import nn
 
 from rlhf_core import world
+from rlhf_core.losses import bradley_terry_loss
 from rlhf_core.modeling import (
     encode_prompt_responses,
     keeps_packed_sequences_apart,
     load_policy,
+    load_scorer,
     load_tokenizer,
     pack_prompt_responses,
 )
+from rlhf_core.preferences import PreferencePair
+from rlhf_core.reward import pair_rewards
 from rlhf_core.sft import sft_loss
 
 
@@ -44,21 +49,41 @@ def test_packed_rows_give_the_loss_and_gradients_of_padded_ones_in_fewer_positio
         torch.testing.assert_close(grads_packed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("pooling", ["last", "sum"])
+def test_packed_pairs_give_the_rewards_and_gradients_of_padded_ones(sft_dir, pooling):
+    tokenizer, scorer = load_tokenizer(sft_dir), load_scorer(sft_dir)
+    scorer.config.reward_gain, scorer.config.reward_bias, scorer.config.reward_pooling = 2.0, -0.5, pooling
+    pairs = [
+        PreferencePair(p, r, r.split(" ", 1)[-1], "ann", 0.0, 0.0)
+        for p, r in world.make_world(0, TINY_WORLD).demonstrations[:20]
+    ]
+    padded, packed = pair_rewards(scorer, tokenizer, pairs, 32), pair_rewards(scorer, tokenizer, pairs, 32, packed=True)
+    for a, b in zip(padded, packed, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)  # each reward pooled over its own sequence
+    grads = [gradients(scorer, bradley_terry_loss(*rewards)) for rewards in (padded, packed)]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 class SeesEverythingBefore(nn.Module):
-    """A causal model that ignores positions: each token's logits come from the sum of the embeddings up to it, so
+    """A causal model that ignores positions: each token's hidden state is the sum of the embeddings up to it, so
     packed sequences see each other."""
 
     def __init__(self, vocab: int = 50) -> None:
         super().__init__()
-        self.embed, self.head = nn.Embedding(vocab, 8), nn.Linear(8, vocab)
+        self.embed = nn.Embedding(vocab, 8)
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed
 
     def forward(self, input_ids: torch.Tensor, **_: object) -> SimpleNamespace:
-        return SimpleNamespace(logits=self.head(self.embed(input_ids).cumsum(1)))
+        return SimpleNamespace(last_hidden_state=self.embed(input_ids).cumsum(1))
 
 
-def test_only_a_model_that_keeps_packed_sequences_apart_is_packed(base_dir):
-    assert keeps_packed_sequences_apart(load_policy(base_dir))
+def test_only_a_model_that_keeps_packed_sequences_apart_is_packed(base_dir, sft_dir):
+    assert keeps_packed_sequences_apart(load_policy(base_dir)) and keeps_packed_sequences_apart(load_scorer(sft_dir))
     assert not keeps_packed_sequences_apart(SeesEverythingBefore())

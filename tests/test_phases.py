@@ -10,14 +10,16 @@ from rlhf_core import world
 from rlhf_core.config import PPOConfig, PreferenceConfig, RewardConfig, SFTConfig
 from rlhf_core.engine import Optimization, TorchEngine
 from rlhf_core.modeling import (
+    EncodedPairs,
+    batch_rewards,
     encode_prompt_responses,
-    encoded_lengths,
     load_policy,
     load_scorer,
     load_tokenizer,
+    pool_rewards,
     response_logprobs,
-    reward_scores,
     sample_responses,
+    token_scores,
     truncate_after_eos,
 )
 from rlhf_core.ppo import PPOModels, train_ppo
@@ -71,18 +73,6 @@ def test_sft_masks_prompt_and_padding_and_appends_eos(base_dir):
     wide.attention_mask = torch.cat([batch.attention_mask, torch.zeros_like(extra)], 1)
     wide.response_mask = torch.cat([batch.response_mask, torch.zeros_like(extra)], 1)
     assert sft_loss(model, batch).item() == pytest.approx(sft_loss(model, wide).item(), abs=1e-5)
-
-
-def test_encoded_lengths_are_the_lengths_the_encoding_gives(base_dir):
-    tokenizer = load_tokenizer(base_dir)
-    demos = world.make_world(0, TINY).demonstrations[:64]
-    prompts, responses = [p for p, _ in demos], [r for _, r in demos]
-    for max_length in (8, 16, 48):
-        encoded = encode_prompt_responses(tokenizer, prompts, responses, max_length)
-        assert (
-            encoded_lengths(tokenizer, prompts, responses, max_length).tolist()
-            == encoded.attention_mask.sum(1).tolist()
-        )
 
 
 def test_sft_lowers_its_loss(base_dir):
@@ -260,34 +250,57 @@ def test_reward_model_learns_preferences_and_normalizes(sft_dir):
     assert scores.std().item() == pytest.approx(1.0, abs=1e-3)
 
 
-def test_reward_is_read_at_the_last_real_token_whatever_the_padding(sft_dir):
+def test_pooled_rewards_are_the_last_response_token_s_score_or_the_sum_over_the_response():
+    """pool_rewards against the naive reading, row by row, over padded rows and over two sequences packed in one."""
+    scores = torch.randn(3, 7, dtype=torch.float64)
+    response_mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 0, 1, 0]])
+    padded = torch.arange(3)[:, None].expand(3, 7)
+    last = pool_rewards(scores, response_mask, padded, pooling="last")
+    torch.testing.assert_close(last[:2], torch.stack([scores[0, 4], scores[1, 6]]))
+    summed = pool_rewards(scores, response_mask, padded, pooling="sum")
+    torch.testing.assert_close(summed[:2], torch.stack([scores[0, 2:5].sum(), scores[1, 1:].sum()]))
+    # row 2 packs two sequences: the second starts (its prompt) at column 3, and column 6 is padding
+    packed = torch.tensor([[0] * 7, [1] * 7, [2, 2, 2, 3, 3, 3, 0]])
+    torch.testing.assert_close(pool_rewards(scores, response_mask, packed, pooling="last")[2:], scores[2, [2, 5]])
+    expected = torch.stack([scores[2, 1:3].sum(), scores[2, 5]])
+    torch.testing.assert_close(pool_rewards(scores, response_mask, packed, pooling="sum")[2:], expected)
+
+
+@pytest.mark.parametrize("pooling", ["last", "sum"])
+def test_reward_is_the_same_whatever_the_padding(sft_dir, pooling):
     tokenizer, model = load_tokenizer(sft_dir), load_scorer(sft_dir).eval()
+    model.config.reward_pooling = pooling
     enc = encode_prompt_responses(tokenizer, ["explain briefly ocean :", "tell me about art :"], ["water", "paint"], 32)
-    right = reward_scores(model, enc.input_ids, enc.attention_mask)
+    right = batch_rewards(model, enc)
     shift = 3  # the same rows, left padded instead
-    ids = torch.cat([torch.full((2, shift), tokenizer.pad_token_id), enc.input_ids], 1)
-    mask = torch.cat([torch.zeros(2, shift, dtype=torch.long), enc.attention_mask], 1)
-    torch.testing.assert_close(reward_scores(model, ids, mask), right, atol=1e-5, rtol=0)
+
+    def left(t: torch.Tensor, fill: int = 0) -> torch.Tensor:
+        return torch.cat([torch.full((2, shift), fill), t], 1)
+
+    left_padded = EncodedPairs(
+        left(enc.input_ids, tokenizer.pad_token_id), left(enc.attention_mask), left(enc.response_mask)
+    )
+    torch.testing.assert_close(batch_rewards(model, left_padded), right, atol=1e-5, rtol=0)
 
 
 def test_critic_started_from_the_reward_model_predicts_in_its_normalized_units(sft_dir, tmp_path):
     """Folding the reward model's gain and bias into the critic's head: its value at the last real token is the
     normalized reward, so returns and values start in the same units; the fold survives a state-dict round trip."""
-    from rlhf_core.modeling import fold_reward_normalization, last_token_index, token_scores
+    from rlhf_core.modeling import fold_reward_normalization
 
     tokenizer, reward_model = load_tokenizer(sft_dir), load_scorer(sft_dir).eval()
     reward_model.config.reward_gain, reward_model.config.reward_bias = 3.5, -2.0
     reward_model.save_pretrained(tmp_path)
     enc = encode_prompt_responses(tokenizer, ["explain briefly ocean :", "tell me about art :"], ["water", "paint"], 32)
-    reward = reward_scores(reward_model, enc.input_ids, enc.attention_mask)
+    reward = batch_rewards(reward_model, enc)
     raw_critic = load_scorer(tmp_path).eval()
     critic = fold_reward_normalization(load_scorer(tmp_path).eval())
-    last = last_token_index(enc.attention_mask)[:, None]
+    last = (enc.attention_mask.sum(1) - 1)[:, None]  # right padded
     values = token_scores(critic, enc.input_ids, enc.attention_mask).gather(1, last).squeeze(1)
     torch.testing.assert_close(values, reward, atol=1e-5, rtol=0)
     raw = token_scores(raw_critic, enc.input_ids, enc.attention_mask).gather(1, last).squeeze(1)
     assert (raw - reward).abs().min() > 0.5  # unfolded, the critic would start off by the gain and bias
-    assert reward_scores(critic, enc.input_ids, enc.attention_mask).tolist() == values.tolist()  # not applied twice
+    assert batch_rewards(critic, enc).tolist() == values.tolist()  # not applied twice
     again = fold_reward_normalization(load_scorer(tmp_path).eval())
     again.load_state_dict(critic.state_dict())
     torch.testing.assert_close(
@@ -295,10 +308,25 @@ def test_critic_started_from_the_reward_model_predicts_in_its_normalized_units(s
     )
 
 
-def test_both_reward_paths_score_samples_as_the_reward_model_was_trained(sft_dir):
+def test_a_summed_reward_model_starts_a_critic_at_zero(sft_dir, tmp_path):
+    """A head that scores single tokens predicts no value: the critic's head starts at zero, the normalized mean."""
+    from rlhf_core.modeling import fold_reward_normalization
+
+    reward_model = load_scorer(sft_dir).eval()
+    reward_model.config.reward_gain, reward_model.config.reward_bias = 3.5, -2.0
+    reward_model.config.reward_pooling = "sum"
+    reward_model.save_pretrained(tmp_path)
+    critic = fold_reward_normalization(load_scorer(tmp_path).eval())
+    enc = encode_prompt_responses(load_tokenizer(sft_dir), ["tell me about art :"], ["paint brush"], 32)
+    assert token_scores(critic, enc.input_ids, enc.attention_mask).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("pooling", ["last", "sum"])
+def test_both_reward_paths_score_samples_as_the_reward_model_was_trained(sft_dir, pooling):
     """Sampled ids read directly (same vocabulary) and decoded text re-tokenized (a tokenizer of its own) give the
     same scores: each response cut to the reward model's max_length and ending in one EOS, with or without one."""
     tokenizer, reward_model = load_tokenizer(sft_dir), load_scorer(sft_dir).eval()
+    reward_model.config.reward_pooling = pooling
     policy = load_policy(sft_dir).eval()
     torch.manual_seed(0)
     prompts = ["explain briefly ocean :", "give a detailed account of space to an expert :", "tell me about art :"]
