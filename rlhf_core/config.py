@@ -259,6 +259,13 @@ class PPOConfig(BaseModel):
     max_new_tokens: int = Field(32, ge=1, description="Longest sampled response, in tokens.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs are recomputed with it.")
     missing_eos_penalty: float = Field(1.0, ge=0, description="Subtracted from the score of a response with no EOS.")
+    dense_rewards: bool = Field(
+        True,
+        description="With a summed reward model (reward.pooling: sum) reading the policy's tokens, reward each "
+        "response token with the share of the score it earned, rather than the whole score at the last token: the "
+        "same total, and advantages that no longer carry the rewards of earlier tokens (lower variance). Ignored "
+        "for a last-token reward model.",
+    )
     clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon.")
     clip_range_value: float = Field(0.2, gt=0, description="Value-prediction clip around the rollout's values.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")

@@ -128,10 +128,15 @@ def bradley_terry_loss(rewards_chosen: Tensor, rewards_rejected: Tensor, margin:
     return -F.logsigmoid(difference).mean()
 
 
-def kl_shaped_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+def kl_shaped_rewards(
+    scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float, *, token_scores: Tensor | None = None
+) -> Tensor:
     """Per-token rewards: ``-kl_coef * kl`` at every response token, plus the sequence's score at its
-    last token (Ziegler et al. 2019; Ouyang et al. 2022, eq. 2). scores: (B,), kl, mask: (B, T) -> (B, T)."""
+    last token (Ziegler et al. 2019; Ouyang et al. 2022, eq. 2), and ``token_scores`` (B, T), a score credited token
+    by token, where given. scores: (B,), kl, mask: (B, T) -> (B, T)."""
     rewards = -kl_coef * kl * mask
+    if token_scores is not None:
+        rewards = rewards + token_scores * mask
     last = (mask.sum(1).long() - 1).clamp(min=0)
     return rewards.index_put((torch.arange(len(scores), device=scores.device), last), scores, accumulate=True)
 
@@ -167,6 +172,15 @@ def dpo_loss(
             "reward_accuracy": (margin > 0).float().mean(),
         }
     return losses.mean(), stats
+
+
+def aggregate_credit(member_credit: Tensor, rewards: Tensor, mask: Tensor) -> Tensor:
+    """An ensemble's reward credited token by token: the members' mean credit, plus what the aggregate ``rewards``
+    take off that mean (``min``, ``mean_minus_std``) on each response's last token; rows sum to ``rewards``.
+    member_credit: (K, B, T), rewards: (B,), mask: (B, T) -> (B, T)."""
+    mean = member_credit.mean(0)
+    rows, last = torch.arange(len(rewards), device=rewards.device), (mask.sum(1).long() - 1).clamp(min=0)
+    return mean.index_put((rows, last), rewards - mean.sum(1), accumulate=True)
 
 
 def aggregate_rewards(member_scores: Tensor, how: str = "mean", uncertainty_coef: float = 1.0) -> Tensor:

@@ -526,6 +526,22 @@ def batch_rewards(reward_model: PreTrainedModel, batch: EncodedPairs) -> Tensor:
     return normalized(reward_model, pool_rewards(scores, batch.response_mask, batch.sequences(), pooling=pooling))
 
 
+def reward_credit(reward_model: PreTrainedModel, samples: Samples) -> Tensor:
+    """A summed reward model's normalized reward of each sample (``reward_pooling: sum``, read on the policy's own
+    tokens as it was trained, :func:`reward_inputs`), credited to the response tokens that earned it: each token's
+    score where it was read, and the score of the EOS (the sample's own, or appended) and the normalization's bias
+    on the response's last token. Rows sum to the sample's reward. -> (B, R)."""
+    batch = reward_inputs(samples, getattr(reward_model.config, "reward_max_length", None))
+    scores = token_scores(reward_model, **batch.model_inputs())
+    read = (scores * batch.response_mask)[:, samples.context_length :]  # (B, R + 1): one more column for an EOS
+    last = (samples.response_mask.sum(1) - 1).clamp(min=0)[:, None]
+    columns = torch.minimum(torch.arange(read.shape[1], device=read.device)[None], last)
+    credit = read.new_zeros(samples.responses.shape).scatter_add(1, columns, read)
+    config = reward_model.config
+    gain, bias = getattr(config, "reward_gain", 1.0), getattr(config, "reward_bias", 0.0)
+    return (gain * credit).scatter_add(1, last, torch.full_like(read[:, :1], bias))
+
+
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
     """Index batches covering ``range(n)`` once in a random order (the last one may be short)."""
     return list(torch.randperm(n, generator=generator).split(batch_size))

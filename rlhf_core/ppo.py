@@ -29,6 +29,7 @@ from rlhf_core.config import PPOConfig
 from rlhf_core.engine import Engine, TorchEngine, module_device, rank_rows
 from rlhf_core.kl_control import AdaptiveKLController, FixedKLController, KLController
 from rlhf_core.losses import (
+    aggregate_credit,
     compute_gae,
     explained_variance,
     kl_penalty,
@@ -92,6 +93,7 @@ class Rollout:
     scores: Tensor
     rm_scores: Tensor
     rm_disagreement: Tensor | None = None  # (B,): the ensemble members' standard deviation, for an ensemble
+    credit: Tensor | None = None  # (B, R): rm_scores credited token by token (dense rewards), rows summing to them
 
 
 @torch.no_grad()
@@ -100,7 +102,8 @@ def collect_rollout(
 ) -> Rollout:
     """Sample responses, then score them with every model: reference log-probs, critic values, and the
     reward model's score (less the missing-EOS penalty). The policy's log-probs are those it sampled with:
-    the same distribution a recompute would give, up to float rounding, for one forward less. As one of several
+    the same distribution a recompute would give, up to float rounding, for one forward less. With
+    ``config.dense_rewards`` and a summed reward model, the score is also credited token by token. As one of several
     ranks, each samples and scores its share of ``prompts``, and every rank gets the whole batch back."""
     policy, critic = models.policy.module, models.critic.module
     ranks = models.policy.world_size
@@ -116,11 +119,16 @@ def collect_rollout(
     qr, attention_mask, ctx = samples.query_responses, samples.attention_mask, samples.context_length
     ref_logprobs, _ = response_logprobs(models.reference, qr, attention_mask, ctx, temperature=config.temperature)
     values = token_scores(critic, qr, attention_mask)[:, ctx - 1 : -1]
-    member_scores = models.reward.member_scores(samples)
+    dense = config.dense_rewards and models.reward.credits_tokens
+    member_credit = models.reward.member_credit(samples) if dense else None
+    member_scores = member_credit.sum(-1) if dense else models.reward.member_scores(samples)
     rm_scores = models.reward.aggregate(member_scores)
     scores = rm_scores - config.missing_eos_penalty * (~samples.has_eos).float()
     disagreement = member_scores.std(0, correction=0) if len(member_scores) > 1 else None
-    share = Rollout(samples, samples.logprobs, ref_logprobs, values, samples.entropy, scores, rm_scores, disagreement)
+    credit = aggregate_credit(member_credit, rm_scores, samples.response_mask) if dense else None
+    share = Rollout(
+        samples, samples.logprobs, ref_logprobs, values, samples.entropy, scores, rm_scores, disagreement, credit
+    )
     if ranks == 1:
         return share
     shares = models.policy.gather_across_ranks(to_device(share, "cpu"))
@@ -136,6 +144,7 @@ def concat_rollouts(shares: list[Rollout]) -> Rollout:
         return torch.cat([F.pad(t := getattr(s, name), (0, width - t.shape[1])) for s in shares])
 
     disagreement = None if shares[0].rm_disagreement is None else torch.cat([s.rm_disagreement for s in shares])
+    credit = None if shares[0].credit is None else responses_of("credit")
     return Rollout(
         samples,
         samples.logprobs,
@@ -145,6 +154,7 @@ def concat_rollouts(shares: list[Rollout]) -> Rollout:
         torch.cat([s.scores for s in shares]),
         torch.cat([s.rm_scores for s in shares]),
         disagreement,
+        credit,
     )
 
 
@@ -155,7 +165,11 @@ def advantages_and_returns(
     returns. -> kl, rewards, advantages, returns: (B, R) each."""
     response_mask = rollout.samples.response_mask
     kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * response_mask
-    rewards = kl_shaped_rewards(rollout.scores, kl, response_mask, kl_coef)
+    if rollout.credit is None:
+        rewards = kl_shaped_rewards(rollout.scores, kl, response_mask, kl_coef)
+    else:  # the reward model's score where each token earned it; the missing-EOS penalty on the last token
+        penalty = rollout.scores - rollout.rm_scores
+        rewards = kl_shaped_rewards(penalty, kl, response_mask, kl_coef, token_scores=rollout.credit)
     advantages, returns = compute_gae(rewards, rollout.values, response_mask, gamma=config.gamma, lam=config.lam)
     if config.whiten_advantages:
         advantages = masked_whiten(advantages, response_mask)

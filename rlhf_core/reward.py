@@ -25,6 +25,7 @@ from rlhf_core.modeling import (
     load_scorer,
     load_tokenizer,
     pack_prompt_responses,
+    reward_credit,
     reward_inputs,
     to_device,
 )
@@ -250,6 +251,19 @@ class RewardFunction:
     def member_scores(self, samples: Samples) -> Tensor:
         """Normalized reward of each sample under each ensemble member. -> (K, B) on the samples' device."""
         return torch.stack([self.score(model, samples) for model in [self.model, *self.members]])
+
+    @property
+    def credits_tokens(self) -> bool:
+        """Whether every member sums per-token scores and reads the policy's own tokens, so that a reward can be
+        credited token by token (:func:`rlhf_core.modeling.reward_credit`)."""
+        summed = all(getattr(m.config, "reward_pooling", "last") == "sum" for m in [self.model, *self.members])
+        return summed and self.tokenizer is None
+
+    @torch.no_grad()
+    def member_credit(self, samples: Samples) -> Tensor:
+        """Each member's normalized reward credited to the response tokens that earned it; summed over the
+        response, each member's score (only where :attr:`credits_tokens`). -> (K, B, R)."""
+        return torch.stack([reward_credit(model, samples) for model in [self.model, *self.members]])
 
     def score(self, model: PreTrainedModel, samples: Samples) -> Tensor:
         if self.tokenizer is None:

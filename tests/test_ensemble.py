@@ -8,7 +8,7 @@ from infra.artifacts import PAIRS_FILE
 from infra.datasets import write_rows
 from rlhf_core import world
 from rlhf_core.config import RewardConfig
-from rlhf_core.losses import aggregate_rewards
+from rlhf_core.losses import aggregate_credit, aggregate_rewards
 from rlhf_core.modeling import load_policy, load_tokenizer, sample_responses
 from rlhf_core.preferences import PreferencePair
 from rlhf_core.reward import ENSEMBLE_DIR, load_reward_function
@@ -24,6 +24,18 @@ def test_aggregates_on_a_small_ensemble():
     assert aggregate_rewards(scores[:1], "mean_minus_std").tolist() == scores[0].tolist()  # one member: itself
     with pytest.raises(ValueError, match="'mean', 'min' or 'mean_minus_std'"):
         aggregate_rewards(scores, "max")
+
+
+@pytest.mark.parametrize("how", ["mean", "min", "mean_minus_std"])
+def test_an_ensemble_s_credit_sums_to_its_aggregate_and_is_the_members_mean_before_the_last_token(how):
+    credit = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0))  # (K, B, T)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]])
+    credit = credit * mask
+    rewards = aggregate_rewards(credit.sum(-1), how)
+    aggregated = aggregate_credit(credit, rewards, mask)
+    torch.testing.assert_close(aggregated.sum(1), rewards)
+    torch.testing.assert_close(aggregated[0, :4], credit.mean(0)[0, :4])  # the last token alone takes the difference
+    assert aggregated[mask == 0].abs().max() == 0
 
 
 def test_an_ensemble_trains_saves_loads_and_scores_conservatively(sft_dir, tmp_path):

@@ -129,6 +129,14 @@ def test_kl_shaped_rewards_put_score_on_last_real_token():
     assert rewards.tolist() == [[-0.5, 9.0, 0.0], [-0.5, -0.5, 19.5]]
 
 
+def test_token_scores_are_rewarded_where_they_were_earned():
+    kl = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    credit = torch.tensor([[4.0, 6.0, 99.0], [5.0, 5.0, 10.0]])  # 99: past the first response's end, masked out
+    rewards = kl_shaped_rewards(torch.tensor([-1.0, 0.0]), kl, mask, kl_coef=0.5, token_scores=credit)
+    assert rewards.tolist() == [[3.5, 4.0, 0.0], [4.5, 4.5, 9.5]]
+
+
 def test_policy_loss_clips_and_reports():
     advantages = torch.tensor([[1.0, -1.0]])
     old = torch.zeros(1, 2)

@@ -341,6 +341,36 @@ def test_both_reward_paths_score_samples_as_the_reward_model_was_trained(sft_dir
         torch.testing.assert_close(direct, expected, atol=1e-5, rtol=0)
 
 
+def test_a_summed_reward_is_credited_to_the_tokens_that_earned_it(sft_dir):
+    """reward_credit: each response token gets the head's score at it (times the gain), the last one the EOS's and
+    the bias too; rows sum to the sample's reward, whether the response ended, was cut or ran out of tokens."""
+    from rlhf_core.modeling import reward_credit, reward_inputs
+
+    tokenizer, reward_model = load_tokenizer(sft_dir), load_scorer(sft_dir).eval()
+    reward_model.config.reward_pooling, reward_model.config.reward_gain, reward_model.config.reward_bias = "sum", 2, -1
+    torch.manual_seed(0)
+    prompts = ["explain briefly ocean :", "give a detailed account of space to an expert :", "tell me about art :"]
+    samples = sample_responses(load_policy(sft_dir).eval(), tokenizer, prompts * 4, max_new_tokens=10)
+    for max_length in (12, 64):
+        reward_model.config.reward_max_length = max_length
+        credit = reward_credit(reward_model, samples)
+        torch.testing.assert_close(credit.sum(1), RewardFunction(reward_model)(samples), atol=1e-5, rtol=0)
+        batch = reward_inputs(samples, max_length)
+        scores = token_scores(reward_model, **batch.model_inputs())[:, samples.context_length :]
+        for row in range(len(prompts) * 4):
+            read = int(batch.response_mask[row].sum())  # response tokens read, its EOS included
+            last = int(samples.response_mask[row].sum()) - 1
+            naive = torch.zeros(samples.responses.shape[1])
+            naive[: read - 1] = 2 * scores[row, : read - 1]
+            naive[min(read - 1, last)] += 2 * scores[row, read - 1]
+            naive[last] -= 1
+            torch.testing.assert_close(credit[row], naive, atol=1e-5, rtol=0)
+    assert RewardFunction(reward_model).credits_tokens
+    assert not RewardFunction(reward_model, tokenizer).credits_tokens  # re-tokenized: no token of the policy's
+    reward_model.config.reward_pooling = "last"
+    assert not RewardFunction(reward_model).credits_tokens
+
+
 def test_ppo_raises_the_reward_it_optimizes(sft_dir):
     tokenizer = load_tokenizer(sft_dir)
     policy, reference = load_policy(sft_dir), load_policy(sft_dir).eval()
@@ -385,6 +415,25 @@ def test_ppo_raises_the_reward_it_optimizes(sft_dir):
         "kl_coef",
     }
     assert expected <= set(first)
+
+
+def test_ppo_raises_a_summed_reward_credited_token_by_token(sft_dir):
+    tokenizer = load_tokenizer(sft_dir)
+    policy, reference = load_policy(sft_dir), load_policy(sft_dir).eval()
+    reward_model, critic = load_scorer(sft_dir).eval(), load_scorer(sft_dir)
+    torch.manual_seed(100)
+    torch.nn.init.normal_(reward_model.score.weight)  # a random judge of each token in its context, summed
+    reward_model.config.reward_pooling = "sum"
+    config = PPOConfig(
+        steps=12, rollout_batch_size=16, minibatch_size=8, epochs=2, lr=2e-3, max_new_tokens=8, kl_coef=0.01,
+        missing_eos_penalty=0.0, target_kl=None, dense_rewards=True,
+    )  # fmt: skip
+    models = ppo_models(policy, critic, reference, reward_model, config)
+    history = train_ppo(models, tokenizer, world.make_world(0, TINY).ppo_prompts[:32], config, seed=0).history
+    first, last = (sum(h["reward"] for h in part) / 3 for part in (history[:3], history[-3:]))
+    # measured for six random heads (torch seeds 100-105): a rise of 28-86 in these units, 17-62 with the whole
+    # score on the last token instead
+    assert last > first + 10
 
 
 def test_target_kl_stops_an_update_early(sft_dir):
