@@ -179,6 +179,12 @@ class RewardConfig(BaseModel):
         "the first iteration starts from the base.",
     )
     max_epochs: int = Field(2, ge=1, description="Most passes over the training pairs (early stopping may end sooner).")
+    epoch_size: Literal["all", "latest"] = Field(
+        "all",
+        description="What one pass covers: every training pair so far (all), or as many pairs as the latest iteration "
+        "added, drawn afresh from all of them (latest). With warm_start, latest trains each iteration's reward model "
+        "for the same number of steps however many iterations came before, rather than for ever more.",
+    )
     batch_size: int = Field(32, ge=1, description="Preference pairs per optimizer step.")
     lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(10, ge=0, description="Optimizer steps of linear learning-rate warmup.")

@@ -542,9 +542,12 @@ def reward_credit(reward_model: PreTrainedModel, samples: Samples) -> Tensor:
     return (gain * credit).scatter_add(1, last, torch.full_like(read[:, :1], bias))
 
 
-def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
-    """Index batches covering ``range(n)`` once in a random order (the last one may be short)."""
-    return list(torch.randperm(n, generator=generator).split(batch_size))
+def shuffled_batches(
+    n: int, batch_size: int, generator: torch.Generator, *, epoch_size: int | None = None
+) -> list[Tensor]:
+    """Index batches covering ``range(n)`` once in a random order, or ``epoch_size`` of its indices drawn without
+    replacement (the last batch may be short)."""
+    return list(torch.randperm(n, generator=generator)[:epoch_size].split(batch_size))
 
 
 def length_grouped_batches(lengths: Tensor, batch_size: int, generator: torch.Generator) -> list[Tensor]:
@@ -556,8 +559,10 @@ def length_grouped_batches(lengths: Tensor, batch_size: int, generator: torch.Ge
     return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
 
 
-def batch_schedule(n: int, batch_size: int, epochs: int, seed: int) -> list[Tensor]:
-    """Every batch of ``epochs`` shuffled passes, in order: step ``k`` trains on ``schedule[k - 1]``, so the
-    step number alone is a loop's data position when it resumes."""
+def batch_schedule(n: int, batch_size: int, epochs: int, seed: int, *, epoch_size: int | None = None) -> list[Tensor]:
+    """Every batch of ``epochs`` shuffled passes over ``range(n)`` (each pass ``epoch_size`` of the indices, drawn
+    afresh, where given), in order: step ``k`` trains on ``schedule[k - 1]``, so the step number alone is a loop's
+    data position when it resumes."""
     generator = torch.Generator().manual_seed(seed)
-    return [index for _ in range(epochs) for index in shuffled_batches(n, batch_size, generator)]
+    passes = range(epochs)
+    return [index for _ in passes for index in shuffled_batches(n, batch_size, generator, epoch_size=epoch_size)]

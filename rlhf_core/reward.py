@@ -145,15 +145,17 @@ def train_reward_model(
     *,
     config: RewardConfig,
     seed: int,
+    epoch_size: int | None = None,
     on_metrics: MetricsCallback | None = None,
     checkpointer: Checkpointer | None = None,
 ) -> RewardResult:
-    """Minimize the Bradley-Terry loss; keep the weights with the best validation accuracy. With a
-    checkpointer it saves every ``checkpointer.every`` steps and continues from its latest checkpoint. Under data
-    parallelism each rank trains on its share of every batch, and every rank scores the whole validation set, so
-    that all of them take the same early-stopping decision."""
+    """Minimize the Bradley-Terry loss over ``config.max_epochs`` passes (each over ``epoch_size`` of the pairs,
+    drawn afresh, where given); keep the weights with the best validation accuracy. With a checkpointer it saves
+    every ``checkpointer.every`` steps and continues from its latest checkpoint. Under data parallelism each rank
+    trains on its share of every batch, and every rank scores the whole validation set, so that all of them take the
+    same early-stopping decision."""
     model = engine.module
-    schedule = batch_schedule(len(train_pairs), config.batch_size, config.max_epochs, seed)
+    schedule = batch_schedule(len(train_pairs), config.batch_size, config.max_epochs, seed, epoch_size=epoch_size)
     packed = config.packing and keeps_packed_sequences_apart(model)
     eval_every = max(1, len(schedule) // config.max_epochs // config.evals_per_epoch)
     best, best_weights, checks_since_best, start, losses = None, None, 0, 0, []

@@ -62,6 +62,7 @@ def run_reward(
     pairs = [pair for d in preference_dirs for pair in read_pairs(d)]
     train, val = split_pairs(pairs, config.val_fraction)
     latest = read_pairs(preference_dirs[-1])
+    epoch_size = None if config.epoch_size == "all" else max(1, round(len(train) * len(latest) / len(pairs)))
     prompts, responses = [p.prompt for p in latest] * 2, [p.chosen for p in latest] + [p.rejected for p in latest]
     metrics: dict[str, float] = {}
     members = []
@@ -79,7 +80,7 @@ def run_reward(
         if config.lora is not None:
             model = add_lora(model, config.lora, scorer=True)
         member_train = bootstrap_resample(train, member_seed) if config.bootstrap else train
-        total = num_training_steps(len(member_train), config.batch_size, config.max_epochs)
+        total = num_training_steps(epoch_size or len(member_train), config.batch_size, config.max_epochs)
         engine = phase_engine(model, config, total, deepspeed, compute=compute)
         first = member == 0
         result = train_reward_model(
@@ -89,6 +90,7 @@ def run_reward(
             val,
             config=config,
             seed=member_seed,
+            epoch_size=epoch_size,
             on_metrics=on_metrics if first else None,
             checkpointer=checkpointer if first else None,
         )

@@ -371,6 +371,32 @@ def test_a_summed_reward_is_credited_to_the_tokens_that_earned_it(sft_dir):
     assert not RewardFunction(reward_model).credits_tokens
 
 
+def test_a_warm_started_reward_model_trains_as_many_steps_as_the_latest_pairs_ask(sft_dir, tmp_path):
+    """reward.epoch_size: latest makes each pass as long as the newest preference set, drawn from all of them."""
+    from infra.artifacts import PAIRS_FILE
+    from infra.datasets import write_rows
+    from rlhf_core.modeling import batch_schedule
+    from tasks.reward import run_reward
+
+    schedule = batch_schedule(50, 8, 3, seed=0, epoch_size=20)
+    passes = [torch.cat(schedule[i * 3 : i * 3 + 3]) for i in range(3)]
+    assert [len(b) for b in schedule] == [8, 8, 4] * 3 and all(len(set(p.tolist())) == 20 for p in passes)
+    assert len({tuple(p.tolist()) for p in passes}) == 3  # each pass draws afresh
+    w = world.make_world(1, TINY)
+    for i, prompts in enumerate((w.sft_prompts[:64], w.sft_prompts[64:96])):
+        rows = [PreferencePair(p, "sure " + p.split()[-2], "ugh", "ann", 1.0, -3.0).__dict__ for p in prompts]
+        (tmp_path / f"preferences-{i}").mkdir()
+        write_rows(tmp_path / f"preferences-{i}" / PAIRS_FILE, rows)
+    dirs = [tmp_path / "preferences-0", tmp_path / "preferences-1"]
+    steps = {}
+    for epoch_size in ("all", "latest"):
+        config = RewardConfig(max_epochs=2, batch_size=8, patience=100, val_fraction=0.25, epoch_size=epoch_size)
+        steps[epoch_size] = run_reward(sft_dir, dirs, tmp_path / epoch_size, config=config, seed=0)["steps"]
+    train_pairs = 96 - round(96 * 0.25)  # about a quarter held out for validation
+    assert steps["all"] == pytest.approx(2 * train_pairs / 8, abs=2)
+    assert steps["latest"] == pytest.approx(2 * train_pairs / 3 / 8, abs=2)  # the latest set is a third of all
+
+
 def test_ppo_raises_the_reward_it_optimizes(sft_dir):
     tokenizer = load_tokenizer(sft_dir)
     policy, reference = load_policy(sft_dir), load_policy(sft_dir).eval()
