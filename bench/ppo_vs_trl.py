@@ -154,7 +154,8 @@ def run_ours(models: dict[str, Path], steps: int, threads: int, out: Path) -> No
     timer.wrap(ppo, "sample_responses", "generate")
     timer.wrap(ppo, "response_logprobs", "policy/reference forward")
     timer.wrap(ppo, "token_scores", "critic forward")
-    timer.wrap(RewardFunction, "__call__", "reward model")
+    timer.wrap(RewardFunction, "member_scores", "reward model")
+    timer.wrap(RewardFunction, "member_credit", "reward model")
     timer.wrap(TorchEngine, "backward", "backward")
     timer.wrap(TorchEngine, "step", "optimizer step")
     seconds, parts, lengths, widths, real_tokens = [], [], [], [], []

@@ -315,6 +315,14 @@ class PPOConfig(BaseModel):
         description="Form each epoch's minibatches from rollouts of similar length, in random order, so that they "
         "carry little padding to train on; else uniformly random minibatches.",
     )
+    packing: bool = Field(
+        True,
+        description="Pack rollouts (prompt and response) several to a row for the forwards of the reference and the "
+        "critic scoring them and of the policy and the critic training on each minibatch, each attending only to "
+        "itself with its positions restarting: the log-probs and values of padded rows without computing padding. "
+        "Where a model does not keep packed sequences apart (checked on two short ones before training), rows are "
+        "padded.",
+    )
 
     def cache_identity(self) -> dict[str, Any]:
         """What of this config decides the phase's output: all of it but ``parallel_critic``, which changes how the

@@ -206,6 +206,65 @@ def encode_prompt_responses(
     return EncodedPairs(input_ids.to(device), attention_mask.to(device), response_mask.to(device))
 
 
+def first_fit_rows(lengths: list[int], row_length: int) -> list[list[int]]:
+    """Sequences of these lengths packed into rows of ``row_length`` (longer ones alone in a row of their own), first
+    fit, longest first: each row's sequences, by index."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if row is None:
+            rows.append([])
+            room.append(max(row_length, lengths[index]))
+            row = len(rows) - 1
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    return rows
+
+
+@dataclass
+class PackedRollout:
+    """Rollout rows (left-padded prompt, right-padded response) packed several to a row, positions restarting at
+    each (:func:`pack_rollout_rows`): the forward's ``input_ids`` and ``position_ids`` (rows, W), and
+    ``predict_at`` (B, R), for each response token the flat index of the packed position whose output predicts it
+    (0 past a response's end)."""
+
+    input_ids: Tensor
+    position_ids: Tensor
+    predict_at: Tensor
+
+    def read(self, outputs: Tensor) -> Tensor:
+        """Outputs of the packed forward, (rows, W, ...), where each response token is predicted: (B, R, ...)."""
+        return outputs.flatten(0, 1)[self.predict_at]
+
+
+def pack_rollout_rows(query_responses: Tensor, attention_mask: Tensor, context_length: int) -> PackedRollout:
+    """Rollout rows packed into rows as long as the longest sequence (:func:`first_fit_rows`), each sequence's real
+    tokens (its prompt and its response) side by side: a forward over them computes no padding. Only for a model
+    that keeps packed sequences apart (:func:`keeps_packed_sequences_apart`). query_responses, attention_mask:
+    (B, P + R)."""
+    prompt_lengths = attention_mask[:, :context_length].sum(1).tolist()
+    lengths = attention_mask.sum(1).tolist()
+    rows = first_fit_rows(lengths, max(lengths))
+    width, response_width = max(sum(lengths[i] for i in row) for row in rows), query_responses.shape[1] - context_length
+    device = query_responses.device
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    position_ids = torch.zeros_like(input_ids)
+    predict_at = torch.zeros((len(lengths), response_width), dtype=torch.long, device=device)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            first = context_length - prompt_lengths[i]  # where the row's real tokens begin
+            input_ids[r, start : start + lengths[i]] = query_responses[i, first : first + lengths[i]]
+            position_ids[r, start : start + lengths[i]] = torch.arange(lengths[i], device=device)
+            response_length = lengths[i] - prompt_lengths[i]
+            predictors = r * width + start + prompt_lengths[i] - 1 + torch.arange(response_length, device=device)
+            predict_at[i, :response_length] = predictors
+            start += lengths[i]
+        position_ids[r, start:] = torch.arange(width - start, device=device)  # the padding: a sequence of its own
+    return PackedRollout(input_ids, position_ids, predict_at)
+
+
 def pack_prompt_responses(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
@@ -221,17 +280,7 @@ def pack_prompt_responses(
     sequences apart (:func:`keeps_packed_sequences_apart`). A prediction across two sequences lands on a prompt
     token, which the response mask leaves out."""
     sequences = prompt_response_ids(tokenizer, prompts, responses, max_length)
-    rows: list[list[int]] = []  # each row's sequences, by index
-    room: list[int] = []
-    for index in sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0])):
-        length = len(sequences[index][0])
-        row = next((r for r, free in enumerate(room) if free >= length), None)
-        if row is None:
-            rows.append([])
-            room.append(max(row_length, length))
-            row = len(rows) - 1
-        rows[row].append(index)
-        room[row] -= length
+    rows = first_fit_rows([len(ids) for ids, _ in sequences], row_length)
     width = max(sum(len(sequences[i][0]) for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -456,16 +505,22 @@ def response_logprobs(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    packed: PackedRollout | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the response tokens under ``model`` at the sampling temperature, and optionally the
-    per-token entropy. query_responses, attention_mask: (B, P + R) -> (B, R), (B, R) | None."""
-    logits = model(
-        input_ids=query_responses,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).logits
-    logits = logits[:, context_length - 1 : -1].float() / temperature
+    per-token entropy; the forward over the rows as they are, or over ``packed``, the same rows packed
+    (:func:`pack_rollout_rows`). query_responses, attention_mask: (B, P + R) -> (B, R), (B, R) | None."""
+    if packed is None:
+        logits = model(
+            input_ids=query_responses,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).logits[:, context_length - 1 : -1]
+    else:
+        outputs = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
+        logits = packed.read(outputs.logits)
+    logits = logits.float() / temperature
     logprobs = selective_log_softmax(logits, query_responses[:, context_length:])
     return logprobs, entropy_from_logits(logits) if with_entropy else None
 
@@ -498,6 +553,21 @@ def token_scores(
         use_cache=False,
     ).last_hidden_state
     return scorer.score(hidden).squeeze(-1).float()
+
+
+def response_values(
+    critic: PreTrainedModel,
+    query_responses: Tensor,
+    attention_mask: Tensor,
+    context_length: int,
+    *,
+    packed: PackedRollout | None = None,
+) -> Tensor:
+    """A critic's value of the state before each response token: its head where that token is predicted, over the
+    rows as they are or ``packed`` (:func:`pack_rollout_rows`). (B, P + R) -> (B, R)."""
+    if packed is None:
+        return token_scores(critic, query_responses, attention_mask)[:, context_length - 1 : -1]
+    return packed.read(token_scores(critic, packed.input_ids, position_ids=packed.position_ids))
 
 
 def normalized(reward_model: PreTrainedModel, raw: Tensor) -> Tensor:

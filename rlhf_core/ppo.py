@@ -41,13 +41,16 @@ from rlhf_core.losses import (
     value_loss,
 )
 from rlhf_core.modeling import (
+    PackedRollout,
     Samples,
     concat_samples,
+    keeps_packed_sequences_apart,
     length_grouped_batches,
+    pack_rollout_rows,
     response_logprobs,
+    response_values,
     sample_responses,
     to_device,
-    token_scores,
     trim_padding,
 )
 from rlhf_core.reward import RewardFunction
@@ -98,13 +101,14 @@ class Rollout:
 
 @torch.no_grad()
 def collect_rollout(
-    models: PPOModels, tokenizer: PreTrainedTokenizerBase, prompts: list[str], config: PPOConfig
+    models: PPOModels, tokenizer: PreTrainedTokenizerBase, prompts: list[str], config: PPOConfig, *, pack: bool = False
 ) -> Rollout:
     """Sample responses, then score them with every model: reference log-probs, critic values, and the
     reward model's score (less the missing-EOS penalty). The policy's log-probs are those it sampled with:
     the same distribution a recompute would give, up to float rounding, for one forward less. With
-    ``config.dense_rewards`` and a summed reward model, the score is also credited token by token. As one of several
-    ranks, each samples and scores its share of ``prompts``, and every rank gets the whole batch back."""
+    ``config.dense_rewards`` and a summed reward model, the score is also credited token by token. With ``pack``, the
+    reference and the critic read the samples packed. As one of several ranks, each samples and scores its share of
+    ``prompts``, and every rank gets the whole batch back."""
     policy, critic = models.policy.module, models.critic.module
     ranks = models.policy.world_size
     samples = sample_responses(
@@ -117,8 +121,11 @@ def collect_rollout(
         synced_gpus=ranks > 1,
     )
     qr, attention_mask, ctx = samples.query_responses, samples.attention_mask, samples.context_length
-    ref_logprobs, _ = response_logprobs(models.reference, qr, attention_mask, ctx, temperature=config.temperature)
-    values = token_scores(critic, qr, attention_mask)[:, ctx - 1 : -1]
+    packed = pack_rollout_rows(qr, attention_mask, ctx) if pack else None
+    ref_logprobs, _ = response_logprobs(
+        models.reference, qr, attention_mask, ctx, temperature=config.temperature, packed=packed
+    )
+    values = response_values(critic, qr, attention_mask, ctx, packed=packed)
     dense = config.dense_rewards and models.reward.credits_tokens
     member_credit = models.reward.member_credit(samples) if dense else None
     member_scores = member_credit.sum(-1) if dense else models.reward.member_scores(samples)
@@ -178,8 +185,8 @@ def advantages_and_returns(
 
 @dataclass
 class Minibatch:
-    """Rows of a rollout without the columns that are padding in all of them. query_responses,
-    attention_mask: (b, P' + R'); the response-aligned tensors: (b, R')."""
+    """Rows of a rollout without the columns that are padding in all of them, and where asked for the same rows
+    packed for the forwards. query_responses, attention_mask: (b, P' + R'); the response-aligned tensors: (b, R')."""
 
     query_responses: Tensor
     attention_mask: Tensor
@@ -189,11 +196,15 @@ class Minibatch:
     values: Tensor
     advantages: Tensor
     returns: Tensor
+    packed: PackedRollout | None = None
 
 
-def rollout_minibatch(rollout: Rollout, index: Tensor, *, advantages: Tensor, returns: Tensor) -> Minibatch:
+def rollout_minibatch(
+    rollout: Rollout, index: Tensor, *, advantages: Tensor, returns: Tensor, pack: bool = False
+) -> Minibatch:
     """The rows ``index`` of a rollout and its advantages and returns, trimmed of padding (an exact saving: padding
-    is masked out of every loss, and causal attention never lets it change a real position)."""
+    is masked out of every loss, and causal attention never lets it change a real position); with ``pack``, also
+    packed, so that the forwards compute no padding at all."""
     samples = rollout.samples
     qr, attention_mask, ctx = trim_padding(
         samples.query_responses[index], samples.attention_mask[index], samples.context_length
@@ -202,13 +213,16 @@ def rollout_minibatch(rollout: Rollout, index: Tensor, *, advantages: Tensor, re
     response_mask, logprobs, values, advantages, returns = (
         t[index, :width] for t in (samples.response_mask, rollout.logprobs, rollout.values, advantages, returns)
     )
-    return Minibatch(qr, attention_mask, ctx, response_mask, logprobs, values, advantages, returns)
+    packed = pack_rollout_rows(qr, attention_mask, ctx) if pack else None
+    return Minibatch(qr, attention_mask, ctx, response_mask, logprobs, values, advantages, returns, packed)
 
 
 def policy_minibatch_step(policy: Engine, mb: Minibatch, share: Tensor, config: PPOConfig) -> dict[str, Tensor]:
     """One clipped policy-gradient step on a minibatch, its loss weighted by ``share``: the loss and its stats."""
     qr, attention_mask, ctx = mb.query_responses, mb.attention_mask, mb.context_length
-    logprobs, _ = response_logprobs(policy.module, qr, attention_mask, ctx, temperature=config.temperature)
+    logprobs, _ = response_logprobs(
+        policy.module, qr, attention_mask, ctx, temperature=config.temperature, packed=mb.packed
+    )
     pg_loss, pg_stats = policy_loss(
         logprobs, mb.logprobs, mb.advantages, mb.response_mask, clip_range=config.clip_range
     )
@@ -219,7 +233,7 @@ def policy_minibatch_step(policy: Engine, mb: Minibatch, share: Tensor, config: 
 
 def critic_minibatch_step(critic: Engine, mb: Minibatch, share: Tensor, config: PPOConfig) -> dict[str, Tensor]:
     """One clipped value-regression step on a minibatch, its loss weighted by ``share``: the loss and its stats."""
-    values = token_scores(critic.module, mb.query_responses, mb.attention_mask)[:, mb.context_length - 1 : -1]
+    values = response_values(critic.module, mb.query_responses, mb.attention_mask, mb.context_length, packed=mb.packed)
     vf_loss, vf_stats = value_loss(
         values, mb.values, mb.returns, mb.response_mask, clip_range_value=config.clip_range_value
     )
@@ -236,13 +250,14 @@ def ppo_update(
     returns: Tensor,
     config: PPOConfig,
     generator: torch.Generator,
+    pack: bool = False,
 ) -> dict[str, float]:
-    """Several epochs of clipped policy and value updates over minibatches of one rollout batch,
-    stopped early when the approx-KL to the rollout policy passes ``target_kl``. Policy and critic are independent
-    given a minibatch, so their steps may run side by side (:func:`side_by_side_models`). As one of several ranks
-    (each holding the whole rollout and drawing the same minibatches), each trains on its share of every minibatch,
-    its losses weighted by its share of the minibatch's response tokens; statistics and the stop are the
-    minibatch's."""
+    """Several epochs of clipped policy and value updates over minibatches of one rollout batch (each packed for the
+    forwards with ``pack``), stopped early when the approx-KL to the rollout policy passes ``target_kl``. Policy and
+    critic are independent given a minibatch, so their steps may run side by side (:func:`side_by_side_models`). As
+    one of several ranks (each holding the whole rollout and drawing the same minibatches), each trains on its share
+    of every minibatch, its losses weighted by its share of the minibatch's response tokens; statistics and the stop
+    are the minibatch's."""
     lengths = rollout.samples.response_mask.sum(1)
     models.policy.module.train()
     models.critic.module.train()
@@ -256,7 +271,7 @@ def ppo_update(
                 minibatches = torch.randperm(len(lengths), generator=generator).split(config.minibatch_size)
             for index in minibatches:
                 mine, weight = rank_rows(index.tolist(), models.policy)
-                mb = rollout_minibatch(rollout, torch.tensor(mine), advantages=advantages, returns=returns)
+                mb = rollout_minibatch(rollout, torch.tensor(mine), advantages=advantages, returns=returns, pack=pack)
                 share = weight * mb.response_mask.sum() / rollout.samples.response_mask[index].sum()
                 policy_stats, critic_stats = run(
                     partial(policy_minibatch_step, models.policy, mb, share, config),
@@ -397,6 +412,8 @@ def train_ppo(
     reported once to ``on_alarm``). With a checkpointer it saves every ``checkpointer.every`` steps (weights,
     optimizers, RNGs, prompt order, KL controller, alarms) and continues from its latest checkpoint."""
     loop = LoopState(0, [], [], make_kl_controller(config), random.Random(seed), torch.Generator().manual_seed(seed))
+    # the reference is the SFT model the policy started from: the policy's architecture
+    pack = config.packing and all(keeps_packed_sequences_apart(e.module) for e in (models.policy, models.critic))
     torch.manual_seed(seed + models.policy.rank)  # the ranks sample their shares from streams of their own
     if checkpointer is not None:
         loop.restore(checkpointer, models)
@@ -405,12 +422,12 @@ def train_ppo(
         batch_prompts = loop.next_prompts(prompts, config.rollout_batch_size)
         models.policy.module.eval()
         models.critic.module.eval()
-        rollout = collect_rollout(models, tokenizer, batch_prompts, config)
+        rollout = collect_rollout(models, tokenizer, batch_prompts, config, pack=pack)
         # 2. rewards and advantages
         kl, rewards, advantages, returns = advantages_and_returns(rollout, config, kl_coef=loop.kl_controller.value)
         # 3. update
         update = ppo_update(
-            models, rollout, advantages=advantages, returns=returns, config=config, generator=loop.generator
+            models, rollout, advantages=advantages, returns=returns, config=config, generator=loop.generator, pack=pack
         )
         # 4. adapt the KL coefficient and report
         gold = gold_fn(rollout.samples.prompts, rollout.samples.texts) if gold_fn else None

@@ -87,3 +87,84 @@ class SeesEverythingBefore(nn.Module):
 def test_only_a_model_that_keeps_packed_sequences_apart_is_packed(base_dir, sft_dir):
     assert keeps_packed_sequences_apart(load_policy(base_dir)) and keeps_packed_sequences_apart(load_scorer(sft_dir))
     assert not keeps_packed_sequences_apart(SeesEverythingBefore())
+
+
+def test_packed_rollout_rows_give_the_log_probs_and_values_of_padded_ones(sft_dir):
+    from rlhf_core.modeling import pack_rollout_rows, response_logprobs, response_values, sample_responses
+
+    tokenizer, policy, critic = load_tokenizer(sft_dir), load_policy(sft_dir).eval(), load_scorer(sft_dir).eval()
+    torch.manual_seed(0)
+    prompts = ["explain briefly ocean :", "give a detailed account of space to an expert :", "tell me about art :"]
+    samples = sample_responses(policy, tokenizer, prompts * 5, 12)  # left-padded prompts, right-padded responses
+    qr, mask, ctx = samples.query_responses, samples.attention_mask, samples.context_length
+    packed = pack_rollout_rows(qr, mask, ctx)
+    assert packed.input_ids.numel() < qr.numel() and packed.input_ids.shape[1] >= int(mask.sum(1).max())
+    assert int((packed.input_ids != 0).sum()) == int(mask.sum())  # every real token once (none of them is id 0)
+    padded_logprobs, padded_entropy = response_logprobs(policy, qr, mask, ctx, with_entropy=True, temperature=0.7)
+    packed_logprobs, packed_entropy = response_logprobs(
+        policy, qr, mask, ctx, with_entropy=True, temperature=0.7, packed=packed
+    )
+    real = samples.response_mask.bool()
+    torch.testing.assert_close(packed_logprobs[real], padded_logprobs[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed_entropy[real], padded_entropy[real], atol=1e-5, rtol=0)
+    packed_values = response_values(critic, qr, mask, ctx, packed=packed)
+    torch.testing.assert_close(packed_values[real], response_values(critic, qr, mask, ctx)[real], atol=1e-5, rtol=0)
+
+
+def test_a_packed_ppo_update_is_the_padded_one(sft_dir):
+    import copy
+
+    from test_phases import ppo_models
+
+    from rlhf_core.config import PPOConfig
+    from rlhf_core.ppo import advantages_and_returns, collect_rollout, ppo_update
+
+    tokenizer = load_tokenizer(sft_dir)
+    config = PPOConfig(rollout_batch_size=16, minibatch_size=8, epochs=2, lr=1e-3, max_new_tokens=8, target_kl=None)
+
+    def fresh():
+        torch.manual_seed(0)  # the critic's fresh head
+        return ppo_models(
+            load_policy(sft_dir), load_scorer(sft_dir), load_policy(sft_dir).eval(), load_scorer(sft_dir).eval(), config
+        )
+
+    models = fresh()
+    before = copy.deepcopy(models.policy.module.state_dict())
+    rollout = collect_rollout(models, tokenizer, world.make_world(0, TINY_WORLD).ppo_prompts[:16], config)
+    _, _, advantages, returns = advantages_and_returns(rollout, config, kl_coef=0.1)
+    weights, stats = {}, {}
+    for pack in (False, True):
+        models = fresh()
+        generator = torch.Generator().manual_seed(0)
+        stats[pack] = ppo_update(
+            models, rollout, advantages=advantages, returns=returns, config=config, generator=generator, pack=pack
+        )
+        weights[pack] = models.policy.module.state_dict()
+    assert max((weights[False][k] - before[k]).abs().max().item() for k in before) > 1e-4  # it trained
+    assert max((weights[False][k] - weights[True][k]).abs().max().item() for k in before) < 1e-5
+    for key, value in stats[False].items():  # a clip fraction may count one value at the boundary differently
+        assert value == pytest.approx(stats[True][key], abs=0.01 if "clipfrac" in key else 1e-5), key
+
+
+def test_a_rollout_scored_packed_is_the_one_scored_padded(sft_dir):
+    from test_phases import ppo_models
+
+    from rlhf_core.config import PPOConfig
+    from rlhf_core.ppo import collect_rollout
+
+    tokenizer, config = load_tokenizer(sft_dir), PPOConfig(rollout_batch_size=16, max_new_tokens=10)
+    torch.manual_seed(0)
+    models = ppo_models(
+        load_policy(sft_dir), load_scorer(sft_dir), load_policy(sft_dir).eval(), load_scorer(sft_dir).eval(), config
+    )
+    rollouts = {}
+    for pack in (False, True):
+        torch.manual_seed(1)  # the same samples
+        rollouts[pack] = collect_rollout(
+            models, tokenizer, world.make_world(0, TINY_WORLD).ppo_prompts[:16], config, pack=pack
+        )
+    real = rollouts[False].samples.response_mask.bool()
+    for name in ("ref_logprobs", "values"):
+        torch.testing.assert_close(
+            getattr(rollouts[True], name)[real], getattr(rollouts[False], name)[real], atol=1e-5, rtol=0
+        )
