@@ -21,8 +21,9 @@ dropped. Remaining semantic differences, none of which changes the work a step d
 - TRL puts the score one position after the EOS (a state the critic learns a value for); we put it on the last
   response token. TRL weighs its value loss by vf_coef / 2 in one backward; ours has its own optimizer and so
   no weight (under Adam, a constant factor on a loss of its own would change only its gradient clipping).
-- We train on minibatches grouped by response length and trimmed of padding (``ppo.group_by_length``); TRL trains
-  uniformly random minibatches at the rollout's padded width.
+- We train on minibatches grouped by response length, their rollouts packed several to a row (``ppo.packing``), and
+  the reference and critic score the rollout packed too; TRL trains uniformly random minibatches at the rollout's
+  padded width.
 - We run each minibatch's critic step in a thread beside its policy step, each on one of the two threads
   (``ppo.parallel_critic``): the same updates (bitwise, in the test), overlapped; TRL runs its one wrapper's forward
   and backward on both threads. So the update's parts below (forwards, backward, optimizer step) overlap: their sum
@@ -166,7 +167,7 @@ def run_ours(models: dict[str, Path], steps: int, threads: int, out: Path) -> No
     def count_minibatch(*args: Any, **kwargs: Any) -> Any:
         mb = original_minibatch(*args, **kwargs)
         trained["real"] += int(mb.attention_mask.sum())
-        trained["padded"] += mb.attention_mask.numel()
+        trained["padded"] += (mb.packed.input_ids if mb.packed is not None else mb.attention_mask).numel()
         return mb
 
     ppo.rollout_minibatch = count_minibatch

@@ -175,12 +175,13 @@ def prompt_response_ids(
 ) -> list[tuple[list[int], int]]:
     """Each prompt's and response's tokens joined, EOS appended, the response cut so the whole fits in
     ``max_length``; with the prompt's length."""
+    prompt_ids = {prompt: prompt_token_ids(tokenizer, prompt) for prompt in set(prompts)}
+    all_response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"] if responses else []
     rows = []
-    for prompt, response in zip(prompts, responses, strict=True):
-        prompt_ids = prompt_token_ids(tokenizer, prompt)
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        response_ids = response_ids[: max(0, max_length - len(prompt_ids) - 1)] + [tokenizer.eos_token_id]
-        rows.append((prompt_ids + response_ids, len(prompt_ids)))
+    for prompt, response_ids in zip(prompts, all_response_ids, strict=True):
+        ids = prompt_ids[prompt]
+        response_ids = response_ids[: max(0, max_length - len(ids) - 1)] + [tokenizer.eos_token_id]
+        rows.append((ids + response_ids, len(ids)))
     return rows
 
 
@@ -282,23 +283,22 @@ def pack_prompt_responses(
     sequences = prompt_response_ids(tokenizer, prompts, responses, max_length)
     rows = first_fit_rows([len(ids) for ids, _ in sequences], row_length)
     width = max(sum(len(sequences[i][0]) for i in row) for row in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    sequence_index = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        start = 0
+    columns: dict[str, list[list[int]]] = {"ids": [], "positions": [], "response": [], "sequence": []}
+    for row in rows:  # built as lists, one tensor each at the end: packing runs once per training step
+        ids, positions, response, sequence = [], [], [], []
         for index in row:
-            ids, prompt_length = sequences[index]
-            end = start + len(ids)
-            input_ids[r, start:end] = torch.tensor(ids)
-            position_ids[r, start:end] = torch.arange(len(ids))
-            response_mask[r, start + prompt_length : end] = 1
-            sequence_index[r, start:end] = index
-            start = end
-        position_ids[r, start:] = torch.arange(width - start)  # the padding: a sequence of its own, masked out
-    tensors = (input_ids, None, response_mask, position_ids, sequence_index)
-    return EncodedPairs(*(t if t is None else t.to(device) for t in tensors))
+            tokens, prompt_length = sequences[index]
+            ids += tokens
+            positions += range(len(tokens))
+            response += [0] * prompt_length + [1] * (len(tokens) - prompt_length)
+            sequence += [index] * len(tokens)
+        padding = width - len(ids)  # a sequence of its own, masked out
+        columns["ids"].append(ids + [tokenizer.pad_token_id] * padding)
+        columns["positions"].append(positions + list(range(padding)))
+        columns["response"].append(response + [0] * padding)
+        columns["sequence"].append(sequence + [0] * padding)
+    ids, positions, response, sequence = (torch.tensor(columns[k], device=device) for k in columns)
+    return EncodedPairs(ids, None, response, positions, sequence)
 
 
 def transformer_body(model: nn.Module) -> nn.Module:

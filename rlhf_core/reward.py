@@ -17,6 +17,7 @@ from rlhf_core.config import AttnImplementation, RewardConfig
 from rlhf_core.engine import Engine, rank_rows
 from rlhf_core.losses import aggregate_rewards, bradley_terry_loss
 from rlhf_core.modeling import (
+    EncodedPairs,
     Samples,
     batch_rewards,
     batch_schedule,
@@ -75,29 +76,33 @@ def score_texts(
     max_length: int,
     batch_size: int = 256,
 ) -> Tensor:
-    """Normalized reward of each (prompt, response), EOS appended as in rollouts. -> (N,)."""
-    scores = []
+    """Normalized reward of each (prompt, response), EOS appended as in rollouts, read packed where the model keeps
+    packed sequences apart. -> (N,)."""
+    scores, packed = [], keeps_packed_sequences_apart(model)
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
-            enc = encode_prompt_responses(
-                tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], max_length, device=model.device
-            )
-            scores.append(batch_rewards(model, enc))
+            batch = encoded(tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], max_length, packed)
+            scores.append(batch_rewards(model, to_device(batch, model.device)))
     return torch.cat(scores).cpu() if scores else torch.zeros(0)
+
+
+def encoded(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int, packed: bool
+) -> EncodedPairs:
+    """Prompts and responses as a reward model reads them, one to a row or, ``packed``, several to a row of
+    ``max_length`` (:func:`rlhf_core.modeling.pack_prompt_responses`, for a model that keeps them apart)."""
+    if packed:
+        return pack_prompt_responses(tokenizer, prompts, responses, max_length, row_length=max_length)
+    return encode_prompt_responses(tokenizer, prompts, responses, max_length)
 
 
 def pair_rewards(
     model, tokenizer, pairs: list[PreferencePair], max_length: int, *, packed: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """Rewards of chosen and rejected responses, in one forward pass; ``packed``: the responses several to a row
-    (:func:`rlhf_core.modeling.pack_prompt_responses`, for a model that keeps them apart). -> (B,), (B,)."""
+    """Rewards of chosen and rejected responses, in one forward pass; ``packed`` as in :func:`encoded`.
+    -> (B,), (B,)."""
     prompts, responses = [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    if packed:
-        batch = pack_prompt_responses(tokenizer, prompts, responses, max_length, row_length=max_length)
-        batch = to_device(batch, model.device)
-    else:
-        batch = encode_prompt_responses(tokenizer, prompts, responses, max_length, device=model.device)
-    rewards = batch_rewards(model, batch)
+    rewards = batch_rewards(model, to_device(encoded(tokenizer, prompts, responses, max_length, packed), model.device))
     return rewards[: len(pairs)], rewards[len(pairs) :]
 
 
