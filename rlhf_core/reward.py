@@ -81,13 +81,15 @@ def score_texts(
     scores, packed = [], keeps_packed_sequences_apart(model)
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
-            batch = encoded(tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], max_length, packed)
+            batch = encoded(
+                tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], max_length, packed=packed
+            )
             scores.append(batch_rewards(model, to_device(batch, model.device)))
     return torch.cat(scores).cpu() if scores else torch.zeros(0)
 
 
 def encoded(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int, packed: bool
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int, *, packed: bool
 ) -> EncodedPairs:
     """Prompts and responses as a reward model reads them, one to a row or, ``packed``, several to a row of
     ``max_length`` (:func:`rlhf_core.modeling.pack_prompt_responses`, for a model that keeps them apart)."""
@@ -102,7 +104,9 @@ def pair_rewards(
     """Rewards of chosen and rejected responses, in one forward pass; ``packed`` as in :func:`encoded`.
     -> (B,), (B,)."""
     prompts, responses = [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    rewards = batch_rewards(model, to_device(encoded(tokenizer, prompts, responses, max_length, packed), model.device))
+    rewards = batch_rewards(
+        model, to_device(encoded(tokenizer, prompts, responses, max_length, packed=packed), model.device)
+    )
     return rewards[: len(pairs)], rewards[len(pairs) :]
 
 
