@@ -154,7 +154,7 @@ def run_ours(models: dict[str, Path], steps: int, threads: int, out: Path) -> No
     timer.wrap(ppo, "ppo_update", "update", stage=True)
     timer.wrap(ppo, "sample_responses", "generate")
     timer.wrap(ppo, "response_logprobs", "policy/reference forward")
-    timer.wrap(ppo, "token_scores", "critic forward")
+    timer.wrap(ppo, "response_values", "critic forward")
     timer.wrap(RewardFunction, "member_scores", "reward model")
     timer.wrap(RewardFunction, "member_credit", "reward model")
     timer.wrap(TorchEngine, "backward", "backward")
@@ -247,7 +247,14 @@ def main() -> None:
     from bench.trl_venv import trl_python
     from infra.artifacts import read_prompts
 
-    models = world_models(args.artifacts)
+    # TRL reads a reward at the sequence's last token: the reward model pools its score there too
+    models = world_models(args.artifacts, settings=("reward.pooling=last",))
+    pooling = json.loads((models["reward"] / "config.json").read_text()).get("reward_pooling", "last")
+    if pooling != "last":
+        raise SystemExit(
+            f"--artifacts: the reward model in {models['reward']} sums its scores (reward.pooling: "
+            f"{pooling}); TRL reads one at the last token: make it with reward.pooling=last"
+        )
     trl = trl_python()
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-ppo-vs-trl-") as tmp:
