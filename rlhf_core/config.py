@@ -78,7 +78,7 @@ class SFTConfig(BaseModel):
     """Supervised fine-tuning on (prompt, response) demonstrations."""
 
     model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(3, ge=1, description="Passes over the demonstrations.")
+    epochs: int = Field(2, ge=1, description="Passes over the demonstrations.")
     batch_size: int = Field(64, ge=1, description="Demonstrations per optimizer step.")
     lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (linear warmup, cosine decay).")
     warmup_steps: int = Field(20, ge=0, description="Optimizer steps of linear learning-rate warmup.")
@@ -203,7 +203,7 @@ class RewardConfig(BaseModel):
     patience: int = Field(2, ge=1, description="Validation checks without improvement before stopping early.")
     max_length: int = Field(48, ge=4, description="Prompt + response tokens kept.")
     pooling: RewardPooling = Field(
-        "last",
+        "sum",
         description="How the scalar head's per-token scores become a response's reward: its score at the response's "
         "last token, the EOS, which attends to the whole sequence (last; InstructGPT's reward model); or the sum of "
         "its scores over the response's tokens, EOS included (sum: a reward that adds up word by word, where the "
@@ -255,10 +255,10 @@ class PPOConfig(BaseModel):
     """PPO against the reward model with a KL penalty to the SFT reference."""
 
     model_config = ConfigDict(extra="forbid")
-    steps: int = Field(40, ge=1, description="Rollout-then-update steps.")
+    steps: int = Field(28, ge=1, description="Rollout-then-update steps.")
     rollout_batch_size: int = Field(64, ge=1, description="Prompts sampled per step.")
     minibatch_size: int = Field(16, ge=1, description="Rollouts per optimizer step inside an update.")
-    epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
+    epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")
     lr: float = Field(3e-4, gt=0, description="Policy AdamW learning rate.")
     critic_lr: float = Field(1e-3, gt=0, description="Critic AdamW learning rate.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping for policy and critic.")
