@@ -3,8 +3,9 @@
     python -m bench.ppo_vs_trl [--rounds 3] [--steps 6] [--threads 2] [--artifacts DIR]
 
 The models are those of the default toy world after SFT: the SFT policy (also the reference), and iteration 1's
-reward model (also the critic's start). ``--artifacts`` names a local store (``rlhf-artifacts`` of an ``rlhf run``)
-holding exactly one SFT policy and one iteration-1 reward model; without it the bench makes them once with a short
+reward model (also the critic's start), which pools its score at the last token (``reward.pooling: last``), where
+TRL reads a reward. ``--artifacts`` names a local store (``rlhf-artifacts`` of an ``rlhf run``) holding exactly one
+SFT policy and one such iteration-1 reward model; without it the bench makes them once with a short
 ``rlhf run`` in ``$RLHF_CACHE_DIR/bench-ppo-world``. TRL runs in its own virtualenv, made on first use
 (``bench/trl_venv.py``): it is never a project dependency.
 
