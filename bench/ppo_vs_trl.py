@@ -4,10 +4,10 @@
 
 The models are those of the default toy world after SFT: the SFT policy (also the reference), and iteration 1's
 reward model (also the critic's start), which pools its score at the last token (``reward.pooling: last``), where
-TRL reads a reward. ``--artifacts`` names a local store (``rlhf-artifacts`` of an ``rlhf run``) holding exactly one
-SFT policy and one such iteration-1 reward model; without it the bench makes them once with a short
-``rlhf run`` in ``$RLHF_CACHE_DIR/bench-ppo-world``. TRL runs in its own virtualenv, made on first use
-(``bench/trl_venv.py``): it is never a project dependency.
+TRL reads a reward, from its scalar head alone (``reward.logprob_coef: 0``). ``--artifacts`` names a local store
+(``rlhf-artifacts`` of an ``rlhf run``) holding exactly one SFT policy and one such iteration-1 reward model;
+without it the bench makes them once with a short ``rlhf run`` in ``$RLHF_CACHE_DIR/bench-ppo-world``. TRL runs in
+its own virtualenv, made on first use (``bench/trl_venv.py``): it is never a project dependency.
 
 Matched configuration: 64 rollouts a step, up to 32 new tokens at temperature 1, minibatch 16, 4 epochs with no early
 stop (``target_kl=None``; TRL has none), a fixed KL coefficient 0.15 (k1), clip ranges 0.2, gamma 1, lambda 0.95,
@@ -248,13 +248,18 @@ def main() -> None:
     from bench.trl_venv import trl_python
     from infra.artifacts import read_prompts
 
-    # TRL reads a reward at the sequence's last token: the reward model pools its score there too
-    models = world_models(args.artifacts, settings=("reward.pooling=last",))
-    pooling = json.loads((models["reward"] / "config.json").read_text()).get("reward_pooling", "last")
-    if pooling != "last":
+    # TRL reads a reward from the scalar head at the sequence's last token: the reward model is made so too
+    models = world_models(args.artifacts, settings=("reward.pooling=last", "reward.logprob_coef=0"))
+    reward_config = json.loads((models["reward"] / "config.json").read_text())
+    if (pooling := reward_config.get("reward_pooling", "last")) != "last":
         raise SystemExit(
             f"--artifacts: the reward model in {models['reward']} sums its scores (reward.pooling: "
             f"{pooling}); TRL reads one at the last token: make it with reward.pooling=last"
+        )
+    if coef := reward_config.get("reward_logprob_coef", 0.0):
+        raise SystemExit(
+            f"--artifacts: the reward model in {models['reward']} adds a log-probability feature to its scores "
+            f"(reward.logprob_coef: {coef}), which TRL does not read: make it with reward.logprob_coef=0"
         )
     trl = trl_python()
     load = os.getloadavg()

@@ -209,6 +209,15 @@ class RewardConfig(BaseModel):
         "its scores over the response's tokens, EOS included (sum: a reward that adds up word by word, where the "
         "head only has to judge each token in its context). Stored with the model, so every phase reads it alike.",
     )
+    logprob_coef: float = Field(
+        0.0,
+        ge=0,
+        description="Add to each token's score this multiple of the log-probability that the reward model's own "
+        "backbone gives the token, read through its input embeddings as the output layer (the language-model head "
+        "of a model whose embeddings are tied, as the toy world's are): a match between a token and its context, "
+        "such as a word and the prompt's topic, that a scalar head on one position cannot compute. 0: the scalar "
+        "head alone. Stored with the model, so every phase reads it alike.",
+    )
     packing: bool = Field(
         True,
         description="Pack each batch's responses (chosen and rejected) several to a row of max_length tokens, each "

@@ -94,17 +94,19 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
 
 
 def fold_reward_normalization(scorer: PreTrainedModel) -> PreTrainedModel:
-    """Fold a reward model's output normalization (``gain * r + bias``, in its config) into its scalar head, so
-    that a critic started from it predicts in the normalized units of the returns it learns; the config's gain
-    and bias become 1 and 0. A model without a normalization is returned as it is. A reward model that sums
-    per-token scores (``reward_pooling: sum``) has no value to fold in: its head judges single tokens, not what is
-    still to come, so the critic's head starts at zero, the normalized reward's mean."""
+    """Fold a reward model's output normalization (``gain * r + bias``, in its config) into its scalar head and its
+    log-probability feature (``reward_logprob_coef``), so that a critic started from it predicts in the normalized
+    units of the returns it learns; the config's gain and bias become 1 and 0. A model without a normalization is
+    returned as it is. A reward model that sums per-token scores (``reward_pooling: sum``) has no value to fold in:
+    its head judges single tokens, not what is still to come, so the critic's head (and feature) start at zero, the
+    normalized reward's mean."""
     config = scorer.config
     gain, bias = getattr(config, "reward_gain", None), getattr(config, "reward_bias", None)
     if gain is None or bias is None:
         return scorer
     if getattr(config, "reward_pooling", "last") == "sum":
         gain, bias = 0.0, 0.0
+    config.reward_logprob_coef = gain * getattr(config, "reward_logprob_coef", 0.0)
     head = scorer.score
     folded = nn.Linear(
         head.in_features, head.out_features, bias=True, device=head.weight.device, dtype=head.weight.dtype
@@ -546,13 +548,24 @@ def token_scores(
     LoRA scorer (a peft model) is read through the transformers model inside it, adapters and trained head included.
     Packed rows: no attention mask, and their ``position_ids``."""
     scorer = scorer.get_base_model() if hasattr(scorer, "get_base_model") else scorer
+    position_ids = position_ids if position_ids is not None else position_ids_from_mask(attention_mask)
     hidden = scorer.base_model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids if position_ids is not None else position_ids_from_mask(attention_mask),
-        use_cache=False,
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
-    return scorer.score(hidden).squeeze(-1).float()
+    scores = scorer.score(hidden).squeeze(-1).float()
+    if coef := getattr(scorer.config, "reward_logprob_coef", 0.0):
+        embeddings = scorer.get_input_embeddings().weight
+        scores = scores + coef * embedding_logprobs(hidden, embeddings, input_ids, position_ids)
+    return scores
+
+
+def embedding_logprobs(hidden: Tensor, embeddings: Tensor, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+    """Each token's log-probability given the tokens before it, under an output layer made of the input
+    embeddings (a tied model's language-model head): ``log_softmax(hidden[t - 1] @ embeddings.T)[input_ids[t]]``;
+    0 where a sequence starts (``position_ids`` 0), whose prediction would read the end of another sequence in a
+    packed row. hidden: (B, L, H), embeddings: (V, H), input_ids, position_ids: (B, L) -> (B, L)."""
+    logprobs = selective_log_softmax(hidden[:, :-1] @ embeddings.T, input_ids[:, 1:]).float()
+    return F.pad(logprobs, (1, 0)) * (position_ids > 0)
 
 
 def response_values(

@@ -76,7 +76,7 @@ def run_reward(
             attn_implementation=compute.attn_implementation,
         )
         model.config.reward_gain, model.config.reward_bias = 1.0, 0.0  # a previous reward model trains on raw scores
-        model.config.reward_pooling = config.pooling
+        model.config.reward_pooling, model.config.reward_logprob_coef = config.pooling, config.logprob_coef
         if config.lora is not None:
             model = add_lora(model, config.lora, scorer=True)
         member_train = bootstrap_resample(train, member_seed) if config.bootstrap else train

@@ -49,10 +49,11 @@ def test_packed_rows_give_the_loss_and_gradients_of_padded_ones_in_fewer_positio
         torch.testing.assert_close(grads_packed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("pooling", ["last", "sum"])
-def test_packed_pairs_give_the_rewards_and_gradients_of_padded_ones(sft_dir, pooling):
+@pytest.mark.parametrize(("pooling", "logprob_coef"), [("last", 0.0), ("sum", 0.0), ("sum", 0.7)])
+def test_packed_pairs_give_the_rewards_and_gradients_of_padded_ones(sft_dir, pooling, logprob_coef):
     tokenizer, scorer = load_tokenizer(sft_dir), load_scorer(sft_dir)
     scorer.config.reward_gain, scorer.config.reward_bias, scorer.config.reward_pooling = 2.0, -0.5, pooling
+    scorer.config.reward_logprob_coef = logprob_coef
     pairs = [
         PreferencePair(p, r, r.split(" ", 1)[-1], "ann", 0.0, 0.0)
         for p, r in world.make_world(0, TINY_WORLD).demonstrations[:20]

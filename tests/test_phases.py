@@ -290,6 +290,7 @@ def test_critic_started_from_the_reward_model_predicts_in_its_normalized_units(s
 
     tokenizer, reward_model = load_tokenizer(sft_dir), load_scorer(sft_dir).eval()
     reward_model.config.reward_gain, reward_model.config.reward_bias = 3.5, -2.0
+    reward_model.config.reward_logprob_coef = 0.4  # the log-probability feature is scaled with the head
     reward_model.save_pretrained(tmp_path)
     enc = encode_prompt_responses(tokenizer, ["explain briefly ocean :", "tell me about art :"], ["water", "paint"], 32)
     reward = batch_rewards(reward_model, enc)
@@ -314,11 +315,39 @@ def test_a_summed_reward_model_starts_a_critic_at_zero(sft_dir, tmp_path):
 
     reward_model = load_scorer(sft_dir).eval()
     reward_model.config.reward_gain, reward_model.config.reward_bias = 3.5, -2.0
-    reward_model.config.reward_pooling = "sum"
+    reward_model.config.reward_pooling, reward_model.config.reward_logprob_coef = "sum", 0.4
     reward_model.save_pretrained(tmp_path)
     critic = fold_reward_normalization(load_scorer(tmp_path).eval())
     enc = encode_prompt_responses(load_tokenizer(sft_dir), ["tell me about art :"], ["paint brush"], 32)
     assert token_scores(critic, enc.input_ids, enc.attention_mask).abs().max().item() == 0.0
+
+
+def test_the_log_probability_feature_is_the_tied_language_model_s_own(sft_dir):
+    """With ``reward_logprob_coef``, each token's score gains that multiple of the log-probability the causal LM with
+    the same weights gives it (its head is the tied input embeddings); a sequence's first token, packed after another,
+    gains nothing."""
+    from rlhf_core.modeling import load_policy
+
+    tokenizer, scorer, lm = load_tokenizer(sft_dir), load_scorer(sft_dir).eval(), load_policy(sft_dir).eval()
+    enc = encode_prompt_responses(tokenizer, ["explain briefly ocean :", "tell me about art :"], ["water", "a"], 32)
+    with torch.no_grad():
+        head_only = token_scores(scorer, enc.input_ids, enc.attention_mask)
+        scorer.config.reward_logprob_coef = 0.5
+        with_feature = token_scores(scorer, enc.input_ids, enc.attention_mask)
+        logits = lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+    naive = logits[:, :-1].log_softmax(-1).gather(-1, enc.input_ids[:, 1:, None]).squeeze(-1)
+    real = enc.attention_mask.bool()
+    expected = head_only[:, 1:] + 0.5 * naive
+    torch.testing.assert_close(with_feature[:, 1:][real[:, 1:]], expected[real[:, 1:]], atol=1e-5, rtol=0)
+    packed_ids = enc.input_ids[real][None]  # both sequences in one row, positions restarting at the second
+    first = int(real[0].sum())
+    positions = torch.cat([torch.arange(first), torch.arange(packed_ids.shape[1] - first)])[None]
+    with torch.no_grad():
+        packed = token_scores(scorer, packed_ids, position_ids=positions)
+        scorer.config.reward_logprob_coef = 0.0
+        packed_head_only = token_scores(scorer, packed_ids, position_ids=positions)
+    assert packed[0, first].item() == packed_head_only[0, first].item()  # no prediction across two sequences
+    assert (packed[0, first + 1 :] - packed_head_only[0, first + 1 :]).abs().min() > 0
 
 
 @pytest.mark.parametrize("pooling", ["last", "sum"])
