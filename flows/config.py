@@ -122,16 +122,6 @@ class PipelineConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _logprob_feature_below_zero3(self) -> PipelineConfig:
-        if self.deepspeed is not None and self.deepspeed.zero_stage == 3 and self.reward.logprob_coef:
-            raise ValueError(
-                "reward.logprob_coef with deepspeed.zero_stage 3 is not supported: the feature reads the whole input "
-                "embedding matrix outside the embedding layer, which ZeRO-3 shards; set zero_stage to 2 or "
-                "reward.logprob_coef to 0"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _one_precision_setting(self) -> PipelineConfig:
         compute, deepspeed = self.compute, self.deepspeed
         if compute.attn_implementation == "flash_attention_2" and deepspeed is not None:

@@ -554,7 +554,8 @@ def token_scores(
     ).last_hidden_state
     scores = scorer.score(hidden).squeeze(-1).float()
     if coef := getattr(scorer.config, "reward_logprob_coef", 0.0):
-        embeddings = scorer.get_input_embeddings().weight
+        embed = scorer.get_input_embeddings()  # called, not read: a sharded (ZeRO-3) weight is gathered for the call
+        embeddings = embed(torch.arange(embed.num_embeddings, device=input_ids.device))
         scores = scores + coef * embedding_logprobs(hidden, embeddings, input_ids, position_ids)
     return scores
 

@@ -112,12 +112,6 @@ def test_lora_with_zero3_is_refused_by_name():
     assert load_config(None, ["ppo.lora={r: 4}", "deepspeed={zero_stage: 2}"]).ppo.lora.r == 4
 
 
-def test_the_log_probability_feature_with_zero3_is_refused_by_name():
-    with pytest.raises(ConfigError, match="reward.logprob_coef with deepspeed.zero_stage 3 is not supported"):
-        load_config(None, ["reward.logprob_coef=0.3", "deepspeed={zero_stage: 3}"])
-    assert load_config(None, ["reward.logprob_coef=0.3", "deepspeed={zero_stage: 2}"]).reward.logprob_coef == 0.3
-
-
 def test_lora_ppo_and_dpo_under_zero2_match_plain_torch(tmp_path):
     """LoRA phases under DeepSpeed ZeRO-2 (the reference: the policy with its adapters off) follow the plain-torch
     LoRA phases step for step and save adapters and merged model alike."""
