@@ -554,8 +554,10 @@ def token_scores(
     ).last_hidden_state
     scores = scorer.score(hidden).squeeze(-1).float()
     if coef := getattr(scorer.config, "reward_logprob_coef", 0.0):
-        embed = scorer.get_input_embeddings()  # called, not read: a sharded (ZeRO-3) weight is gathered for the call
-        embeddings = embed(torch.arange(embed.num_embeddings, device=input_ids.device))
+        embed = scorer.get_input_embeddings()
+        embeddings = embed.weight
+        if embeddings.shape != (embed.num_embeddings, embed.embedding_dim):  # sharded (ZeRO-3): a call gathers it
+            embeddings = embed(torch.arange(embed.num_embeddings, device=input_ids.device))
         scores = scores + coef * embedding_logprobs(hidden, embeddings, input_ids, position_ids)
     return scores
 
