@@ -75,6 +75,21 @@ def matched_config(steps: int) -> dict[str, Any]:
 
 # --- the models --------------------------------------------------------------------------------------------------
 
+# TRL reads a reward from the scalar head at the sequence's last token: the reward model is made to score so
+TRL_READABLE_REWARD = {"pooling": "last", "logprob_coef": 0.0}
+TRL_READABLE_SETTINGS = tuple(f"reward.{key}={value}" for key, value in TRL_READABLE_REWARD.items())
+
+
+def check_trl_readable(reward_dir: Path) -> None:
+    """Refuse a reward model that scores otherwise than TRL reads one (:data:`TRL_READABLE_REWARD`)."""
+    stored = json.loads((reward_dir / "config.json").read_text())
+    for key, wanted in TRL_READABLE_REWARD.items():  # a model without the key scores as TRL reads
+        if (value := stored.get(f"reward_{key}", wanted)) != wanted:
+            raise SystemExit(
+                f"--artifacts: the reward model in {reward_dir} has reward.{key}: {value}; TRL reads a reward from "
+                f"the scalar head at the last token: make it with reward.{key}={wanted}"
+            )
+
 
 def only(folder: Path, pattern: str) -> Path:
     found = sorted(folder.glob(pattern))
@@ -248,19 +263,8 @@ def main() -> None:
     from bench.trl_venv import trl_python
     from infra.artifacts import read_prompts
 
-    # TRL reads a reward from the scalar head at the sequence's last token: the reward model is made so too
-    models = world_models(args.artifacts, settings=("reward.pooling=last", "reward.logprob_coef=0"))
-    reward_config = json.loads((models["reward"] / "config.json").read_text())
-    if (pooling := reward_config.get("reward_pooling", "last")) != "last":
-        raise SystemExit(
-            f"--artifacts: the reward model in {models['reward']} sums its scores (reward.pooling: "
-            f"{pooling}); TRL reads one at the last token: make it with reward.pooling=last"
-        )
-    if coef := reward_config.get("reward_logprob_coef", 0.0):
-        raise SystemExit(
-            f"--artifacts: the reward model in {models['reward']} adds a log-probability feature to its scores "
-            f"(reward.logprob_coef: {coef}), which TRL does not read: make it with reward.logprob_coef=0"
-        )
+    models = world_models(args.artifacts, settings=TRL_READABLE_SETTINGS)
+    check_trl_readable(models["reward"])
     trl = trl_python()
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-ppo-vs-trl-") as tmp:

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ppo_vs_trl_times_every_part_of_our_step(tmp_path: Path):
-    config = load_config(None, [*TINY, "reward.pooling=last"])  # the pooling TRL reads, as the bench makes it
+    # a reward model TRL reads, as the bench makes it (bench.ppo_vs_trl.TRL_READABLE_SETTINGS; bench is no package)
+    config = load_config(None, [*TINY, "reward.pooling=last", "reward.logprob_coef=0"])
     write_data(tmp_path / "data", 0, config.data)
     run_sft(tmp_path / "data" / "base_model", tmp_path / "data", tmp_path / "sft", config=config.sft, seed=0)
     inputs = PhaseInputs(data=tmp_path / "data", policy=tmp_path / "sft")
