@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import sys
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -366,5 +369,29 @@ def config() -> None:
     print("\n".join(config_reference()))
 
 
+def entry_point() -> None:
+    """The ``rlhf`` command: :data:`app`, then an exit that skips what is left of Python's own once every exit handler
+    has run and every non-daemon thread has been joined: its teardown, which garbage-collects the objects of every
+    module torch, transformers, MLflow and Prefect loaded (3 s after a pipeline run, measured). Registered before any
+    other handler, the exit runs after all of them; an uncaught exception, or an exit with a message, takes Python's
+    usual way out."""
+    status: list[int] = []
+
+    def exit_now() -> None:
+        if status:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status[0])
+
+    atexit.register(exit_now)
+    try:
+        app()
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            status.append(exit_.code or 0)
+        raise
+    status.append(0)
+
+
 if __name__ == "__main__":
-    app()
+    entry_point()
