@@ -15,7 +15,7 @@ from flows.config import PipelineConfig
 from infra import catalog
 from infra.artifacts import DEMONSTRATIONS_FILE, PAIRS_FILE, PROMPTS_FILE
 from infra.registry import PolicyLocation, Registration, log_policy_model, register_iteration, registered_model_name
-from infra.report import build_report, note_markdown, plot_report, render_html
+from infra.report import build_report, figure_png, note_markdown, plot_report, render_html
 from infra.storage import ObjectStore, read_manifest
 from infra.tracking import DatasetRecord, RunLogger, Tracker
 from rlhf_core.alarms import ALARMS
@@ -167,8 +167,9 @@ def publish_report(tracker: Tracker, parent: RunLogger, lineage: str | None) -> 
     Prefect artifact. Returns the Markdown."""
     run = tracker.client.get_run(parent.run_id)
     report = build_report(tracker.client, [run], tracker.tracking_uri)
-    parent.log_figure(plot_report(report), PLOT_ARTIFACT)
-    tracker.client.log_text(parent.run_id, render_html(report), catalog.REPORT_ARTIFACT)
+    plot = figure_png(plot_report(report))
+    parent.log_png(plot, PLOT_ARTIFACT)
+    tracker.client.log_text(parent.run_id, render_html(report, plot), catalog.REPORT_ARTIFACT)
     note = note_markdown(report, NOTE_LIMIT)
     parent.set_tags({NOTE_TAG: note})
     create_markdown_artifact(note, key=prefect_key(lineage, "report"), description=report.title)

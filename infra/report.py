@@ -202,6 +202,7 @@ def plot_report(report: Report) -> Figure:
 
 
 def figure_png(fig: Figure) -> bytes:
+    """The figure as PNG."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     return buffer.getvalue()
@@ -284,11 +285,13 @@ pre { background: #f5f5f5; padding: 1em; overflow-x: auto; font-size: 12px; }
 """
 
 
-def render_html(report: Report) -> str:
-    """The report as one self-contained HTML page: the plots are embedded, nothing is fetched."""
+def render_html(report: Report, plot_png: bytes | None = None) -> str:
+    """The report as one self-contained HTML page: the plots are embedded (``plot_png``, where the caller rendered
+    :func:`plot_report` already), nothing is fetched."""
     import markdown
 
-    src = "data:image/png;base64," + base64.b64encode(figure_png(plot_report(report))).decode()
+    png = plot_png if plot_png is not None else figure_png(plot_report(report))
+    src = "data:image/png;base64," + base64.b64encode(png).decode()
     body = markdown.markdown(
         render_markdown(report, plot_src=src, max_samples=16), extensions=["tables", "fenced_code"]
     )

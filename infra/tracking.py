@@ -10,13 +10,15 @@ import json
 import logging
 import math
 import os
+import posixpath
 import re
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per report download clutters logs
@@ -30,9 +32,6 @@ from mlflow.tracking.context.registry import resolve_tags  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID  # noqa: E402
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH  # noqa: E402
 from pydantic import BaseModel, SecretBytes, SecretStr  # noqa: E402
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 __all__ = [
     "DatasetRecord",
@@ -203,11 +202,14 @@ class RunLogger:
         """Log a dict as a JSON/YAML artifact (format from the extension), secret-filtered."""
         self.client.log_dict(self.run_id, redact(data), artifact_file)
 
-    def log_figure(self, fig: Figure, artifact_file: str) -> None:
-        """Log a matplotlib figure as a PNG artifact."""
+    def log_png(self, png: bytes, artifact_file: str) -> None:
+        """Log a PNG image (a figure rendered once by :func:`infra.report.figure_png`) as an artifact."""
         if not artifact_file.endswith(".png"):
-            raise ValueError(f"log_figure writes PNG; artifact_file must end in .png, got {artifact_file!r}")
-        self.client.log_figure(self.run_id, fig, artifact_file)
+            raise ValueError(f"log_png writes PNG; artifact_file must end in .png, got {artifact_file!r}")
+        folder, name = posixpath.split(artifact_file)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / name).write_bytes(png)
+            self.client.log_artifact(self.run_id, str(Path(tmp) / name), folder or None)
 
     def log_artifact_dir(self, local_dir: Path, artifact_path: str | None = None) -> None:
         """Upload the contents of ``local_dir`` under ``artifact_path`` (run root if None)."""

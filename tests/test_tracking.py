@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from pydantic import SecretStr
 
 from flows.config import TrackingConfig
-from infra.report import Report, plot_report
+from infra.report import Report, figure_png, plot_report
 from infra.tracking import EXPERIMENT_KIND_TAG, Tracker, flatten_params
 
 SECRET = "sk-test-SECRET-123"
@@ -180,7 +180,7 @@ def test_table_and_plot_land_in_experiment_artifact_location(store: Store) -> No
     assert titles[1:4] == ["gold reward", "RM score (renormalized each iteration)", "KL to SFT (nats/response)"]
     with store.tracker.run("artifacts") as run:
         run.log_table(rows, "samples/iteration_1.json")
-        run.log_figure(fig, "plots/iterations.png")
+        run.log_png(figure_png(fig), "plots/iterations.png")
         run.log_dict({"iterations": 4}, "summary.json")
 
     artifacts = store.run_artifacts(run.run_id)
