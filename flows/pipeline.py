@@ -224,7 +224,9 @@ def check_inputs(config: PipelineConfig) -> None:
     """Read and check every user-supplied input (files, judge, base model's tokenizer) and reach the object
     store before anything is written, and the token budgets against the models (:func:`check_lengths`):
     DatasetError or ValueError names the file, row and column, or the config field; StorageError the bucket and
-    what to check (a missing bucket or denied access fails here, at once)."""
+    what to check (a missing bucket or denied access fails here, at once). Last, it opens the MLflow experiment,
+    which makes a local tracking store's database on first use: the CLI checks while Prefect's temporary server
+    starts, and the run finds it there."""
     tokenizer = base_tokenizer(config.data, config.trust_remote_code)
     dataset = check_data(
         config.data,
@@ -238,6 +240,7 @@ def check_inputs(config: PipelineConfig) -> None:
     check_lengths(config, prompts, tokenizer)
     store = open_configured_store(config.storage.uri, config.storage.aws_credentials_block)
     store.exists(f"{config.storage.prefix}/.probe")
+    Tracker(config.tracking.resolved_uri(), config.experiment)
 
 
 def open_lineage(config: PipelineConfig) -> Lineage | None:
