@@ -135,10 +135,12 @@ def temporary_prefect_server() -> Iterator[Callable[[], None]]:
     (tens of seconds on a fresh database): start it now, in a process of its own, while this one loads the pipeline
     and checks its inputs. Yields what waits until it answers (nothing to wait for with a server configured). On
     exit, Prefect's log and event workers are drained into it and it is stopped, as Prefect's own test harness does:
-    left to the interpreter's exit, stopping it waits seconds on open connections."""
+    left to the interpreter's exit, stopping it waits seconds on open connections. Its flow runs send no heartbeats:
+    they tell a server that outlives a run which runs crashed, and a flow run's heartbeat thread, which sleeps a
+    second at a time, held each of a pipeline run's four flow runs up to a second at its end."""
     import threading
 
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     if PREFECT_API_URL.value():
         yield lambda: None
@@ -151,7 +153,8 @@ def temporary_prefect_server() -> Iterator[Callable[[], None]]:
     starting = threading.Thread(target=server.start, name="prefect-server-start", daemon=True)
     starting.start()
     try:
-        yield starting.join
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            yield starting.join
     finally:
         starting.join()
         APILogWorker.drain_all(timeout=5)
