@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import TypeVar
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
@@ -123,11 +124,30 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+_ENCODED: WeakKeyDictionary[PreTrainedTokenizerBase, dict[tuple[str, bool], list[int]]] = WeakKeyDictionary()
+ENCODED_TEXTS_KEPT = 1 << 16  # a tokenizer's texts remembered by token_ids: a default run's several times over
+
+
+def token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:
+    """``tokenizer(texts, add_special_tokens=...)["input_ids"]``, each list the caller's own, remembered by tokenizer
+    and text: a run encodes the same prompts and responses again and again (every PPO step its prompts, every reward
+    model epoch and validation check its pairs), and a text's ids do not depend on the batch it comes in. Up to
+    :data:`ENCODED_TEXTS_KEPT` texts a tokenizer, then it starts afresh."""
+    known = _ENCODED.setdefault(tokenizer, {})
+    new = [text for text in dict.fromkeys(texts) if (text, add_special_tokens) not in known]
+    if new:
+        if len(known) + len(new) > ENCODED_TEXTS_KEPT:
+            known.clear()
+        ids = tokenizer(new, add_special_tokens=add_special_tokens)["input_ids"]
+        known.update(zip([(text, add_special_tokens) for text in new], ids, strict=True))
+    return [list(known[text, add_special_tokens]) for text in texts]
+
+
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """A prompt's token ids, the tokenizer's special tokens added unless the text already starts with its BOS (a
     prompt formatted by a chat template carries its own): every phase tokenizes prompts through here."""
     bos = tokenizer.bos_token
-    return tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+    return token_ids(tokenizer, [prompt], add_special_tokens=not (bos and prompt.startswith(bos)))[0]
 
 
 def encode_prompts(
@@ -178,7 +198,7 @@ def prompt_response_ids(
     """Each prompt's and response's tokens joined, EOS appended, the response cut so the whole fits in
     ``max_length``; with the prompt's length."""
     prompt_ids = {prompt: prompt_token_ids(tokenizer, prompt) for prompt in set(prompts)}
-    all_response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"] if responses else []
+    all_response_ids = token_ids(tokenizer, responses, add_special_tokens=False)
     rows = []
     for prompt, response_ids in zip(prompts, all_response_ids, strict=True):
         ids = prompt_ids[prompt]

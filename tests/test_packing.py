@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_WORLD
 from torch import nn
 
-from rlhf_core import world
+from rlhf_core import modeling, world
 from rlhf_core.losses import bradley_terry_loss
 from rlhf_core.modeling import (
     encode_prompt_responses,
@@ -17,6 +17,7 @@ from rlhf_core.modeling import (
     load_scorer,
     load_tokenizer,
     pack_prompt_responses,
+    token_ids,
 )
 from rlhf_core.preferences import PreferencePair
 from rlhf_core.reward import pair_rewards
@@ -27,6 +28,31 @@ def gradients(model: nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     model.zero_grad()
     loss.backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_remembered_token_ids_are_the_tokenizers_own_and_the_callers_to_keep(monkeypatch):
+    tokenizer, other = world.build_tokenizer(), world.build_tokenizer()
+    other.add_tokens(["good day"])  # another tokenizer: another encoding of the same text
+    texts = [r for _, r in world.make_world(0, TINY_WORLD).demonstrations[:12]] + ["good day"]
+    texts += texts[:3]  # repeated in a batch
+
+    def own(tok, add_special_tokens):
+        return [tok(text, add_special_tokens=add_special_tokens)["input_ids"] for text in texts]
+
+    for _ in range(2):  # encoded, then remembered
+        for add_special_tokens in (False, True):
+            ids = token_ids(tokenizer, texts, add_special_tokens=add_special_tokens)
+            assert ids == own(tokenizer, add_special_tokens)
+            assert token_ids(other, texts, add_special_tokens=add_special_tokens) == own(other, add_special_tokens)
+            ids[0].append(-1)  # the caller's list, not the remembered one
+    assert own(tokenizer, True)[-4] != own(other, True)[-4]
+
+    monkeypatch.setattr(modeling, "ENCODED_TEXTS_KEPT", 5)
+    for word in world.vocabulary()[10:20]:  # texts not seen before, past the limit
+        assert token_ids(tokenizer, [word], add_special_tokens=False) == [
+            tokenizer(word, add_special_tokens=False)["input_ids"]
+        ]
+        assert len(modeling._ENCODED[tokenizer]) <= 5
 
 
 def test_packed_rows_give_the_loss_and_gradients_of_padded_ones_in_fewer_positions(base_dir):
