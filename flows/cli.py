@@ -187,8 +187,11 @@ def run(
     if not verbose:
         quiet_prefect()
     gc.disable()  # until run_pipeline has imported the pipeline
-    with temporary_prefect_server() as prefect_ready:
-        summary = run_pipeline(pipeline_config, prefect_ready, verbose=verbose)
+    try:
+        with temporary_prefect_server() as prefect_ready:
+            summary = run_pipeline(pipeline_config, prefect_ready, verbose=verbose)
+    finally:
+        gc.enable()
     show_summary(summary, json_path)
 
 
