@@ -317,8 +317,9 @@ class PPOConfig(BaseModel):
     parallel_critic: bool = Field(
         True,
         description="On a CPU, in one process: run the critic's forward, backward and optimizer step in a thread "
-        "beside the policy's, each on half the CPU threads. The same updates, up to rounding, in less time: tiny "
-        "models leave a core idle. Ignored on a GPU and under DeepSpeed.",
+        "beside the policy's, and its forward over each rollout beside the reference's, each on half the CPU threads. "
+        "The same updates, up to rounding, in less time: tiny models leave a core idle. Ignored on a GPU and under "
+        "DeepSpeed.",
     )
     group_by_length: bool = Field(
         True,

@@ -77,8 +77,8 @@ class PPOModels:
 
 
 def side_by_side_models(models: PPOModels, config: PPOConfig) -> bool:
-    """Whether policy and critic train in threads side by side: with ``config.parallel_critic``, on a CPU, under
-    plain torch (a DeepSpeed engine communicates even as one process)."""
+    """Whether policy and critic train in threads side by side, and reference and critic score a rollout so: with
+    ``config.parallel_critic``, on a CPU, under plain torch (a DeepSpeed engine communicates even as one process)."""
     on_cpu = module_device(models.policy.module).type == "cpu"
     plain = all(isinstance(engine, TorchEngine) for engine in (models.policy, models.critic))
     return config.parallel_critic and on_cpu and plain
@@ -107,7 +107,8 @@ def collect_rollout(
     reward model's score (less the missing-EOS penalty). The policy's log-probs are those it sampled with:
     the same distribution a recompute would give, up to float rounding, for one forward less. With
     ``config.dense_rewards`` and a summed reward model, the score is also credited token by token. With ``pack``, the
-    reference and the critic read the samples packed. As one of several ranks, each samples and scores its share of
+    reference and the critic read the samples packed; they read them side by side where policy and critic train so
+    (:func:`side_by_side_models`). As one of several ranks, each samples and scores its share of
     ``prompts``, and every rank gets the whole batch back."""
     policy, critic = models.policy.module, models.critic.module
     ranks = models.policy.world_size
@@ -122,10 +123,19 @@ def collect_rollout(
     )
     qr, attention_mask, ctx = samples.query_responses, samples.attention_mask, samples.context_length
     packed = pack_rollout_rows(qr, attention_mask, ctx) if pack else None
-    ref_logprobs, _ = response_logprobs(
-        models.reference, qr, attention_mask, ctx, temperature=config.temperature, packed=packed
-    )
-    values = response_values(critic, qr, attention_mask, ctx, packed=packed)
+    with side_by_side(side_by_side_models(models, config)) as run:
+        (ref_logprobs, _), values = run(
+            partial(
+                response_logprobs,
+                models.reference,
+                qr,
+                attention_mask,
+                ctx,
+                temperature=config.temperature,
+                packed=packed,
+            ),
+            partial(response_values, critic, qr, attention_mask, ctx, packed=packed),
+        )
     dense = config.dense_rewards and models.reward.credits_tokens
     member_credit = models.reward.member_credit(samples) if dense else None
     member_scores = member_credit.sum(-1) if dense else models.reward.member_scores(samples)

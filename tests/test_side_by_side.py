@@ -75,3 +75,20 @@ def test_policy_and_critic_side_by_side_make_the_update_one_after_the_other_make
     sequential, parallel = updated[False][2], updated[True][2]
     assert sequential.keys() == parallel.keys()
     assert all(sequential[k] == pytest.approx(parallel[k], abs=1e-5) for k in sequential)
+
+
+def test_reference_and_critic_side_by_side_score_a_rollout_as_one_after_the_other(sft_dir, two_threads):
+    tokenizer, prompts = load_tokenizer(sft_dir), world.make_world(0, TINY_WORLD).ppo_prompts[:16]
+    config = PPOConfig(rollout_batch_size=16, max_new_tokens=8)
+    models = fresh_models(sft_dir, config)
+    models.critic.module.eval()
+    rollouts = {}
+    for parallel in (False, True):
+        torch.manual_seed(1)  # the same samples
+        rollouts[parallel] = collect_rollout(
+            models, tokenizer, prompts, config.model_copy(update={"parallel_critic": parallel}), pack=True
+        )
+    one_after_another, beside = rollouts[False], rollouts[True]
+    assert torch.equal(one_after_another.samples.query_responses, beside.samples.query_responses)
+    for name in ("ref_logprobs", "values"):
+        assert torch.allclose(getattr(one_after_another, name), getattr(beside, name), atol=1e-5)
