@@ -25,9 +25,9 @@ dropped. Remaining semantic differences, none of which changes the work a step d
 - We train on minibatches grouped by response length, their rollouts packed several to a row (``ppo.packing``), and
   the reference and critic score the rollout packed too; TRL trains uniformly random minibatches at the rollout's
   padded width.
-- We run each minibatch's critic step in a thread beside its policy step, each on one of the two threads
-  (``ppo.parallel_critic``): the same updates (bitwise, in the test), overlapped; TRL runs its one wrapper's forward
-  and backward on both threads. So the update's parts below (forwards, backward, optimizer step) overlap: their sum
+- We run each minibatch's critic step in a thread beside its policy step, and the rollout's critic forward beside
+  its reference forward, each on one of the two threads (``ppo.parallel_critic``): the same updates (bitwise, in the
+  test), overlapped; TRL runs its one wrapper's forward and backward on both threads. So the update's parts below (forwards, backward, optimizer step) overlap: their sum
   is more than the update's wall time.
 See ``bench/trl_ppo_side.py`` for TRL's side in detail.
 
