@@ -27,8 +27,9 @@ dropped. Remaining semantic differences, none of which changes the work a step d
   padded width.
 - We run each minibatch's critic step in a thread beside its policy step, and the rollout's critic forward beside
   its reference forward, each on one of the two threads (``ppo.parallel_critic``): the same updates (bitwise, in the
-  test), overlapped; TRL runs its one wrapper's forward and backward on both threads. So the update's parts below (forwards, backward, optimizer step) overlap: their sum
-  is more than the update's wall time.
+  test), overlapped; TRL runs its one wrapper's forward and backward on both threads. So the parts of our step below
+  (the rollout's forwards; the update's forwards, backward, optimizer step) overlap: their sum is more than the wall
+  time.
 See ``bench/trl_ppo_side.py`` for TRL's side in detail.
 
 Printed: seconds per step and samples per second (median over rounds, with min-max), the ratio, where our step's
