@@ -220,13 +220,13 @@ def iteration_flow(
     )
 
 
-def check_inputs(config: PipelineConfig) -> None:
+def check_inputs(config: PipelineConfig) -> Tracker:
     """Read and check every user-supplied input (files, judge, base model's tokenizer) and reach the object
     store before anything is written, and the token budgets against the models (:func:`check_lengths`):
     DatasetError or ValueError names the file, row and column, or the config field; StorageError the bucket and
     what to check (a missing bucket or denied access fails here, at once). Last, it opens the MLflow experiment,
-    which makes a local tracking store's database on first use: the CLI checks while Prefect's temporary server
-    starts, and the run finds it there."""
+    which makes a local tracking store's database on first use (the CLI checks while Prefect's temporary server
+    starts), and returns it: the run's tracker."""
     tokenizer = base_tokenizer(config.data, config.trust_remote_code)
     dataset = check_data(
         config.data,
@@ -240,7 +240,7 @@ def check_inputs(config: PipelineConfig) -> None:
     check_lengths(config, prompts, tokenizer)
     store = open_configured_store(config.storage.uri, config.storage.aws_credentials_block)
     store.exists(f"{config.storage.prefix}/.probe")
-    Tracker(config.tracking.resolved_uri(), config.experiment)
+    return Tracker(config.tracking.resolved_uri(), config.experiment)
 
 
 def open_lineage(config: PipelineConfig) -> Lineage | None:
@@ -339,11 +339,10 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """
     if config.deepspeed is None:
         quiet_unused_deepspeed()
-    check_inputs(config)
-    tracking_uri = config.tracking.resolved_uri()
+    tracker = check_inputs(config)
+    tracking_uri = tracker.tracking_uri
     flow_run_id, lineage = str(flow_run.get_id() or ""), open_lineage(config)
     tags = publishing.run_tags(flow_run_id, flow_run.ui_url, config.lineage)
-    tracker = Tracker(tracking_uri, config.experiment)
     with (
         lineage.locked(flow_run_id) if lineage else nullcontext(),
         tracker.run(
