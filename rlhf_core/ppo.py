@@ -121,20 +121,12 @@ def collect_rollout(
         with_logprobs=True,
         synced_gpus=ranks > 1,
     )
-    qr, attention_mask, ctx = samples.query_responses, samples.attention_mask, samples.context_length
-    packed = pack_rollout_rows(qr, attention_mask, ctx) if pack else None
+    rows = (samples.query_responses, samples.attention_mask, samples.context_length)
+    packed = pack_rollout_rows(*rows) if pack else None
     with side_by_side(side_by_side_models(models, config)) as run:
         (ref_logprobs, _), values = run(
-            partial(
-                response_logprobs,
-                models.reference,
-                qr,
-                attention_mask,
-                ctx,
-                temperature=config.temperature,
-                packed=packed,
-            ),
-            partial(response_values, critic, qr, attention_mask, ctx, packed=packed),
+            partial(response_logprobs, models.reference, *rows, temperature=config.temperature, packed=packed),
+            partial(response_values, critic, *rows, packed=packed),
         )
     dense = config.dense_rewards and models.reward.credits_tokens
     member_credit = models.reward.member_credit(samples) if dense else None
