@@ -246,11 +246,50 @@ def first_fit_rows(lengths: list[int], row_length: int) -> list[list[int]]:
 
 
 @dataclass
+class Packing:
+    """Where the real tokens of padded rows go when their sequences are packed several to a row, first fit, longest
+    first (:func:`first_fit_rows`): each sequence's tokens side by side, its positions restarting at 0; the room left
+    at a row's end is padding, positioned as a sequence of its own. ``places`` (B, L): each real token's flat index
+    into the packed rows (-1 at padding); ``position_ids`` (rows, W)."""
+
+    places: Tensor
+    position_ids: Tensor
+
+    @classmethod
+    def of(cls, attention_mask: Tensor, row_length: int | None = None) -> Packing:
+        """The packing of rows whose real tokens ``attention_mask`` (B, L) marks, each sequence's contiguous, into
+        rows of ``row_length`` (None: twice the longest sequence, which leaves little room unfilled while attention,
+        computed over whole rows, stays cheap)."""
+        lengths = attention_mask.sum(1).tolist()
+        rows = first_fit_rows(lengths, row_length or 2 * max(lengths))
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        starts, fills = [0] * len(lengths), []
+        for r, row in enumerate(rows):
+            fill = 0
+            for i in row:
+                starts[i], fill = r * width + fill, fill + lengths[i]
+            fills.append(fill)
+        device = attention_mask.device
+        real = attention_mask.bool()
+        offsets = attention_mask.cumsum(1) - 1  # each real token's place in its sequence
+        places = (torch.tensor(starts, device=device)[:, None] + offsets).masked_fill(~real, -1)
+        position_ids = torch.arange(width, device=device) - torch.tensor(fills, device=device)[:, None]
+        position_ids.view(-1)[places[real]] = offsets[real]
+        return cls(places, position_ids)
+
+    def pack(self, values: Tensor, fill: int) -> Tensor:
+        """Values at the padded rows' real tokens, packed: (B, L) -> (rows, W), ``fill`` at the padding."""
+        packed = values.new_full(self.position_ids.shape, fill)
+        real = self.places >= 0
+        packed.view(-1)[self.places[real]] = values[real]
+        return packed
+
+
+@dataclass
 class PackedRollout:
-    """Rollout rows (left-padded prompt, right-padded response) packed several to a row, positions restarting at
-    each (:func:`pack_rollout_rows`): the forward's ``input_ids`` and ``position_ids`` (rows, W), and
-    ``predict_at`` (B, R), for each response token the flat index of the packed position whose output predicts it
-    (0 past a response's end)."""
+    """Rollout rows (left-padded prompt, right-padded response) packed several to a row (:func:`pack_rollout_rows`):
+    the forward's ``input_ids`` and ``position_ids`` (rows, W), and ``predict_at`` (B, R), for each response token the
+    flat index of the packed position whose output predicts it (0 past a response's end)."""
 
     input_ids: Tensor
     position_ids: Tensor
@@ -262,30 +301,27 @@ class PackedRollout:
 
 
 def pack_rollout_rows(query_responses: Tensor, attention_mask: Tensor, context_length: int) -> PackedRollout:
-    """Rollout rows packed into rows as long as the longest sequence (:func:`first_fit_rows`), each sequence's real
-    tokens (its prompt and its response) side by side: a forward over them computes no padding. Only for a model
-    that keeps packed sequences apart (:func:`keeps_packed_sequences_apart`). query_responses, attention_mask:
-    (B, P + R)."""
-    prompt_lengths = attention_mask[:, :context_length].sum(1).tolist()
-    lengths = attention_mask.sum(1).tolist()
-    rows = first_fit_rows(lengths, max(lengths))
-    width, response_width = max(sum(lengths[i] for i in row) for row in rows), query_responses.shape[1] - context_length
-    device = query_responses.device
-    input_ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    position_ids = torch.zeros_like(input_ids)
-    predict_at = torch.zeros((len(lengths), response_width), dtype=torch.long, device=device)
-    for r, row in enumerate(rows):
-        start = 0
-        for i in row:
-            first = context_length - prompt_lengths[i]  # where the row's real tokens begin
-            input_ids[r, start : start + lengths[i]] = query_responses[i, first : first + lengths[i]]
-            position_ids[r, start : start + lengths[i]] = torch.arange(lengths[i], device=device)
-            response_length = lengths[i] - prompt_lengths[i]
-            predictors = r * width + start + prompt_lengths[i] - 1 + torch.arange(response_length, device=device)
-            predict_at[i, :response_length] = predictors
-            start += lengths[i]
-        position_ids[r, start:] = torch.arange(width - start, device=device)  # the padding: a sequence of its own
-    return PackedRollout(input_ids, position_ids, predict_at)
+    """Rollout rows packed (:class:`Packing`), each sequence's real tokens (its prompt and its response) side by side:
+    a forward over them computes little padding. Only for a model that keeps packed sequences apart
+    (:func:`keeps_packed_sequences_apart`). query_responses, attention_mask: (B, P + R)."""
+    packing = Packing.of(attention_mask)
+    predict_at = (packing.places[:, context_length:] - 1).clamp(min=0)  # the token before; -1 - 1 past the end
+    return PackedRollout(packing.pack(query_responses, 0), packing.position_ids, predict_at)
+
+
+def pack_pairs(batch: EncodedPairs, pad_token_id: int, row_length: int | None = None) -> EncodedPairs:
+    """Padded prompt-response rows packed (:class:`Packing`, rows of ``row_length``), with which sequence each position
+    belongs to. Only for a model that keeps packed sequences apart (:func:`keeps_packed_sequences_apart`). A
+    prediction across two sequences lands on a prompt token, which the response mask leaves out."""
+    packing = Packing.of(batch.attention_mask, row_length)
+    rows = torch.arange(len(batch.input_ids), device=batch.input_ids.device)[:, None].expand_as(batch.input_ids)
+    return EncodedPairs(
+        packing.pack(batch.input_ids, pad_token_id),
+        None,
+        packing.pack(batch.response_mask, 0),
+        packing.position_ids,
+        packing.pack(rows, 0),
+    )
 
 
 def pack_prompt_responses(
@@ -297,30 +333,10 @@ def pack_prompt_responses(
     row_length: int,
     device: torch.device | str = "cpu",
 ) -> EncodedPairs:
-    """The sequences of :func:`encode_prompt_responses` packed into rows of at most ``row_length`` tokens (first fit,
-    longest first), positions restarting at each, so that little compute goes to padding; which sequence each
-    position belongs to in ``sequence_index``; the tensors on ``device``. Only for a model that keeps packed
-    sequences apart (:func:`keeps_packed_sequences_apart`). A prediction across two sequences lands on a prompt
-    token, which the response mask leaves out."""
-    sequences = prompt_response_ids(tokenizer, prompts, responses, max_length)
-    rows = first_fit_rows([len(ids) for ids, _ in sequences], row_length)
-    width = max(sum(len(sequences[i][0]) for i in row) for row in rows)
-    columns: dict[str, list[list[int]]] = {"ids": [], "positions": [], "response": [], "sequence": []}
-    for row in rows:  # built as lists, one tensor each at the end: packing runs once per training step
-        ids, positions, response, sequence = [], [], [], []
-        for index in row:
-            tokens, prompt_length = sequences[index]
-            ids += tokens
-            positions += range(len(tokens))
-            response += [0] * prompt_length + [1] * (len(tokens) - prompt_length)
-            sequence += [index] * len(tokens)
-        padding = width - len(ids)  # a sequence of its own, masked out
-        columns["ids"].append(ids + [tokenizer.pad_token_id] * padding)
-        columns["positions"].append(positions + list(range(padding)))
-        columns["response"].append(response + [0] * padding)
-        columns["sequence"].append(sequence + [0] * padding)
-    ids, positions, response, sequence = (torch.tensor(columns[k], device=device) for k in columns)
-    return EncodedPairs(ids, None, response, positions, sequence)
+    """The sequences of :func:`encode_prompt_responses` packed into rows of at most ``row_length`` tokens
+    (:func:`pack_pairs`), so that little compute goes to padding; the tensors on ``device``."""
+    batch = encode_prompt_responses(tokenizer, prompts, responses, max_length, device=device)
+    return pack_pairs(batch, tokenizer.pad_token_id, row_length)
 
 
 def transformer_body(model: nn.Module) -> nn.Module:
