@@ -323,9 +323,8 @@ class PPOConfig(BaseModel):
     )
     group_by_length: bool = Field(
         True,
-        description="Form each epoch's minibatches from rollouts of similar length (prompt and response where "
-        "packed, the response where padded), in random order, so that they carry little padding to train on; else "
-        "uniformly random minibatches.",
+        description="Form each epoch's minibatches from rollouts of similar length, in random order, so that they "
+        "carry little padding to train on; else uniformly random minibatches.",
     )
     packing: bool = Field(
         True,

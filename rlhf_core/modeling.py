@@ -219,14 +219,13 @@ def encode_prompt_responses(
     so the whole fits in ``max_length``; a row each, right padded; the tensors on ``device``."""
     rows = prompt_response_ids(tokenizer, prompts, responses, max_length)
     width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, prompt_length) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention_mask[i, : len(ids)] = 1
-        response_mask[i, prompt_length : len(ids)] = 1
-    return EncodedPairs(input_ids.to(device), attention_mask.to(device), response_mask.to(device))
+    input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in rows], device=device)
+    lengths = torch.tensor([len(ids) for ids, _ in rows], device=device)[:, None]
+    prompt_lengths = torch.tensor([prompt_length for _, prompt_length in rows], device=device)[:, None]
+    columns = torch.arange(width, device=device)
+    attention_mask = (columns < lengths).long()
+    response_mask = ((columns >= prompt_lengths) & (columns < lengths)).long()
+    return EncodedPairs(input_ids, attention_mask, response_mask)
 
 
 def first_fit_rows(lengths: list[int], row_length: int) -> list[list[int]]:
@@ -256,12 +255,11 @@ class Packing:
     position_ids: Tensor
 
     @classmethod
-    def of(cls, attention_mask: Tensor, row_length: int | None = None) -> Packing:
+    def of(cls, attention_mask: Tensor, row_length: int) -> Packing:
         """The packing of rows whose real tokens ``attention_mask`` (B, L) marks, each sequence's contiguous, into
-        rows of ``row_length`` (None: twice the longest sequence, which leaves little room unfilled while attention,
-        computed over whole rows, stays cheap)."""
+        rows of ``row_length``."""
         lengths = attention_mask.sum(1).tolist()
-        rows = first_fit_rows(lengths, row_length or 2 * max(lengths))
+        rows = first_fit_rows(lengths, row_length)
         width = max(sum(lengths[i] for i in row) for row in rows)
         starts, fills = [0] * len(lengths), []
         for r, row in enumerate(rows):
@@ -301,27 +299,13 @@ class PackedRollout:
 
 
 def pack_rollout_rows(query_responses: Tensor, attention_mask: Tensor, context_length: int) -> PackedRollout:
-    """Rollout rows packed (:class:`Packing`), each sequence's real tokens (its prompt and its response) side by side:
-    a forward over them computes little padding. Only for a model that keeps packed sequences apart
-    (:func:`keeps_packed_sequences_apart`). query_responses, attention_mask: (B, P + R)."""
-    packing = Packing.of(attention_mask)
+    """Rollout rows packed into rows as long as the longest sequence (:class:`Packing`), each sequence's real tokens
+    (its prompt and its response) side by side: a forward over them computes no padding but the room a row leaves.
+    Only for a model that keeps packed sequences apart (:func:`keeps_packed_sequences_apart`). query_responses,
+    attention_mask: (B, P + R)."""
+    packing = Packing.of(attention_mask, int(attention_mask.sum(1).max()))
     predict_at = (packing.places[:, context_length:] - 1).clamp(min=0)  # the token before; -1 - 1 past the end
     return PackedRollout(packing.pack(query_responses, 0), packing.position_ids, predict_at)
-
-
-def pack_pairs(batch: EncodedPairs, pad_token_id: int, row_length: int | None = None) -> EncodedPairs:
-    """Padded prompt-response rows packed (:class:`Packing`, rows of ``row_length``), with which sequence each position
-    belongs to. Only for a model that keeps packed sequences apart (:func:`keeps_packed_sequences_apart`). A
-    prediction across two sequences lands on a prompt token, which the response mask leaves out."""
-    packing = Packing.of(batch.attention_mask, row_length)
-    rows = torch.arange(len(batch.input_ids), device=batch.input_ids.device)[:, None].expand_as(batch.input_ids)
-    return EncodedPairs(
-        packing.pack(batch.input_ids, pad_token_id),
-        None,
-        packing.pack(batch.response_mask, 0),
-        packing.position_ids,
-        packing.pack(rows, 0),
-    )
 
 
 def pack_prompt_responses(
@@ -334,9 +318,19 @@ def pack_prompt_responses(
     device: torch.device | str = "cpu",
 ) -> EncodedPairs:
     """The sequences of :func:`encode_prompt_responses` packed into rows of at most ``row_length`` tokens
-    (:func:`pack_pairs`), so that little compute goes to padding; the tensors on ``device``."""
-    batch = encode_prompt_responses(tokenizer, prompts, responses, max_length, device=device)
-    return pack_pairs(batch, tokenizer.pad_token_id, row_length)
+    (:class:`Packing`), so that little compute goes to padding, with which sequence each position belongs to; the
+    tensors on ``device``. Only for a model that keeps packed sequences apart (:func:`keeps_packed_sequences_apart`).
+    A prediction across two sequences lands on a prompt token, which the response mask leaves out."""
+    padded = encode_prompt_responses(tokenizer, prompts, responses, max_length, device=device)
+    packing = Packing.of(padded.attention_mask, row_length)
+    rows = torch.arange(len(padded.input_ids), device=padded.input_ids.device)[:, None].expand_as(padded.input_ids)
+    return EncodedPairs(
+        packing.pack(padded.input_ids, tokenizer.pad_token_id),
+        None,
+        packing.pack(padded.response_mask, 0),
+        packing.position_ids,
+        packing.pack(rows, 0),
+    )
 
 
 def transformer_body(model: nn.Module) -> nn.Module:

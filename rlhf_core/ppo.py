@@ -260,8 +260,7 @@ def ppo_update(
     one of several ranks (each holding the whole rollout and drawing the same minibatches), each trains on its share
     of every minibatch, its losses weighted by its share of the minibatch's response tokens; statistics and the stop
     are the minibatch's."""
-    # packed, a minibatch's padding is what its rows' whole lengths leave unfilled; padded, mostly its responses'
-    lengths = (rollout.samples.attention_mask if pack else rollout.samples.response_mask).sum(1)
+    lengths = rollout.samples.response_mask.sum(1)
     models.policy.module.train()
     models.critic.module.train()
     stats: dict[str, list[float]] = {}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -26,7 +25,6 @@ from rlhf_core.modeling import (
     keeps_packed_sequences_apart,
     load_scorer,
     load_tokenizer,
-    pack_pairs,
     pack_prompt_responses,
     reward_credit,
     reward_inputs,
@@ -253,18 +251,12 @@ class RewardFunction:
     """The reward model as PPO and evaluation call it on policy samples. With ``tokenizer`` None it shares the
     policy's vocabulary and reads the sampled token ids; otherwise it is a separate model with its own
     tokenizer, and the decoded prompt and response are re-tokenized for it. Either way it scores what it was
-    trained on: the response cut to the model's ``reward_max_length`` and ending in one EOS, read packed where every
-    member keeps packed sequences apart. ``members``: the rest of an ensemble, scored alike and aggregated as the
-    first model's config says."""
+    trained on: the response cut to the model's ``reward_max_length`` and ending in one EOS.
+    ``members``: the rest of an ensemble, scored alike and aggregated as the first model's config says."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase | None = None
     members: list[PreTrainedModel] = field(default_factory=list)
-
-    @cached_property
-    def packed(self) -> bool:
-        """Whether the samples are scored packed: every member keeps packed sequences apart."""
-        return all(keeps_packed_sequences_apart(model) for model in [self.model, *self.members])
 
     @torch.no_grad()
     def member_scores(self, samples: Samples) -> Tensor:
@@ -286,8 +278,7 @@ class RewardFunction:
 
     def score(self, model: PreTrainedModel, samples: Samples) -> Tensor:
         if self.tokenizer is None:
-            batch = reward_inputs(samples, getattr(model.config, "reward_max_length", None))
-            return batch_rewards(model, pack_pairs(batch, samples.pad_token_id) if self.packed else batch)
+            return batch_rewards(model, reward_inputs(samples, getattr(model.config, "reward_max_length", None)))
         max_length = getattr(model.config, "reward_max_length", None) or self.tokenizer.model_max_length
         scores = score_texts(model, self.tokenizer, samples.prompts, samples.texts, max_length=max_length)
         return scores.to(samples.query_responses.device)

@@ -116,26 +116,6 @@ def test_only_a_model_that_keeps_packed_sequences_apart_is_packed(base_dir, sft_
     assert not keeps_packed_sequences_apart(SeesEverythingBefore())
 
 
-@pytest.mark.parametrize("pooling", ["last", "sum"])
-def test_samples_are_scored_packed_as_padded_where_the_reward_model_keeps_them_apart(sft_dir, pooling):
-    from rlhf_core.modeling import batch_rewards, reward_inputs, sample_responses
-    from rlhf_core.reward import RewardFunction
-
-    tokenizer, policy, scorer = load_tokenizer(sft_dir), load_policy(sft_dir).eval(), load_scorer(sft_dir).eval()
-    scorer.config.reward_gain, scorer.config.reward_bias, scorer.config.reward_pooling = 2.0, -0.5, pooling
-    torch.manual_seed(0)
-    samples = sample_responses(policy, tokenizer, world.make_world(0, TINY_WORLD).ppo_prompts[:24], 12)
-    assert not samples.has_eos.all() and samples.has_eos.any()  # an EOS appended to some, kept by others
-    reward = RewardFunction(scorer)
-    with torch.no_grad():
-        padded = batch_rewards(scorer, reward_inputs(samples, None))
-        read = []
-        scorer.get_input_embeddings().register_forward_hook(lambda _, args, __: read.append(args[0].numel()))
-        torch.testing.assert_close(reward(samples), padded, atol=1e-5, rtol=0)
-    assert reward.packed and read[-1] < reward_inputs(samples, None).input_ids.numel()  # it read them packed
-    assert not RewardFunction(scorer, members=[SeesEverythingBefore()]).packed  # one member that would see across
-
-
 def test_packed_rollout_rows_give_the_log_probs_and_values_of_padded_ones(sft_dir):
     from rlhf_core.modeling import pack_rollout_rows, response_logprobs, response_values, sample_responses
 
@@ -167,15 +147,7 @@ def test_a_packed_ppo_update_is_the_padded_one(sft_dir):
     from rlhf_core.ppo import advantages_and_returns, collect_rollout, ppo_update
 
     tokenizer = load_tokenizer(sft_dir)
-    config = PPOConfig(  # minibatches uniformly random: grouped by length, packed and padded ones group differently
-        rollout_batch_size=16,
-        minibatch_size=8,
-        epochs=2,
-        lr=1e-3,
-        max_new_tokens=8,
-        target_kl=None,
-        group_by_length=False,
-    )
+    config = PPOConfig(rollout_batch_size=16, minibatch_size=8, epochs=2, lr=1e-3, max_new_tokens=8, target_kl=None)
 
     def fresh():
         torch.manual_seed(0)  # the critic's fresh head
