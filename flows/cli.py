@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
+import importlib
 import json
 import os
 import sys
 import typing
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -27,6 +28,8 @@ from flows.stack_cli import stack_app
 if TYPE_CHECKING:
     from flows.config import PipelineConfig
     from infra.lineage import Lineage
+
+PrefectReady = Callable[..., bool]  # (timeout: float | None = None): whether Prefect answers, waiting at most that
 
 app = typer.Typer(help="The InstructGPT RLHF recipe as a Prefect workflow tracked in MLflow.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
@@ -130,11 +133,28 @@ def quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
 
 
-@contextmanager
-def temporary_prefect_server() -> Iterator[Callable[[], None]]:
+def import_phase_dependencies() -> None:
+    """Import what the phases import on first use: matplotlib (the report's plot) and DeepSpeed, which accelerate
+    imports in a model's first ``save_pretrained`` to tell whether the model is wrapped in one of its engines: together
+    about a second of the first run's phases otherwise. Quietly: DeepSpeed warns on import that it found no GPU, which
+    concerns its engines, not this import."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    try:
+        for name in ("matplotlib.figure", "deepspeed"):
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+@contextlib.contextmanager
+def temporary_prefect_server() -> Iterator[PrefectReady]:
     """Without ``PREFECT_API_URL`` a run talks to a temporary Prefect server of its own, which takes seconds to start
     (tens of seconds on a fresh database): start it now, in a process of its own, while this one loads the pipeline
-    and checks its inputs. Yields what waits until it answers (nothing to wait for with a server configured). On
+    and checks its inputs. Yields what tells whether it answers, waiting at most ``timeout`` seconds for it (None:
+    until it does; a configured server answers at once). On
     exit, Prefect's log and event workers are drained into it and it is stopped, as Prefect's own test harness does:
     left to the interpreter's exit, stopping it waits seconds on open connections. Its flow runs send no heartbeats:
     they tell a server that outlives a run which runs crashed, and a flow run's heartbeat thread, which sleeps a
@@ -144,7 +164,7 @@ def temporary_prefect_server() -> Iterator[Callable[[], None]]:
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     if PREFECT_API_URL.value():
-        yield lambda: None
+        yield lambda timeout=None: True
         return
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
@@ -153,9 +173,14 @@ def temporary_prefect_server() -> Iterator[Callable[[], None]]:
     server = SubprocessASGIServer()
     starting = threading.Thread(target=server.start, name="prefect-server-start", daemon=True)
     starting.start()
+
+    def ready(timeout: float | None = None) -> bool:
+        starting.join(timeout)
+        return not starting.is_alive()
+
     try:
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            yield starting.join
+            yield ready
     finally:
         starting.join()
         APILogWorker.drain_all(timeout=5)
@@ -195,7 +220,7 @@ def run(
     show_summary(summary, json_path)
 
 
-def run_pipeline(config: PipelineConfig, prefect_ready: Callable[[], None], *, verbose: bool) -> dict[str, Any]:
+def run_pipeline(config: PipelineConfig, prefect_ready: PrefectReady, *, verbose: bool) -> dict[str, Any]:
     """Check the inputs, then run the flow under progress bars; a failure the message says in full exits without a
     traceback (status 2: bad input; 1: storage, divergence, labels that did not come)."""
     if not verbose:
@@ -215,6 +240,8 @@ def run_pipeline(config: PipelineConfig, prefect_ready: Callable[[], None], *, v
     # The imports (from run's start, the collector off) made millions of objects that live as long as the process:
     # the collections they set off freed nothing and took 2.1 s of a run's start-up, and out of the collector's
     # sight they make each full collection during the run milliseconds long.
+    if not prefect_ready(0):  # still starting: meanwhile, what the phases would otherwise import as they run
+        import_phase_dependencies()
     gc.freeze()
     gc.enable()
     prefect_ready()
