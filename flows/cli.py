@@ -154,11 +154,11 @@ def temporary_prefect_server() -> Iterator[PrefectReady]:
     """Without ``PREFECT_API_URL`` a run talks to a temporary Prefect server of its own, which takes seconds to start
     (tens of seconds on a fresh database): start it now, in a process of its own, while this one loads the pipeline
     and checks its inputs. Yields what tells whether it answers, waiting at most ``timeout`` seconds for it (None:
-    until it does; a configured server answers at once). On
-    exit, Prefect's log and event workers are drained into it and it is stopped, as Prefect's own test harness does:
-    left to the interpreter's exit, stopping it waits seconds on open connections. Its flow runs send no heartbeats:
-    they tell a server that outlives a run which runs crashed, and a flow run's heartbeat thread, which sleeps a
-    second at a time, held each of a pipeline run's four flow runs up to a second at its end."""
+    until it does; a configured server answers at once). On exit, Prefect's log and event workers are drained into it
+    and it is stopped, as Prefect's own test harness does: left to the interpreter's exit, stopping it waits seconds
+    on open connections. Its flow runs send no heartbeats: they tell a server that outlives a run which runs crashed,
+    and a flow run's heartbeat thread, which sleeps a second at a time, held each of a pipeline run's four flow runs
+    up to a second at its end."""
     import threading
 
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
