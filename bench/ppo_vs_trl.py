@@ -32,9 +32,10 @@ dropped. Remaining semantic differences, none of which changes the work a step d
   time.
 See ``bench/trl_ppo_side.py`` for TRL's side in detail.
 
-Printed: seconds per step and samples per second (median over rounds, with min-max), the ratio, where our step's
-time goes, the share of padding in the trained positions, and MFU on useful (non-padding) tokens against a float32
-matmul peak measured here. FLOPs per useful token: 2N for a forward, 6N for a forward and backward, N the
+Printed: seconds per step and samples per second (median over rounds, with min-max), the ratio, and the ratio of
+each round's medians (a round's two sides run minutes apart, so its ratio sees less of the machine's drift), where
+our step's time goes, the share of padding in the trained positions, and MFU on useful (non-padding) tokens against
+a float32 matmul peak measured here. FLOPs per useful token: 2N for a forward, 6N for a forward and backward, N the
 parameters of a model without its input embeddings.
 """
 
@@ -311,6 +312,11 @@ def report(
     for side in ("ours", "trl"):
         print(f"{side:<6}{spread(per_step[side]):>28}{SAMPLES_PER_STEP / medians[side]:>12.1f}{lengths[side]:>18.1f}")
     print(f"speed-up, samples/s ours over TRL: {medians['trl'] / medians['ours']:.2f}x")
+    paired = [  # each round's sides ran minutes apart: a ratio per round sees less of the machine's drift
+        statistics.median(trl["seconds_per_step"][1:]) / statistics.median(ours["seconds_per_step"][1:])
+        for ours, trl in zip(runs["ours"], runs["trl"], strict=True)
+    ]
+    print(f"  round by round: {', '.join(f'{r:.2f}x' for r in paired)} (median {statistics.median(paired):.2f}x)")
     parts: dict[str, list[float]] = defaultdict(list)
     steps = [p for run in runs["ours"] for p in run["parts"][1:]]
     for p in steps:
