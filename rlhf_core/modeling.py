@@ -5,6 +5,7 @@ Shapes: B = batch, P = prompt length (left padded), R = response length (right p
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import TypeVar
@@ -404,6 +405,15 @@ def sampling_config(
     )
 
 
+def inference_mode_for(*models: nn.Module) -> AbstractContextManager:
+    """``torch.inference_mode`` for forwards of ``models`` that no gradient flows through (sampling, scoring): the
+    results of ``no_grad`` for less work per kernel (the toy world's rollouts sample 20% faster). Off where a model's
+    parameters are sharded by DeepSpeed ZeRO-3 (they carry ``ds_id``): it gathers them in forward hooks, and keeps
+    small ones gathered, which made in inference mode would be tensors autograd cannot save once training resumes."""
+    sharded = any(hasattr(p, "ds_id") for model in models for p in model.parameters())
+    return nullcontext() if sharded else torch.inference_mode()  # inference_mode(False) would turn gradients on
+
+
 @torch.no_grad()
 def sample_responses(
     model: PreTrainedModel,
@@ -424,12 +434,13 @@ def sample_responses(
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, model.device)
     shipped, model.generation_config = model.generation_config, GenerationConfig()
     try:
-        out = model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            generation_config=sampling_config(tokenizer, max_new_tokens, temperature, with_logprobs),
-            synced_gpus=synced_gpus,
-        )
+        with inference_mode_for(model):
+            out = model.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                generation_config=sampling_config(tokenizer, max_new_tokens, temperature, with_logprobs),
+                synced_gpus=synced_gpus,
+            )
     finally:
         model.generation_config = shipped
     context_length = prompt_ids.shape[1]

@@ -44,6 +44,7 @@ from rlhf_core.modeling import (
     PackedRollout,
     Samples,
     concat_samples,
+    inference_mode_for,
     keeps_packed_sequences_apart,
     length_grouped_batches,
     pack_rollout_rows,
@@ -123,14 +124,15 @@ def collect_rollout(
     )
     rows = (samples.query_responses, samples.attention_mask, samples.context_length)
     packed = pack_rollout_rows(*rows) if pack else None
-    with side_by_side(side_by_side_models(models, config)) as run:
+    dense = config.dense_rewards and models.reward.credits_tokens
+    scorers = [models.reference, critic, models.reward.model, *models.reward.members]
+    with inference_mode_for(*scorers), side_by_side(side_by_side_models(models, config)) as run:
         (ref_logprobs, _), values = run(
             partial(response_logprobs, models.reference, *rows, temperature=config.temperature, packed=packed),
             partial(response_values, critic, *rows, packed=packed),
         )
-    dense = config.dense_rewards and models.reward.credits_tokens
-    member_credit = models.reward.member_credit(samples) if dense else None
-    member_scores = member_credit.sum(-1) if dense else models.reward.member_scores(samples)
+        member_credit = models.reward.member_credit(samples) if dense else None
+        member_scores = member_credit.sum(-1) if dense else models.reward.member_scores(samples)
     rm_scores = models.reward.aggregate(member_scores)
     scores = rm_scores - config.missing_eos_penalty * (~samples.has_eos).float()
     disagreement = member_scores.std(0, correction=0) if len(member_scores) > 1 else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -26,22 +26,23 @@ def one_after_another(*calls: Callable[[], Any]) -> tuple[Any, ...]:
 @contextmanager
 def side_by_side(enabled: bool = True) -> Iterator[Runner]:
     """A runner for independent calls: ``run(f, g)`` returns ``(f(), g())``. Enabled, the calls run in threads of
-    their own (under the caller's grad mode) while the process's intra-op threads are split between them, restored
-    on exit; else :func:`one_after_another`. Only for work that takes no turns with other processes: two threads
-    issuing collectives could order them differently on different ranks."""
+    their own (under the caller's grad and inference modes) while the process's intra-op threads are split between
+    them, restored on exit; else :func:`one_after_another`. Only for work that takes no turns with other processes:
+    two threads issuing collectives could order them differently on different ranks."""
     threads = torch.get_num_threads()
     if not enabled or threads < 2:
         yield one_after_another
         return
 
     def run(*calls: Callable[[], Any]) -> tuple[Any, ...]:
-        grad = torch.is_grad_enabled()  # thread-local: a worker starts with gradients on
+        # thread-local: a worker starts with gradients on, outside inference mode
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
-        def in_grad_mode(call: Callable[[], Any]) -> Any:
-            with torch.set_grad_enabled(grad):
+        def in_callers_mode(call: Callable[[], Any]) -> Any:  # inference_mode(False) would turn gradients on
+            with torch.set_grad_enabled(grad), torch.inference_mode() if inference else nullcontext():
                 return call()
 
-        return tuple(future.result() for future in [pool.submit(in_grad_mode, call) for call in calls])
+        return tuple(future.result() for future in [pool.submit(in_callers_mode, call) for call in calls])
 
     torch.set_num_threads(max(1, threads // 2))
     try:

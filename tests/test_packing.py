@@ -116,6 +116,21 @@ def test_only_a_model_that_keeps_packed_sequences_apart_is_packed(base_dir, sft_
     assert not keeps_packed_sequences_apart(SeesEverythingBefore())
 
 
+def test_frozen_forwards_run_in_inference_mode_unless_zero3_shards_a_model(sft_dir):
+    from rlhf_core.modeling import inference_mode_for, sample_responses
+
+    tokenizer, policy, scorer = load_tokenizer(sft_dir), load_policy(sft_dir).eval(), load_scorer(sft_dir).eval()
+    with inference_mode_for(policy, scorer):
+        assert torch.is_inference_mode_enabled()
+    modes = []
+    policy.register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    samples = sample_responses(policy, tokenizer, ["tell me about art :"], 4, with_logprobs=True)
+    assert modes and all(modes) and not samples.logprobs.is_inference()  # sampled so; tensors autograd may use
+    next(scorer.parameters()).ds_id = 0  # how DeepSpeed ZeRO-3 marks a parameter it shards
+    with torch.no_grad(), inference_mode_for(policy, scorer):
+        assert not torch.is_inference_mode_enabled() and not torch.is_grad_enabled()  # no_grad left as it was
+
+
 def test_packed_rollout_rows_give_the_log_probs_and_values_of_padded_ones(sft_dir):
     from rlhf_core.modeling import pack_rollout_rows, response_logprobs, response_values, sample_responses
 

@@ -28,14 +28,18 @@ def test_side_by_side_runs_each_call_in_a_thread_of_its_own_on_half_the_threads(
 
     def record() -> str:
         name = threading.current_thread().name
-        seen.append((name, torch.get_num_threads(), torch.is_grad_enabled()))
+        seen.append((name, torch.get_num_threads(), torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
         both_running.wait()
         return name
 
     with torch.no_grad(), side_by_side() as run:
         first, second = run(record, record)
     assert first != second and threading.current_thread().name not in (first, second)
-    assert all(threads == 1 and not grad for _, threads, grad in seen)  # the caller's grad mode, half the threads
+    # the caller's grad and inference modes, half the threads
+    assert [(threads, grad, inference) for _, threads, grad, inference in seen] == [(1, False, False)] * 2
+    with torch.inference_mode(), side_by_side() as run:
+        run(record, record)
+    assert [(grad, inference) for _, _, grad, inference in seen[2:]] == [(False, True)] * 2
     assert torch.get_num_threads() == 2
     with side_by_side(enabled=False) as run:
         assert run(lambda: threading.current_thread().name) == (threading.current_thread().name,)
