@@ -126,12 +126,13 @@ def collect_rollout(
     packed = pack_rollout_rows(*rows) if pack else None
     dense = config.dense_rewards and models.reward.credits_tokens
     scorers = [models.reference, critic, models.reward.model, *models.reward.members]
-    with inference_mode_for(*scorers), side_by_side(side_by_side_models(models, config)) as run:
-        (ref_logprobs, _), values = run(
-            partial(response_logprobs, models.reference, *rows, temperature=config.temperature, packed=packed),
-            partial(response_values, critic, *rows, packed=packed),
-        )
-        member_credit = models.reward.member_credit(samples) if dense else None
+    with inference_mode_for(*scorers):
+        with side_by_side(side_by_side_models(models, config)) as run:
+            (ref_logprobs, _), values = run(
+                partial(response_logprobs, models.reference, *rows, temperature=config.temperature, packed=packed),
+                partial(response_values, critic, *rows, packed=packed),
+            )
+        member_credit = models.reward.member_credit(samples) if dense else None  # on all the intra-op threads again
         member_scores = member_credit.sum(-1) if dense else models.reward.member_scores(samples)
     rm_scores = models.reward.aggregate(member_scores)
     scores = rm_scores - config.missing_eos_penalty * (~samples.has_eos).float()
