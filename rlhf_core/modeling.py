@@ -407,7 +407,7 @@ def sampling_config(
 
 def inference_mode_for(*models: nn.Module) -> AbstractContextManager:
     """``torch.inference_mode`` for forwards of ``models`` that no gradient flows through (sampling, scoring): the
-    results of ``no_grad`` for less work per kernel (the toy world's rollouts sample 20% faster). Off where a model's
+    results of ``no_grad`` for less work per kernel (the toy world's rollouts sample 5-7% faster). Off where a model's
     parameters are sharded by DeepSpeed ZeRO-3 (they carry ``ds_id``): it gathers them in forward hooks, and keeps
     small ones gathered, which made in inference mode would be tensors autograd cannot save once training resumes."""
     sharded = any(hasattr(p, "ds_id") for model in models for p in model.parameters())
