@@ -86,3 +86,18 @@ def test_a_phase_bar_starts_when_its_phase_starts() -> None:
     bars.finish()
     elapsed = {task.description: task.finished_time for task in progress.tasks}
     assert elapsed["iteration-2/evaluation"] == 0.75  # from its start at 10.0, not from its report at 10.5
+
+
+def test_the_phases_late_imports_are_made_early_and_quietly() -> None:
+    """What ``rlhf run`` imports while Prefect's server starts: the modules the phases would import as they run,
+    without DeepSpeed's import-time warning reaching the terminal (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from flows.cli import import_phase_dependencies; import_phase_dependencies(); "
+        "missing = {'matplotlib.figure', 'deepspeed'} - set(sys.modules); assert not missing, missing"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "WARNING" not in done.stdout + done.stderr, done.stdout + done.stderr
