@@ -237,11 +237,11 @@ def run_pipeline(config: PipelineConfig, prefect_ready: PrefectReady, *, verbose
         check_inputs(config)
     except (ValueError, StorageError) as e:  # DatasetError included: the file, row and column at fault
         fail(e, 2)
+    if not prefect_ready(0):  # still starting: meanwhile, what the phases would otherwise import as they run
+        import_phase_dependencies()
     # The imports (from run's start, the collector off) made millions of objects that live as long as the process:
     # the collections they set off freed nothing and took 2.1 s of a run's start-up, and out of the collector's
     # sight they make each full collection during the run milliseconds long.
-    if not prefect_ready(0):  # still starting: meanwhile, what the phases would otherwise import as they run
-        import_phase_dependencies()
     gc.freeze()
     gc.enable()
     prefect_ready()
