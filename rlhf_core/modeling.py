@@ -151,18 +151,28 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[in
     return token_ids(tokenizer, [prompt], add_special_tokens=not (bos and prompt.startswith(bos)))[0]
 
 
+def padded_ids(
+    rows: list[list[int]], pad_token_id: int, *, left: bool = False, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """Token id lists as one tensor, padded on the right (or the ``left``) to the longest, and its attention mask:
+    (B, L) each, on ``device``."""
+    width = max(map(len, rows))
+    padding = [[pad_token_id] * (width - len(ids)) for ids in rows]
+    input_ids = torch.tensor(
+        [p + ids if left else ids + p for ids, p in zip(rows, padding, strict=True)], device=device
+    )
+    lengths = torch.tensor([len(ids) for ids in rows], device=device)[:, None]
+    columns = torch.arange(width, device=device)
+    return input_ids, (columns >= width - lengths if left else columns < lengths).long()
+
+
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: torch.device | str = "cpu"
 ) -> tuple[Tensor, Tensor]:
     """Left-padded prompt ids and attention mask, (B, P) each, on ``device``."""
-    ids = [prompt_token_ids(tokenizer, p) for p in prompts]
-    width = max(map(len, ids))
-    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, row in enumerate(ids):
-        input_ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    return input_ids.to(device), mask.to(device)
+    return padded_ids(
+        [prompt_token_ids(tokenizer, p) for p in prompts], tokenizer.pad_token_id, left=True, device=device
+    )
 
 
 @dataclass
@@ -219,14 +229,10 @@ def encode_prompt_responses(
     """Tokenize prompt and response separately and join them with EOS appended, truncating the response
     so the whole fits in ``max_length``; a row each, right padded; the tensors on ``device``."""
     rows = prompt_response_ids(tokenizer, prompts, responses, max_length)
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in rows], device=device)
-    lengths = torch.tensor([len(ids) for ids, _ in rows], device=device)[:, None]
+    input_ids, attention_mask = padded_ids([ids for ids, _ in rows], tokenizer.pad_token_id, device=device)
     prompt_lengths = torch.tensor([prompt_length for _, prompt_length in rows], device=device)[:, None]
-    columns = torch.arange(width, device=device)
-    attention_mask = (columns < lengths).long()
-    response_mask = ((columns >= prompt_lengths) & (columns < lengths)).long()
-    return EncodedPairs(input_ids, attention_mask, response_mask)
+    after_prompt = torch.arange(input_ids.shape[1], device=device) >= prompt_lengths
+    return EncodedPairs(input_ids, attention_mask, attention_mask * after_prompt)
 
 
 def first_fit_rows(lengths: list[int], row_length: int) -> list[list[int]]:
@@ -270,7 +276,7 @@ class Packing:
             fills.append(fill)
         device = attention_mask.device
         real = attention_mask.bool()
-        offsets = attention_mask.cumsum(1) - 1  # each real token's place in its sequence
+        offsets = position_ids_from_mask(attention_mask)  # each real token's place in its sequence
         places = (torch.tensor(starts, device=device)[:, None] + offsets).masked_fill(~real, -1)
         position_ids = torch.arange(width, device=device) - torch.tensor(fills, device=device)[:, None]
         position_ids.view(-1)[places[real]] = offsets[real]
