@@ -10,9 +10,9 @@ import json
 import os
 import sys
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import typer
 import yaml
@@ -29,7 +29,12 @@ if TYPE_CHECKING:
     from flows.config import PipelineConfig
     from infra.lineage import Lineage
 
-PrefectReady = Callable[..., bool]  # (timeout: float | None = None): whether Prefect answers, waiting at most that
+
+class PrefectReady(Protocol):
+    def __call__(self, timeout: float | None = None) -> bool:
+        """Whether Prefect answers, waiting at most ``timeout`` seconds for it (None: until it does)."""
+        ...
+
 
 app = typer.Typer(help="The InstructGPT RLHF recipe as a Prefect workflow tracked in MLflow.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
@@ -153,18 +158,17 @@ def import_phase_dependencies() -> None:
 def temporary_prefect_server() -> Iterator[PrefectReady]:
     """Without ``PREFECT_API_URL`` a run talks to a temporary Prefect server of its own, which takes seconds to start
     (tens of seconds on a fresh database): start it now, in a process of its own, while this one loads the pipeline
-    and checks its inputs. Yields what tells whether it answers, waiting at most ``timeout`` seconds for it (None:
-    until it does; a configured server answers at once). On exit, Prefect's log and event workers are drained into it
-    and it is stopped, as Prefect's own test harness does: left to the interpreter's exit, stopping it waits seconds
-    on open connections. Its flow runs send no heartbeats: they tell a server that outlives a run which runs crashed,
-    and a flow run's heartbeat thread, which sleeps a second at a time, held each of a pipeline run's four flow runs
-    up to a second at its end."""
+    and checks its inputs. Yields what tells whether it answers (:class:`PrefectReady`). On exit, Prefect's log and
+    event workers are drained into it and it is stopped, as Prefect's own test harness does: left to the
+    interpreter's exit, stopping it waits seconds on open connections. Its flow runs send no heartbeats: they tell a
+    server that outlives a run which runs crashed, and a flow run's heartbeat thread, which sleeps a second at a
+    time, held each of a pipeline run's four flow runs up to a second at its end."""
     import threading
 
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     if PREFECT_API_URL.value():
-        yield lambda timeout=None: True
+        yield lambda timeout=None: True  # a configured server answers
         return
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
