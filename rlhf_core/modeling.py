@@ -5,6 +5,7 @@ Shapes: B = batch, P = prompt length (left padded), R = response length (right p
 
 from __future__ import annotations
 
+import inspect
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    GenerationConfig,
+    DynamicCache,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -393,24 +394,6 @@ class Samples:
     entropy: Tensor | None = None
 
 
-def sampling_config(
-    tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, temperature: float, with_logprobs: bool
-) -> GenerationConfig:
-    """Plain ancestral sampling at ``temperature`` from the full distribution, stopping at the tokenizer's EOS."""
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        use_cache=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        return_dict_in_generate=True,
-        output_scores=with_logprobs,
-    )
-
-
 def inference_mode_for(*models: nn.Module) -> AbstractContextManager:
     """``torch.inference_mode`` for forwards of ``models`` that no gradient flows through (sampling, scoring): the
     results of ``no_grad`` for less work per kernel (the toy world's rollouts sample 5-7% faster). Off where a model's
@@ -418,6 +401,96 @@ def inference_mode_for(*models: nn.Module) -> AbstractContextManager:
     small ones gathered, which made in inference mode would be tensors autograd cannot save once training resumes."""
     sharded = any(hasattr(p, "ds_id") for model in models for p in model.parameters())
     return nullcontext() if sharded else torch.inference_mode()  # inference_mode(False) would turn gradients on
+
+
+MIN_SAMPLING_ROWS = 16  # fewer rows in a CPU matrix product take other MKL kernels, which round differently
+
+
+def forward_accepts(model: nn.Module, name: str) -> bool:
+    """Whether a model's forward takes the argument ``name`` (a peft model's: the model inside it)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in inspect.signature(inner.forward).parameters
+
+
+def rows_still_sampling(unfinished: Tensor, rows: Tensor, parts: int, min_rows: int) -> Tensor | None:
+    """Which of the forward's ``rows`` to keep, as indices into them, once enough have finished to be worth dropping
+    (a quarter of them); None to keep them all. The rows are taken in ``parts`` equal consecutive parts, each
+    keeping its own rows (finished ones where it needs them to stay as large as the largest part, or to keep
+    ``min_rows`` in all): on a CPU, PyTorch's attention kernel rounds a row differently on different intra-op
+    threads, and splits the batch among them that way, so each row stays with the thread that started it and comes
+    out bit for bit as in the whole batch (measured, torch 2.13). unfinished: (B,) bool, rows: (N,) -> (N',)."""
+    if len(rows) % parts:
+        return None
+    keep = unfinished[rows].view(parts, -1)
+    size = max(int(keep.sum(1).max()), -(-min_rows // parts))
+    if size > 0.75 * keep.shape[1]:
+        return None
+    kept = torch.argsort(~keep, dim=1, stable=True)[:, :size].sort(1).values  # its unfinished rows first, in order
+    return (kept + torch.arange(parts, device=rows.device)[:, None] * keep.shape[1]).flatten()
+
+
+def any_rank_sampling(sampling: bool, synced_gpus: bool, device: torch.device) -> bool:
+    """Whether this rank, or with ``synced_gpus`` any rank, still has a sequence to finish."""
+    if not synced_gpus:
+        return sampling
+    flag = torch.tensor(float(sampling), device=device)
+    torch.distributed.all_reduce(flag)
+    return bool(flag.item())
+
+
+@torch.no_grad()
+def sample_tokens(
+    model: PreTrainedModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_id: int,
+    pad_token_id: int,
+    keep_logits: bool = False,
+    synced_gpus: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Ancestral sampling from the full distribution at ``temperature``, with the KV cache, until every row has
+    sampled its EOS or ``max_new_tokens``: what ``generate(do_sample=True, top_k=0)`` draws, to the same bits (the
+    same forwards, and ``torch.multinomial``'s draw: ``argmax(probs / q)``, ``q ~ Exp(1)`` for every row of the
+    batch), but rows that have finished leave the forwards (:func:`rows_still_sampling`) instead of being fed padding
+    to the end. ``synced_gpus``: one of several ranks whose weights are sharded (ZeRO-3), which keeps running
+    forwards until every rank is done. prompt_ids, prompt_mask: (B, P) left padded -> responses (B, R), padding after
+    EOS, and with ``keep_logits`` each step's logits divided by the temperature, (B, R, V) (0 where a row was done)."""
+    batch, device = len(prompt_ids), prompt_ids.device
+    parts = torch.get_num_threads() if device.type == "cpu" else 1
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    positions = position_ids_from_mask(prompt_mask)
+    accepted = {"position_ids": positions, "logits_to_keep": 1}  # what generate passes, where the forward takes it
+    extra = {name: value for name, value in accepted.items() if forward_accepts(model, name)}
+    rows = torch.arange(batch, device=device)  # the rows in the forward
+    inputs, mask = prompt_ids, prompt_mask
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    tokens, kept_logits = [], []
+    for _ in range(max_new_tokens):
+        if "position_ids" in extra:
+            extra["position_ids"] = positions
+        out = model(input_ids=inputs, attention_mask=mask, cache=cache, use_cache=True, **extra)
+        step_tokens = torch.full((batch,), pad_token_id, device=device)
+        if unfinished.any():  # else a rank done before the others, running forwards alongside them
+            logits = out.logits[:, -1].float() / temperature
+            q = torch.empty((batch, logits.shape[-1]), device=device).exponential_(1)
+            step_tokens[rows] = (F.softmax(logits, dim=-1) / q[rows]).argmax(-1)
+            step_tokens = step_tokens.where(unfinished, pad_token_id)
+            tokens.append(step_tokens)
+            if keep_logits:
+                kept_logits.append(logits.new_zeros(batch, logits.shape[-1]).index_copy_(0, rows, logits))
+            unfinished &= step_tokens != eos_token_id
+        if not any_rank_sampling(bool(unfinished.any()), synced_gpus, device):
+            break
+        if (kept := rows_still_sampling(unfinished, rows, parts, min(MIN_SAMPLING_ROWS, batch))) is not None:
+            cache.batch_select_indices(kept)
+            rows, mask, positions = rows[kept], mask[kept], positions[kept]
+        inputs, positions = step_tokens[rows, None], positions[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+    responses = torch.stack(tokens, 1) if tokens else prompt_ids.new_zeros(batch, 0)
+    return responses, torch.stack(kept_logits, 1) if keep_logits and kept_logits else None
 
 
 @torch.no_grad()
@@ -431,28 +504,26 @@ def sample_responses(
     with_logprobs: bool = False,
     synced_gpus: bool = False,
 ) -> Samples:
-    """Batched sampling with left padding and the KV cache, from the full distribution: the log-probs PPO
-    recomputes must be those of the distribution sampled from. ``generate`` fills every setting left unset
-    from the checkpoint's own ``generation_config`` (a repetition penalty, ``min_p``, suppressed tokens, extra
-    EOS ids...), so the model's is set aside while it samples. ``with_logprobs`` keeps each step's logits,
-    already divided by the temperature, for the samples' log-probs and entropy. ``synced_gpus``: one of several
-    ranks whose weights are sharded (ZeRO-3), which must keep stepping until every rank's batch is done."""
+    """Batched sampling of responses to left-padded prompts (:func:`sample_tokens`), from the full distribution: the
+    log-probs PPO recomputes must be those of the distribution sampled from, so no setting a checkpoint ships in its
+    ``generation_config`` (a repetition penalty, ``min_p``, suppressed tokens, extra EOS ids...) applies.
+    ``with_logprobs`` keeps the samples' log-probs and entropy at the sampling temperature. ``synced_gpus``: one of
+    several ranks whose weights are sharded (ZeRO-3)."""
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, model.device)
-    shipped, model.generation_config = model.generation_config, GenerationConfig()
-    try:
-        with inference_mode_for(model):
-            out = model.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                generation_config=sampling_config(tokenizer, max_new_tokens, temperature, with_logprobs),
-                synced_gpus=synced_gpus,
-            )
-    finally:
-        model.generation_config = shipped
+    with inference_mode_for(model):
+        responses, logits = sample_tokens(
+            model,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            keep_logits=with_logprobs,
+            synced_gpus=synced_gpus,
+        )
     context_length = prompt_ids.shape[1]
-    responses, response_mask = truncate_after_eos(
-        out.sequences[:, context_length:], tokenizer.eos_token_id, tokenizer.pad_token_id
-    )
+    responses, response_mask = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
     has_eos = (responses == tokenizer.eos_token_id).any(-1)
     query_responses = torch.cat([prompt_ids, responses], 1)
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
@@ -469,8 +540,7 @@ def sample_responses(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    if with_logprobs:
-        logits = torch.stack(out.scores, 1).float()  # (B, R, V)
+    if with_logprobs and logits is not None:
         samples.logprobs, samples.entropy = selective_log_softmax(logits, responses), entropy_from_logits(logits)
     return samples
 

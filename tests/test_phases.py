@@ -118,6 +118,74 @@ def test_recomputed_logprobs_match_the_sampling_distribution(sft_dir):
     assert (hotter[m] - samples.logprobs[m]).abs().max() > 1e-2  # the comparison can tell temperatures apart
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_draws_what_generate_draws_without_forwards_for_finished_rows(sft_dir, temperature):
+    """The same tokens as ``generate(do_sample=True)`` from the same seed, the same logits, the random stream left
+    where generate leaves it; and rows that sampled their EOS leave the forwards."""
+    from transformers import GenerationConfig
+
+    from rlhf_core.modeling import MIN_SAMPLING_ROWS, encode_prompts, sample_tokens
+
+    tokenizer, model = load_tokenizer(sft_dir), load_policy(sft_dir).eval()
+    model.generation_config = GenerationConfig()
+    prompts = world.make_world(0, TINY).eval_prompts
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [prompts[i % len(prompts)] for i in range(48)])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        reference = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=16,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
+    after_generate = torch.rand(3)
+    rows_per_forward: list[int] = []
+    model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: rows_per_forward.append(len(kwargs["input_ids"])), with_kwargs=True
+    )
+    torch.manual_seed(0)
+    responses, logits = sample_tokens(
+        model,
+        prompt_ids,
+        prompt_mask,
+        max_new_tokens=16,
+        temperature=temperature,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        keep_logits=True,
+    )
+    assert torch.equal(torch.rand(3), after_generate)
+    expected, response_mask = truncate_after_eos(
+        reference.sequences[:, prompt_ids.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
+    assert torch.equal(responses, expected)
+    m = response_mask.bool()
+    torch.testing.assert_close(logits[m], torch.stack(reference.scores, 1)[m], atol=1e-6, rtol=0)
+    assert rows_per_forward[0] == 48 and MIN_SAMPLING_ROWS <= min(rows_per_forward) < 48, rows_per_forward
+    assert rows_per_forward == sorted(rows_per_forward, reverse=True)
+
+
+def test_finished_rows_leave_the_forward_part_by_part():
+    """Rows go once a quarter of them are done, each part of the batch keeping its own rows (finished ones where it
+    needs them to stay as large as the largest part, or to keep the minimum)."""
+    from rlhf_core.modeling import rows_still_sampling
+
+    unfinished = torch.tensor([1, 0, 1, 0, 0, 0, 0, 0, 1, 1, 0, 0, 1, 0, 1, 1]).bool()
+    rows = torch.arange(16)
+    assert rows_still_sampling(unfinished, rows, 1, 4).tolist() == [0, 2, 8, 9, 12, 14, 15]
+    assert rows_still_sampling(unfinished, rows, 2, 4).tolist() == [0, 1, 2, 3, 4, 8, 9, 12, 14, 15]
+    assert rows_still_sampling(unfinished, rows, 2, 16) is None  # the minimum is all of them
+    assert rows_still_sampling(unfinished | (rows < 7), rows, 2, 4) is None  # 1 of 8 done in a part: not worth a copy
+    assert rows_still_sampling(unfinished, rows[2:], 2, 4).tolist() == [0, 1, 2, 6, 7, 10, 12, 13]  # of those given
+
+
 def test_sampling_ignores_the_checkpoints_generation_settings(sft_dir, tmp_path):
     """A checkpoint that ships sampling settings (repetition penalty, n-gram blocking, min-p, suppressed tokens, a
     minimum length, a second EOS id) still samples from the plain distribution that PPO's recompute scores."""
