@@ -412,7 +412,7 @@ def forward_accepts(model: nn.Module, name: str) -> bool:
     return name in inspect.signature(inner.forward).parameters
 
 
-def rows_still_sampling(unfinished: Tensor, rows: Tensor, parts: int, min_rows: int) -> Tensor | None:
+def rows_to_keep(unfinished: Tensor, rows: Tensor, parts: int, min_rows: int) -> Tensor | None:
     """Which of the forward's ``rows`` to keep, as indices into them, once enough have finished to be worth dropping
     (a quarter of them); None to keep them all. The rows are taken in ``parts`` equal consecutive parts, each
     keeping its own rows (finished ones where it needs them to stay as large as the largest part, or to keep
@@ -452,12 +452,13 @@ def sample_tokens(
     synced_gpus: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Ancestral sampling from the full distribution at ``temperature``, with the KV cache, until every row has
-    sampled its EOS or ``max_new_tokens``: what ``generate(do_sample=True, top_k=0)`` draws, to the same bits (the
-    same forwards, and ``torch.multinomial``'s draw: ``argmax(probs / q)``, ``q ~ Exp(1)`` for every row of the
-    batch), but rows that have finished leave the forwards (:func:`rows_still_sampling`) instead of being fed padding
-    to the end. ``synced_gpus``: one of several ranks whose weights are sharded (ZeRO-3), which keeps running
-    forwards until every rank is done. prompt_ids, prompt_mask: (B, P) left padded -> responses (B, R), padding after
-    EOS, and with ``keep_logits`` each step's logits divided by the temperature, (B, R, V) (0 where a row was done)."""
+    sampled its EOS or ``max_new_tokens``: what ``generate(do_sample=True, top_k=0)`` draws (to the bit, checked on
+    CPU: the same forwards, and ``torch.multinomial``'s draw, ``argmax(probs / q)`` with ``q ~ Exp(1)`` drawn for
+    every row of the batch), but rows that have finished leave the forwards (:func:`rows_to_keep`) instead of being
+    fed padding to the end. ``synced_gpus``: one of several ranks whose weights are sharded (ZeRO-3), which keeps
+    running forwards until every rank is done. prompt_ids, prompt_mask: (B, P) left padded -> responses (B, R),
+    padding after EOS, and with ``keep_logits`` each step's logits divided by the temperature, (B, R, V) (0 where a
+    row was done)."""
     batch, device = len(prompt_ids), prompt_ids.device
     parts = torch.get_num_threads() if device.type == "cpu" else 1
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
@@ -484,7 +485,7 @@ def sample_tokens(
             unfinished &= step_tokens != eos_token_id
         if not any_rank_sampling(bool(unfinished.any()), synced_gpus, device):
             break
-        if (kept := rows_still_sampling(unfinished, rows, parts, min(MIN_SAMPLING_ROWS, batch))) is not None:
+        if (kept := rows_to_keep(unfinished, rows, parts, min(MIN_SAMPLING_ROWS, batch))) is not None:
             cache.batch_select_indices(kept)
             rows, mask, positions = rows[kept], mask[kept], positions[kept]
         inputs, positions = step_tokens[rows, None], positions[:, -1:] + 1

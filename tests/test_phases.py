@@ -175,15 +175,15 @@ def test_sampling_draws_what_generate_draws_without_forwards_for_finished_rows(s
 def test_finished_rows_leave_the_forward_part_by_part():
     """Rows go once a quarter of them are done, each part of the batch keeping its own rows (finished ones where it
     needs them to stay as large as the largest part, or to keep the minimum)."""
-    from rlhf_core.modeling import rows_still_sampling
+    from rlhf_core.modeling import rows_to_keep
 
     unfinished = torch.tensor([1, 0, 1, 0, 0, 0, 0, 0, 1, 1, 0, 0, 1, 0, 1, 1]).bool()
     rows = torch.arange(16)
-    assert rows_still_sampling(unfinished, rows, 1, 4).tolist() == [0, 2, 8, 9, 12, 14, 15]
-    assert rows_still_sampling(unfinished, rows, 2, 4).tolist() == [0, 1, 2, 3, 4, 8, 9, 12, 14, 15]
-    assert rows_still_sampling(unfinished, rows, 2, 16) is None  # the minimum is all of them
-    assert rows_still_sampling(unfinished | (rows < 7), rows, 2, 4) is None  # 1 of 8 done in a part: not worth a copy
-    assert rows_still_sampling(unfinished, rows[2:], 2, 4).tolist() == [0, 1, 2, 6, 7, 10, 12, 13]  # of those given
+    assert rows_to_keep(unfinished, rows, 1, 4).tolist() == [0, 2, 8, 9, 12, 14, 15]
+    assert rows_to_keep(unfinished, rows, 2, 4).tolist() == [0, 1, 2, 3, 4, 8, 9, 12, 14, 15]
+    assert rows_to_keep(unfinished, rows, 2, 16) is None  # the minimum is all of them
+    assert rows_to_keep(unfinished | (rows < 7), rows, 2, 4) is None  # 1 of 8 done in a part: not worth a copy
+    assert rows_to_keep(unfinished, rows[2:], 2, 4).tolist() == [0, 1, 2, 6, 7, 10, 12, 13]  # of those given
 
 
 def test_sampling_ignores_the_checkpoints_generation_settings(sft_dir, tmp_path):
