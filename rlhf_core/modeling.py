@@ -6,6 +6,7 @@ Shapes: B = batch, P = prompt length (left padded), R = response length (right p
 from __future__ import annotations
 
 import inspect
+import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
@@ -86,13 +87,17 @@ def load_scorer(
     return disable_dropout(model).to(default_device())
 
 
+def inside_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft model (its adapters in place); any other model as it is."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     """``compute.gradient_checkpointing``: each decoder layer of ``model`` (a transformers model, or a peft model
     around one) keeps only its inputs in the forward pass and recomputes its activations in the backward, non-reentrant
     (so frozen embeddings under LoRA need no gradient of their own). Only in training mode: ``generate`` in eval mode
     keeps its KV cache. Returns ``model``."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    inside_peft(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -331,20 +336,18 @@ def pack_prompt_responses(
     A prediction across two sequences lands on a prompt token, which the response mask leaves out."""
     padded = encode_prompt_responses(tokenizer, prompts, responses, max_length, device=device)
     packing = Packing.of(padded.attention_mask, row_length)
-    rows = torch.arange(len(padded.input_ids), device=padded.input_ids.device)[:, None].expand_as(padded.input_ids)
     return EncodedPairs(
         packing.pack(padded.input_ids, tokenizer.pad_token_id),
         None,
         packing.pack(padded.response_mask, 0),
         packing.position_ids,
-        packing.pack(rows, 0),
+        packing.pack(padded.sequences(), 0),
     )
 
 
 def transformer_body(model: nn.Module) -> nn.Module:
     """The transformer under a model's language-model or scalar head (a peft model's through the model inside it)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.base_model
+    return inside_peft(model).base_model
 
 
 @torch.no_grad()
@@ -408,8 +411,7 @@ MIN_SAMPLING_ROWS = 16  # fewer rows in a CPU matrix product take other MKL kern
 
 def forward_accepts(model: nn.Module, name: str) -> bool:
     """Whether a model's forward takes the argument ``name`` (a peft model's: the model inside it)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return name in inspect.signature(inner.forward).parameters
+    return name in inspect.signature(inside_peft(model).forward).parameters
 
 
 def rows_to_keep(unfinished: Tensor, rows: Tensor, parts: int, min_rows: int) -> Tensor | None:
@@ -422,7 +424,7 @@ def rows_to_keep(unfinished: Tensor, rows: Tensor, parts: int, min_rows: int) ->
     if len(rows) % parts:
         return None
     keep = unfinished[rows].view(parts, -1)
-    size = max(int(keep.sum(1).max()), -(-min_rows // parts))
+    size = max(int(keep.sum(1).max()), math.ceil(min_rows / parts))
     if size > 0.75 * keep.shape[1]:
         return None
     kept = torch.argsort(~keep, dim=1, stable=True)[:, :size].sort(1).values  # its unfinished rows first, in order
@@ -462,17 +464,21 @@ def sample_tokens(
     batch, device = len(prompt_ids), prompt_ids.device
     parts = torch.get_num_threads() if device.type == "cpu" else 1
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    positions = position_ids_from_mask(prompt_mask)
-    accepted = {"position_ids": positions, "logits_to_keep": 1}  # what generate passes, where the forward takes it
-    extra = {name: value for name, value in accepted.items() if forward_accepts(model, name)}
+    takes_positions = forward_accepts(model, "position_ids")  # generate passes these where the forward takes them
+    last_logits_only = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
     rows = torch.arange(batch, device=device)  # the rows in the forward
-    inputs, mask = prompt_ids, prompt_mask
+    inputs, mask, positions = prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     tokens, kept_logits = [], []
     for _ in range(max_new_tokens):
-        if "position_ids" in extra:
-            extra["position_ids"] = positions
-        out = model(input_ids=inputs, attention_mask=mask, cache=cache, use_cache=True, **extra)
+        out = model(
+            input_ids=inputs,
+            attention_mask=mask,
+            **({"position_ids": positions} if takes_positions else {}),
+            cache=cache,
+            use_cache=True,
+            **last_logits_only,
+        )
         step_tokens = torch.full((batch,), pad_token_id, device=device)
         if unfinished.any():  # else a rank done before the others, running forwards alongside them
             logits = out.logits[:, -1].float() / temperature
@@ -665,7 +671,7 @@ def token_scores(
     Pooled over a response it is a reward (:func:`pool_rewards`); read along a response it is a critic's values. A
     LoRA scorer (a peft model) is read through the transformers model inside it, adapters and trained head included.
     Packed rows: no attention mask, and their ``position_ids``."""
-    scorer = scorer.get_base_model() if hasattr(scorer, "get_base_model") else scorer
+    scorer = inside_peft(scorer)
     position_ids = position_ids if position_ids is not None else position_ids_from_mask(attention_mask)
     hidden = scorer.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
