@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ConfigDict, validate_call
 from pydantic_core import to_jsonable_python
 
@@ -168,6 +169,10 @@ def rank_main(spec: dict[str, Any]) -> None:
     result = entry(**spec["kwargs"], on_metrics=on_metrics, **hooks)
     if rank == 0:
         Path(spec["result"]).write_text(json.dumps(result))
+    # Left to the interpreter's exit, the process group's threads were once torn down still running: a rank that had
+    # finished its phase aborted ("terminate called without an active exception") and failed the phase.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
