@@ -6,12 +6,17 @@ with ``dpo.online``, else from the SFT model; its reference the SFT model or the
     python -m bench.quality --seeds 0 1 2 [--set ppo.steps=60 ...]
 
 Targets (issue 17): win rate vs SFT >= 0.80 after iteration 3, gold reward above SFT's in every iteration, mean KL
-at most 5 nats, for every seed.
+at most 5 nats, for every seed. With several seeds it also prints the mean final win rate and its standard error
+from the spread between seeds: a change of rounding (thread count, CPU, how a forward is batched) re-draws each
+seed's run, so two versions of the code compare by that mean, not seed by seed (README, "How far these numbers
+repeat").
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -138,7 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    verdicts = []
+    verdicts, final_win_rates = [], []
     for seed in args.seeds:
         config = load_config(None, [*args.overrides, f"seed={seed}"])
         print(f"seed {seed}", flush=True)
@@ -151,12 +156,18 @@ def main() -> None:
             and all(r["kl"] <= 5 for r in rows)
         )
         verdicts.append(ok)
+        final_win_rates.append(last["win_rate_vs_sft"])
         print(
             f"seed {seed}: final win rate {last['win_rate_vs_sft']:.3f}, total {last['total_s']:.0f} s, "
             f"targets {'met' if ok else 'MISSED'}",
             flush=True,
         )
     print(f"{sum(verdicts)}/{len(verdicts)} seeds met every target")
+    if len(final_win_rates) > 1:
+        # A change of rounding re-draws every seed's run, so compare configurations by this mean, not seed by seed.
+        n = len(final_win_rates)
+        mean, sem = statistics.mean(final_win_rates), statistics.stdev(final_win_rates) / math.sqrt(n)
+        print(f"final win rate over {n} seeds: mean {mean:.3f}, standard error {sem:.3f}")
 
 
 if __name__ == "__main__":
