@@ -547,7 +547,7 @@ def sample_responses(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    if with_logprobs and logits is not None:
+    if logits is not None:  # kept with with_logprobs, for at least one step
         samples.logprobs, samples.entropy = selective_log_softmax(logits, responses), entropy_from_logits(logits)
     return samples
 

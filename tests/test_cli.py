@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from importlib.metadata import version
 
 import yaml
@@ -91,9 +93,6 @@ def test_a_phase_bar_starts_when_its_phase_starts() -> None:
 def test_the_phases_late_imports_are_made_early_and_quietly() -> None:
     """What ``rlhf run`` imports while Prefect's server starts: the modules the phases would import as they run,
     without DeepSpeed's import-time warning reaching the terminal (checked in a fresh interpreter)."""
-    import subprocess
-    import sys
-
     script = (
         "import sys; from flows.cli import import_phase_dependencies; import_phase_dependencies(); "
         "missing = {'matplotlib.figure', 'deepspeed'} - set(sys.modules); assert not missing, missing"
