@@ -1,18 +1,21 @@
 # Two commands on a fresh machine: `make run` (install + main job) and `make test` (install + tests).
-# Both install into .venv idempotently: pip runs again only when pyproject.toml changes.
+# Both install into .venv idempotently: pip runs again only when pyproject.toml or the lock changes. Every package
+# is held to locks/project.txt (-c), so what a new machine installs is what the tests passed with.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := locks/project.txt
 
 .PHONY: run test lint bench clean browser
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip==25.3
 	# torch alone first, pinned: this resolves to the CPU wheel, never a multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test,scale]"
+	$(BIN)/pip install --quiet -c $(LOCK) torch==2.13.0
+	$(BIN)/pip install --quiet -c $(LOCK) -e ".[test,scale]"
+	$(BIN)/pip check
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -55,6 +55,8 @@ from typing import Any
 
 import torch
 
+from infra.pinned_env import cache_dir
+
 SAMPLES_PER_STEP = 64
 
 
@@ -107,7 +109,7 @@ def world_models(
     (``settings``: more ``--set`` items for it), made once in ``$RLHF_CACHE_DIR/<name>`` unless ``artifacts`` names
     a local store that holds them."""
     if artifacts is None:
-        home = Path(os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf")) / name
+        home = cache_dir() / name
         home.mkdir(parents=True, exist_ok=True)
         artifacts = home / "rlhf-artifacts"
         if not artifacts.is_dir():

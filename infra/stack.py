@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from infra.pinned_env import LOCKS, PinnedEnv, PinnedEnvError
+
 __all__ = [
     "DEFAULT_STATE",
     "Service",
@@ -82,6 +84,7 @@ class _Plan:
     port: int
     cmd: list[str]
     env: dict[str, str]
+    about: str = ""  # what an error should add about where the server came from
 
     @property
     def url(self) -> str:
@@ -239,15 +242,19 @@ def _log_tail(log: Path, lines: int = 40) -> str:
         return "(no log file)"
 
 
-def _wait_healthy(name: str, record: dict[str, Any], deadline: float, log: Path) -> None:
-    """Poll the health URL until it answers 2xx; raise StackError with the log's tail on exit or timeout."""
-    health = record["url"] + HEALTH_PATHS[name]
+def _wait_healthy(plan: _Plan, record: dict[str, Any], deadline: float, log: Path) -> None:
+    """Poll the health URL until it answers 2xx; raise StackError with the log's tail (and where the server came
+    from) on exit or timeout."""
+    health = record["url"] + HEALTH_PATHS[plan.name]
+    about = f"\n{plan.about}" if plan.about else ""
     while not _http_ok(health, timeout=min(5.0, max(0.5, deadline - time.monotonic()))):
         if not _is_ours(record):
-            raise StackError(f"{name} exited before {health} answered; last lines of {log}:\n{_log_tail(log)}")
+            raise StackError(
+                f"{plan.name} exited before {health} answered{about}\nlast lines of {log}:\n{_log_tail(log)}"
+            )
         if time.monotonic() >= deadline:
             raise StackError(
-                f"{name} not healthy at {health} within the timeout; last lines of {log}:\n{_log_tail(log)}"
+                f"{plan.name} not healthy at {health} within the timeout{about}\nlast lines of {log}:\n{_log_tail(log)}"
             )
         time.sleep(0.5)
 
@@ -314,23 +321,20 @@ def _plans(stack: _Stack) -> list[_Plan]:
     return plans
 
 
-def label_studio_venv(state_dir: Path) -> Path:
-    return Path(os.environ.get(LABEL_STUDIO_VENV_ENV) or state_dir / "label-studio-venv")
+def label_studio_env(state_dir: Path) -> PinnedEnv:
+    """Label Studio's own virtualenv, installed exactly from its lock (about 1 GB, its pins its own)."""
+    root = Path(os.environ.get(LABEL_STUDIO_VENV_ENV) or state_dir / "label-studio-venv")
+    return PinnedEnv(root, LOCKS / "label-studio.txt")
 
 
-def ensure_label_studio(venv: Path) -> Path:
-    """Label Studio installed in its own virtualenv (first use: about 2 minutes and 1 GB); its start script."""
-    script = venv / "bin" / "label-studio"
-    if (venv / ".installed").exists() and script.exists():
-        return script
+def ensure_label_studio(env: PinnedEnv) -> Path:
+    """Label Studio's start script, after installing its venv from the lock where it was not built from it (first
+    use: about 2 minutes)."""
     try:
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, capture_output=True)
-        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", LABEL_STUDIO]
-        subprocess.run(pip, check=True, capture_output=True, text=True)
-    except subprocess.CalledProcessError as e:
-        raise StackError(f"could not install {LABEL_STUDIO} into {venv}: {(e.stderr or '')[-2000:]}") from e
-    (venv / ".installed").touch()
-    return script
+        env.ensure()
+    except PinnedEnvError as e:
+        raise StackError(f"could not install {LABEL_STUDIO}: {e}") from e
+    return env.root / "bin" / "label-studio"
 
 
 def _label_studio_account(state_dir: Path) -> dict[str, str]:
@@ -357,9 +361,9 @@ def _label_studio_plan(stack: _Stack) -> _Plan:
         "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
         "LABEL_STUDIO_USER_TOKEN": account["token"],
     }
-    script = label_studio_venv(stack.state_dir) / "bin" / "label-studio"
-    cmd = [str(script), "start", "--no-browser", "--host", HOST, "--port", str(port)]
-    return _Plan("label-studio", port, cmd, env)
+    venv = label_studio_env(stack.state_dir)
+    cmd = [str(venv.root / "bin" / "label-studio"), "start", "--no-browser", "--host", HOST, "--port", str(port)]
+    return _Plan("label-studio", port, cmd, env, about=f"{LABEL_STUDIO} ran from the {venv.describe()}")
 
 
 def _ensure_bucket(endpoint: str, bucket: str) -> None:
@@ -430,7 +434,7 @@ def stack_up(
     plans = _plans(stack)
     _check_ports(plans, running)
     if stack.labeling and "label-studio" not in running:
-        ensure_label_studio(label_studio_venv(state_dir))
+        ensure_label_studio(label_studio_env(state_dir))
     started: dict[str, dict[str, Any]] = {}
     try:
         services = _start_and_wait(stack, plans, running, started)
@@ -466,7 +470,7 @@ def _start_and_wait(
     for plan in plans:
         record = running.get(plan.name) or started[plan.name]
         log = stack.state_dir / f"{plan.name}.log"
-        _wait_healthy(plan.name, record, deadline, log)
+        _wait_healthy(plan, record, deadline, log)
         if plan.name == "s3":
             _ensure_bucket(stack.s3_url, stack.bucket)
         status = "already up" if plan.name in running else "started"

@@ -16,7 +16,8 @@ from mlflow.tracking import MlflowClient
 from test_flow import RLHF, TINY, summary
 from test_stack import free_ports
 
-from infra.stack import LABEL_STUDIO_VENV_ENV, stack_down, stack_env, stack_up
+from infra.pinned_env import LOCKS, cache_dir
+from infra.stack import LABEL_STUDIO, LABEL_STUDIO_VENV_ENV, StackError, stack_down, stack_env, stack_up
 
 pytestmark = pytest.mark.slow
 
@@ -43,11 +44,33 @@ def annotation(choice: str, strength: int | None) -> list[dict]:
     return result
 
 
-def test_a_run_waits_for_label_studio_and_takes_its_annotations(pipeline_env, tmp_path, monkeypatch):
-    monkeypatch.setenv(
-        LABEL_STUDIO_VENV_ENV,
-        os.environ.get(LABEL_STUDIO_VENV_ENV, str(Path.home() / ".cache" / "rlhf" / "label-studio-1.23.2")),
-    )
+@pytest.fixture
+def label_studio_venv(monkeypatch) -> Path:
+    """Label Studio's venv, kept across test runs (installing it takes minutes): rebuilt by the stack only when its
+    lock changes."""
+    venv = Path(os.environ.get(LABEL_STUDIO_VENV_ENV) or cache_dir() / "label-studio-1.23.2")
+    monkeypatch.setenv(LABEL_STUDIO_VENV_ENV, str(venv))
+    return venv
+
+
+def test_label_studio_that_cannot_start_is_named_with_its_log_venv_and_pins(tmp_path, label_studio_venv):
+    state = tmp_path / "stack"
+    state.mkdir()
+    (state / "label-studio").write_text("a file where Label Studio's data folder goes")
+    prefect, mlflow, s3, studio = free_ports(4)
+    with pytest.raises(StackError) as failed:
+        stack_up(
+            state, prefect_port=prefect, mlflow_port=mlflow, s3_port=s3, label_studio_port=studio, labeling=True,
+            timeout=300,
+        )  # fmt: skip
+    message = str(failed.value)
+    assert message.startswith(f"label-studio exited before http://127.0.0.1:{studio}/health answered"), message
+    assert f"{LABEL_STUDIO} ran from the venv {label_studio_venv}, pinned by {LOCKS / 'label-studio.txt'}" in message
+    assert f"last lines of {state / 'label-studio.log'}" in message and "FileExistsError" in message
+    assert not list(state.glob("*.pid"))  # what the failed call started is stopped again
+
+
+def test_a_run_waits_for_label_studio_and_takes_its_annotations(pipeline_env, tmp_path, label_studio_venv):
     prefect, mlflow, s3, studio = free_ports(4)
     state = tmp_path / "stack"
     try:
