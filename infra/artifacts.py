@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.datasets import read_rows
-from rlhf_core.data import load_gold_breakdown, load_gold_scorer
+from rlhf_core.data import load_gold_breakdown
+from rlhf_core.judge import gold_judge
 from rlhf_core.preferences import PreferencePair
 from rlhf_core.types import GoldBreakdown, GoldScorer
 
@@ -61,8 +62,8 @@ def _judge_spec(data_dir: Path) -> str | None:
 
 
 def data_judge(data_dir: Path) -> GoldScorer:
-    """The gold judge a data artifact was prepared with."""
-    return load_gold_scorer(_judge_spec(data_dir))
+    """The gold judge a data artifact was prepared with, checked on every call (:mod:`rlhf_core.judge`)."""
+    return gold_judge(_judge_spec(data_dir))
 
 
 def data_judge_breakdown(data_dir: Path) -> GoldBreakdown | None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
@@ -16,6 +18,7 @@ from infra.datasets import DatasetError, text_rows
 from infra.sources import Source, StoreOpener, aws_env_store, chat_renderer, load_rows, resolve, to_columns
 from rlhf_core import world
 from rlhf_core.data import DataConfig, load_gold_scorer
+from rlhf_core.judge import JudgeError, gold_judge
 from rlhf_core.modeling import load_tokenizer
 
 
@@ -64,15 +67,30 @@ class _RowChecker:
 
 def _gold(config: DataConfig, path: str, rows: list[dict[str, str]], column: str) -> list[float]:
     """The gold judge's score of each row's ``column`` as the response to its prompt."""
-    judge, spec = load_gold_scorer(config.gold_reward), config.gold_reward
     prompts, responses = [row["prompt"] for row in rows], [row[column] for row in rows]
     try:
-        scores = [float(s) for s in judge(prompts, responses)]
-    except (ValueError, TypeError) as e:
-        raise DatasetError(f"{path}: data.gold_reward={spec!r} cannot score these rows: {e}") from e
-    if len(scores) != len(prompts) or not all(math.isfinite(s) for s in scores):
-        raise DatasetError(f"{path}: data.gold_reward={spec!r} must return one finite float per response")
-    return scores
+        return gold_judge(config.gold_reward)(prompts, responses)
+    except JudgeError as e:
+        raise DatasetError(f"{path}, column {column!r}: {e}") from e
+
+
+JUDGE_TRIAL = 16  # (prompt, response) pairs the judge is tried on before a run
+
+
+def try_judge(spec: str, dataset: Dataset, seed: int) -> None:
+    """Call the gold judge on a sample of the run's own prompts and responses (demonstrations, and an empty response
+    to an evaluation prompt, as a policy may give), before anything is written: a judge that returns too few scores,
+    a non-number or a non-finite score, or raises, fails here with JudgeError rather than mid-run."""
+    rng = random.Random(seed)
+    pairs = rng.sample(dataset.demonstrations, min(JUDGE_TRIAL, len(dataset.demonstrations)))
+    pairs += [(prompt, "") for prompt in dataset.prompts.get("eval", [])[:1]]
+    if pairs:
+        prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
+        try:
+            gold_judge(spec)(prompts, responses)
+        except JudgeError as e:
+            tried = f"tried before the run on {len(pairs)} of the run's own prompts and responses"
+            raise JudgeError(f"{e} ({tried})") from e
 
 
 def read_source(
@@ -143,8 +161,35 @@ def read_user_data(config: DataConfig, tokenizer, max_tokens: int | None, open_s
     return Dataset(prompts, demonstrations, preferences, sources)
 
 
+def _hub_reachable(field: str, name: str) -> None:
+    """ValueError at once where ``name`` is no local folder and the Hugging Face Hub cannot tell about it (no route,
+    no such model, no access), unless the machine's hub cache holds it: otherwise loading it retries for a minute."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(name, timeout=10)
+    except Exception as e:  # offline mode, no route, DNS, 401/404: all mean "cannot use it from here"
+        try:
+            load_tokenizer_offline(name)
+        except (OSError, ValueError):
+            raise ValueError(
+                f"{field}={name!r}: no such local folder, and the Hugging Face Hub cannot provide it from here "
+                f"({type(e).__name__}: {str(e)[:200]}); on a machine without hub access, download it elsewhere "
+                f"(huggingface-cli download, or save_pretrained) and give {field} that folder"
+            ) from e
+
+
+def load_tokenizer_offline(name: str):
+    """The tokenizer from the machine's hub cache alone."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name, local_files_only=True)
+
+
 def model_tokenizer(name_or_path: str, field: str, trust_remote_code: bool = False):
     """The tokenizer of a named model, without loading its weights; errors name the config ``field``."""
+    if not Path(name_or_path).expanduser().exists():
+        _hub_reachable(field, name_or_path)
     try:
         return load_tokenizer(name_or_path, trust_remote_code)
     except (OSError, ValueError) as e:
@@ -181,4 +226,6 @@ def check_data(
         dataset.demonstrations = generated.demonstrations
         splits = (generated.sft_prompts, generated.preference_prompts, generated.ppo_prompts, generated.eval_prompts)
         dataset.prompts = dict(zip(SPLITS, splits, strict=True))
+    if config.gold_reward is not None:
+        try_judge(config.gold_reward, dataset, seed)
     return dataset

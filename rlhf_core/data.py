@@ -109,7 +109,12 @@ def load_gold_scorer(spec: str | None) -> GoldScorer:
     module_name, _, attr = spec.partition(":")
     try:
         scorer = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
+    except ImportError as e:
+        raise ValueError(
+            f"data.gold_reward={spec!r}: cannot import it: {e}; put the folder that holds {module_name!r} on "
+            f"PYTHONPATH (e.g. PYTHONPATH=/path/to/that/folder rlhf run ...)"
+        ) from e
+    except AttributeError as e:
         raise ValueError(f"data.gold_reward={spec!r}: cannot import it: {e}") from e
     if not callable(scorer):
         raise ValueError(f"data.gold_reward={spec!r}: not a function")

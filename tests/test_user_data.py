@@ -17,6 +17,7 @@ from infra.datasets import DatasetError
 from infra.sources import inputs_digest
 from infra.user_data import check_data
 from rlhf_core import world
+from rlhf_core.judge import JudgeError
 from tasks.data import write_data
 
 MAX_TOKENS = 48  # sft.max_length = reward.max_length at the defaults
@@ -181,8 +182,25 @@ def test_a_bad_dataset_is_named_by_file_row_and_column(user_files, tmp_path, fie
 
 def test_a_judge_that_returns_nan_is_refused(user_files, tmp_path):
     config = user_config(user_files, gold_reward="user_judge:broken")
-    with pytest.raises(DatasetError, match=r"prefs\.jsonl: data.gold_reward='user_judge:broken' must return one fin"):
+    with pytest.raises(
+        DatasetError, match=r"prefs\.jsonl, column 'chosen': data.gold_reward='user_judge:broken' returned nan for "
+    ):
         check_data(config, 0, max_tokens=MAX_TOKENS)
+
+
+BROKEN_JUDGES = [  # without a human-preferences file, which used to be the only place a judge was tried
+    ("one_short", r"returned 16 scores for 17 responses: it must return one each"),
+    ("nan_for_empty", r"returned nan for response 16 \('' to the prompt '.*'\): a score must be a finite number"),
+]
+
+
+@pytest.mark.parametrize(("judge", "message"), BROKEN_JUDGES)
+def test_a_broken_judge_is_tried_on_the_runs_own_data_and_refused_before_the_run(user_files, judge, message):
+    files = {k: v for k, v in user_files.items() if k != "human_preferences"}
+    tried = r" \(tried before the run on 17 of the run's own prompts and responses\)"
+    with pytest.raises(JudgeError, match=rf"^data.gold_reward='user_judge:{judge}' {message}{tried}$"):
+        check_data(user_config(files, gold_reward=f"user_judge:{judge}"), 0, max_tokens=MAX_TOKENS)
+    check_data(user_config(files), 0, max_tokens=MAX_TOKENS)  # the good judge passes the same trial
 
 
 BAD_CONFIGS = [
@@ -248,8 +266,45 @@ def test_token_budgets_are_read_from_a_base_models_config(base_dir):
 
 
 def test_an_unimportable_judge_names_the_field(user_files):
-    with pytest.raises(ValueError, match=r"data.gold_reward='no_such_module:judge': cannot import"):
+    with pytest.raises(
+        ValueError,
+        match=r"data.gold_reward='no_such_module:judge': cannot import .*put the folder that holds "
+        r"'no_such_module' on PYTHONPATH",
+    ):
         check_data(user_config(user_files, gold_reward="no_such_module:judge"), 0)
+
+
+def test_a_hub_model_id_that_cannot_be_had_fails_at_once_with_advice():
+    """No local folder, and no hub to fetch it from (this machine has none; elsewhere, no such model): refused by
+    the first check rather than after a minute of the hub client's retries."""
+    from infra.user_data import base_tokenizer
+
+    config = load_config(None, ["data.base_model=no-such-org-rlhf-test/no-such-model"]).data
+    with pytest.raises(
+        ValueError,
+        match=r"^data.base_model='no-such-org-rlhf-test/no-such-model': no such local "
+        r"folder, and the Hugging Face Hub cannot provide it from here .* download it elsewhere",
+    ):
+        base_tokenizer(config)
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_a_broken_judge_before_writing_and_names_one_that_breaks_mid_run(
+    user_files, pipeline_env, tmp_path
+):
+    env = pipeline_env | {"PYTHONPATH": str(Path(__file__).parent)}
+    files = [f"data.{k}={v}" for k, v in user_files.items() if k != "human_preferences"]
+    proc = rlhf_run(env, tmp_path, *files, "data.gold_reward=user_judge:one_short", "iterations=1", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "data.gold_reward='user_judge:one_short' returned 16 scores for 17" in proc.stderr.replace("\n", "")
+    assert not (tmp_path / "rlhf-artifacts").exists() and not (tmp_path / "rlhf-mlflow").exists()
+
+    # passes the trial, then returns one score short on a run's larger batches: the phase fails, naming the judge
+    proc = rlhf_run(env, tmp_path, *files, "data.gold_reward=user_judge:short_on_big_batches", check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    said = proc.stderr.replace("\n", "")
+    assert "error: data.gold_reward='user_judge:short_on_big_batches' returned " in said, said[-3000:]
+    assert "Traceback" not in proc.stderr and "zip()" not in proc.stderr
 
 
 def test_the_cli_refuses_a_bad_file_before_writing_anything(user_files, pipeline_env, tmp_path):

@@ -17,3 +17,19 @@ def judge(prompts: list[str], responses: list[str]) -> list[float]:
 
 def broken(prompts: list[str], responses: list[str]) -> list[float]:
     return [math.nan] * len(responses)
+
+
+def one_short(prompts: list[str], responses: list[str]) -> list[float]:
+    """Forgets the last response: the wrong count that once crashed a run mid-way."""
+    return judge(prompts, responses)[:-1]
+
+
+def nan_for_empty(prompts: list[str], responses: list[str]) -> list[float]:
+    """NaN where a response is empty (as a policy's can be), a fine score elsewhere."""
+    return [math.nan if not r.strip() else s for r, s in zip(responses, judge(prompts, responses), strict=True)]
+
+
+def short_on_big_batches(prompts: list[str], responses: list[str]) -> list[float]:
+    """Right on the small batch tried before the run, one score short on the larger batches a run scores later."""
+    scores = judge(prompts, responses)
+    return scores[:-1] if len(responses) > 20 else scores
