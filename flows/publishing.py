@@ -5,8 +5,10 @@ the report (infra/report.py) in the run's description, its artifacts and a Prefe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -14,7 +16,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from flows.config import PipelineConfig
 from infra import catalog
 from infra.artifacts import DEMONSTRATIONS_FILE, PAIRS_FILE, PROMPTS_FILE
-from infra.registry import PolicyLocation, Registration, log_policy_model, register_iteration, registered_model_name
+from infra.registry import ModelLine, PolicyLocation, Registration, log_policy_model, register_iteration
 from infra.report import build_report, figure_png, note_markdown, plot_report, render_html
 from infra.storage import ObjectStore, read_manifest
 from infra.tracking import DatasetRecord, RunLogger, Tracker
@@ -26,9 +28,41 @@ NOTE_LIMIT = 8000  # MLflow's tag value limit
 PLOT_ARTIFACT = "plots/iterations.png"
 
 
-def prefect_key(lineage: str | None, what: str) -> str:
-    """A Prefect artifact key that stays the same across a lineage's runs, so the UI shows its history."""
-    return re.sub(r"[^a-z0-9-]", "-", f"{registered_model_name(lineage)}-{what}")
+def prefect_key(line: str, what: str) -> str:
+    """A Prefect artifact key that stays the same across a line's runs (``line``: its registered model's name), so
+    the UI shows its history."""
+    return re.sub(r"[^a-z0-9-]", "-", f"{line}-{what}")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]", "-", text.lower())).strip("-")[:40] or "model"
+
+
+def model_line(config: PipelineConfig, inputs: str | None) -> ModelLine:
+    """The line of comparable runs ``config`` belongs to (``inputs``: :func:`infra.sources.inputs_digest` of its
+    data). A lineage is one line, ``rlhf-<lineage>``. Otherwise runs are comparable when they share the base model,
+    the data (the user's files by content, or the toy world with its settings and seed), the judge and the
+    evaluation settings: ``rlhf-<base model>-<digest>``. Where files live, and everything about training, is left
+    out: those are what a user varies and compares within a line."""
+    data = config.data
+    about = {
+        "base_model": data.base_model or "the toy world's tiny Llama",
+        "data": ", ".join(f"{k} {v}" for k, v in data.user_sources.items()) or f"the toy world (seed {config.seed})",
+        "judge": data.gold_reward or "the toy world's gold judge",
+    }
+    if config.lineage:
+        about["lineage"] = config.lineage
+        name = f"rlhf-{config.lineage}"
+        digest = hashlib.sha256(f"lineage={config.lineage}".encode()).hexdigest()
+        return ModelLine(name, digest, about)
+    identity = data.model_dump(mode="json")
+    for field in [*data.user_sources, "base_model", "reward_model"]:  # local content is in ``inputs``, by digest
+        if field in data.user_sources or (identity[field] and Path(identity[field]).is_dir()):
+            identity[field] = "(by content)"
+    identity |= {"seed": config.seed, "inputs": inputs, "evaluation": config.evaluation.model_dump(mode="json")}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    base = "toy-world" if data.base_model is None else _slug(Path(data.base_model.rstrip("/")).name)
+    return ModelLine(f"rlhf-{base}-{digest[:8]}", digest, about)
 
 
 def champion_metric(config: PipelineConfig) -> str:
@@ -98,10 +132,16 @@ def alarms_of(iteration: int, policy: PhaseOutput) -> list[dict[str, Any]]:
 
 
 def register_policy(
-    tracker: Tracker, parent: RunLogger, *, context: RunContext, result: Any, config: PipelineConfig
+    tracker: Tracker,
+    parent: RunLogger,
+    *,
+    context: RunContext,
+    result: Any,
+    config: PipelineConfig,
+    line: ModelLine,
 ) -> Registration:
     """Log the iteration's policy as an MLflow model linked to its PPO run, its metrics to the pipeline run and
-    against the model, and register it as a version of the lineage's model (``champion`` if it beats the champion)."""
+    against the model, and register it as a version of its line's model (``champion`` if it beats the champion)."""
     iteration, policy = result.state.iteration, result.state.policy
     row, parts = iteration_metrics(result)
     model = log_policy_model(
@@ -117,7 +157,7 @@ def register_policy(
     parent.log_metrics(catalog.ITERATION.namespaced(row | parts), step=iteration, model_id=model.model_id)
     return register_iteration(
         tracker.client,
-        name=registered_model_name(config.lineage),
+        line=line,
         model=model,
         run_id=parent.run_id,
         iteration=iteration,
@@ -128,7 +168,7 @@ def register_policy(
 
 def iteration_artifacts(
     *,
-    lineage: str | None,
+    line: str,
     history: list[dict[str, float]],
     samples: list[dict[str, Any]],
     mlflow_url: str,
@@ -140,7 +180,7 @@ def iteration_artifacts(
     iteration = registration.iteration
     create_table_artifact(
         [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in history],
-        key=prefect_key(lineage, "iterations"),
+        key=prefect_key(line, "iterations"),
         description=f"Evaluation after each iteration up to {iteration}: win rate and gold reward against the SFT "
         "model, reward-model score (renormalized each iteration), KL, entropy, length, RM accuracy, agreement.",
     )
@@ -153,16 +193,16 @@ def iteration_artifacts(
             f"- SFT (gold {sample.get('sft_gold', float('nan')):.2f}): {sample['sft']}",
             "",
         ]
-    create_markdown_artifact("\n".join(lines), key=prefect_key(lineage, "samples"))
-    create_link_artifact(mlflow_url, link_text="MLflow pipeline run", key=prefect_key(lineage, "mlflow-run"))
+    create_markdown_artifact("\n".join(lines), key=prefect_key(line, "samples"))
+    create_link_artifact(mlflow_url, link_text="MLflow pipeline run", key=prefect_key(line, "mlflow-run"))
     create_link_artifact(
         policy_uri,
         link_text=f"policy of iteration {iteration} ({registration.name} version {registration.version})",
-        key=prefect_key(lineage, "policy"),
+        key=prefect_key(line, "policy"),
     )
 
 
-def publish_report(tracker: Tracker, parent: RunLogger, lineage: str | None) -> str:
+def publish_report(tracker: Tracker, parent: RunLogger, line: str) -> str:
     """The run's report: its plots and HTML page as artifacts, its Markdown as the run's description and as a
     Prefect artifact. Returns the Markdown."""
     run = tracker.client.get_run(parent.run_id)
@@ -172,7 +212,7 @@ def publish_report(tracker: Tracker, parent: RunLogger, lineage: str | None) -> 
     tracker.client.log_text(parent.run_id, render_html(report, plot), catalog.REPORT_ARTIFACT)
     note = note_markdown(report, NOTE_LIMIT)
     parent.set_tags({NOTE_TAG: note})
-    create_markdown_artifact(note, key=prefect_key(lineage, "report"), description=report.title)
+    create_markdown_artifact(note, key=prefect_key(line, "report"), description=report.title)
     return note
 
 

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 LineageOpt = Annotated[str | None, typer.Option("--lineage", help="A lineage: its registered model and runs.")]
 RunOpt = Annotated[str | None, typer.Option("--run", help="An MLflow pipeline run id (see the run's summary).")]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="A registered model: one line of comparable runs (rlhf-...).")
+]
 
 
 def open_tracking(
@@ -25,9 +28,12 @@ def open_tracking(
     """The config (with the lineage set) and an MLflow client on its tracking server and registry."""
     from mlflow.tracking import MlflowClient
 
+    from infra.mlflow_relocation import settle_local_store
+
     extra = [f"lineage={json.dumps(lineage)}"] if lineage is not None else []
     pipeline_config = load_or_exit(config, [*(overrides or []), *extra])
     tracking_uri = pipeline_config.tracking.resolved_uri()
+    settle_local_store(tracking_uri)
     return pipeline_config, MlflowClient(tracking_uri, registry_uri=tracking_uri), tracking_uri
 
 
@@ -47,6 +53,56 @@ def chosen_runs(client: MlflowClient, config: PipelineConfig, tracking_uri: str,
     if not runs:
         fail(f"no pipeline run in MLflow experiment {config.experiment!r} at {tracking_uri}: run `rlhf run` first", 2)
     return runs if config.lineage else runs[-1:]
+
+
+WHERE_TO_LOOK = ("tracking.", "storage.")  # --set keys that say where runs are, not which runs
+
+
+def chosen_line(
+    client: MlflowClient, config: PipelineConfig, tracking_uri: str, *, runs: list[Any], asked: bool
+) -> str:
+    """The registered model (one line of comparable runs) to export from: the run's; else the config's where one
+    was asked for (``asked``: --config, --lineage, or --set of anything but where to look); else the only line
+    registered. With several lines and nothing to choose by, or a config whose line has no model, it exits 2
+    listing the lines: it never picks one across lines."""
+    from infra import catalog
+    from infra.registry import TAG_LINE, lines
+
+    if runs:
+        tag = runs[0].data.tags.get(catalog.TAG_REGISTERED_MODEL)
+        if tag:
+            return json.loads(tag)["name"]
+        lineage = runs[0].data.tags.get(catalog.TAG_LINEAGE)
+        return f"rlhf-{lineage}" if lineage else "rlhf"  # registered before lines existed
+    found = {model.name: model for model in lines(client)}
+    if asked:
+        from flows.done import source_store_opener
+        from flows.publishing import model_line
+        from infra.sources import inputs_digest
+
+        name = model_line(config, inputs_digest(config.data, source_store_opener(config))).name
+        if name in found or config.lineage:
+            return name
+        problem = f"no run of this config's line ({name}) is registered in {tracking_uri}"
+    elif len(found) == 1:
+        return next(iter(found))
+    elif not found:
+        fail(f"no registered model of this pipeline in {tracking_uri}: run `rlhf run` first", 2)
+    else:
+        problem = (
+            f"{len(found)} lines of runs are registered in {tracking_uri}, each with its own champion, and their "
+            "numbers do not compare across lines"
+        )
+    listing = [
+        f"  {model.name}: "
+        + "; ".join(f"{k.removeprefix(TAG_LINE + '.')}: {v}" for k, v in model.tags.items() if k != TAG_LINE)
+        for model in found.values()
+    ]
+    fail(
+        f"{problem}; say which: --model NAME, --lineage NAME, --run RUN_ID, or the run's --config/--set. "
+        "Registered:\n" + "\n".join(listing),
+        2,
+    )
 
 
 def report(
@@ -77,6 +133,7 @@ def export(
     overrides: OverridesOpt = None,
     lineage: LineageOpt = None,
     run: RunOpt = None,
+    model: ModelOpt = None,
     iteration: Annotated[int | None, typer.Option(help="The policy of this iteration.")] = None,
     alias: Annotated[
         str | None, typer.Option(help="The version with this alias: champion (default) or newest.")
@@ -87,20 +144,23 @@ def export(
 ) -> None:
     """Write a registered policy as a Hugging Face folder (safetensors, config, tokenizer, generation config) with a
     model card: the champion by default (with --run, that run's final policy), or the version of --iteration or
-    --alias."""
+    --alias, of one line of comparable runs: --model's, --run's, --lineage's or the --config's; with several lines
+    registered and none of these given, it asks rather than guesses."""
     from mlflow.exceptions import MlflowException
 
     from infra.credentials import open_configured_store
     from infra.export import ExportError, export_policy
     from infra.export import push_to_hub as push
-    from infra.registry import CHAMPION, find_version, registered_model_name
+    from infra.registry import CHAMPION, find_version
     from infra.report import build_report
 
     if iteration is not None and alias is not None:
         fail("give --iteration or --alias, not both", 2)
     pipeline_config, client, tracking_uri = open_tracking(config, overrides, lineage)
     runs = chosen_runs(client, pipeline_config, tracking_uri, run) if run else []
-    name = registered_model_name(runs[0].data.tags.get("lineage") or None if runs else pipeline_config.lineage)
+    settings = [item.split("=", 1)[0] for item in overrides or []]
+    asked = config is not None or lineage is not None or any(not k.startswith(WHERE_TO_LOOK) for k in settings)
+    name = model or chosen_line(client, pipeline_config, tracking_uri, runs=runs, asked=asked)
     try:
         if run is not None and alias is None:  # the run's own policy: its last iteration's, or --iteration's
             version = find_version(client, name, iteration=iteration, run_id=run)

@@ -1,6 +1,10 @@
 """The model registry: each iteration's policy as an MLflow ``LoggedModel`` linked to its PPO run, and a version of
-the lineage's registered model (``rlhf-<lineage>``, ``rlhf`` without one) with the aliases ``newest`` (always) and
-``champion`` (only when the iteration beats the current champion on the configured metric).
+its line's registered model with the aliases ``newest`` (always) and ``champion`` (only when the iteration beats the
+current champion on the configured metric).
+
+A line (:class:`ModelLine`) is a set of runs whose numbers can be compared: the same base model, data and judge,
+evaluated the same way. Each line has its own registered model and champion, so a run on one dataset never takes
+the champion of another, and ``rlhf export`` never hands back a model of an unrelated run.
 
 Weights: a policy up to ``copy_weights_max_mb`` is copied into MLflow whole, so MLflow alone can serve it; a larger
 one is logged without its weight files and found by its object-store location, recorded on the model and version as
@@ -34,8 +38,30 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _NOT_IN_AN_EXPORT = ("MANIFEST.json", ".complete")  # the store's bookkeeping, not the model's
 
 
-def registered_model_name(lineage: str | None) -> str:
-    return f"rlhf-{lineage}" if lineage else "rlhf"
+TAG_LINE = "rlhf.line"  # on a registered model: its line's digest; rlhf.line.<what> say what the line holds
+
+
+@dataclass(frozen=True)
+class ModelLine:
+    """A line of comparable runs: one registered model (``name``) and one champion. ``digest`` identifies it;
+    ``about`` says what it holds (base model, data, judge, lineage), for people choosing between lines."""
+
+    name: str
+    digest: str
+    about: dict[str, str]
+
+    def tags(self) -> dict[str, str]:
+        return {TAG_LINE: self.digest, **{f"{TAG_LINE}.{k}": v for k, v in self.about.items()}}
+
+    def description(self) -> str:
+        held = "; ".join(f"{k}: {v}" for k, v in self.about.items())
+        return f"RLHF policies, a version per pipeline iteration, of one line of comparable runs ({held})."
+
+
+def lines(client: MlflowClient) -> list:
+    """The registered models that are lines of runs (made by this pipeline), by name."""
+    found = [m for m in client.search_registered_models(max_results=1000) if TAG_LINE in m.tags]
+    return sorted(found, key=lambda m: m.name)
 
 
 @dataclass(frozen=True)
@@ -143,24 +169,29 @@ def _champion(client: MlflowClient, name: str):
 def register_iteration(
     client: MlflowClient,
     *,
-    name: str,
+    line: ModelLine,
     model: LoggedModel,
     run_id: str,
     iteration: int,
     metrics: dict[str, float],
     champion_metric: str,
 ) -> Registration:
-    """A new version of ``name`` for ``model``, aliased ``newest``, and ``champion`` when its ``champion_metric``
-    is higher than the current champion's (or there is none, or the champion has no value for that metric)."""
+    """A new version of the line's registered model for ``model``, aliased ``newest``, and ``champion`` when its
+    ``champion_metric`` is higher than the current champion's (or there is none, or the champion has no value for
+    that metric)."""
     if champion_metric not in metrics:
         raise ValueError(
             f"tracking.champion_metric={champion_metric!r}: the iteration has no such metric (it has {sorted(metrics)})"
         )
+    name = line.name
     try:
-        client.create_registered_model(name, description="RLHF policies, a version per pipeline iteration.")
+        client.create_registered_model(name, tags=line.tags(), description=line.description())
     except MlflowException as e:
         if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
+        if TAG_LINE not in client.get_registered_model(name).tags:  # a lineage's model made before lines existed
+            for key, value in line.tags().items():
+                client.set_registered_model_tag(name, key, value)
     tags = {TAG_ITERATION: str(iteration), **{METRIC_TAG.format(name=k): repr(float(v)) for k, v in metrics.items()}}
     tags |= {k: v for k, v in model.tags.items() if k.startswith("rlhf.policy")}
     # The model's artifact location, not "models:/<id>": MLflow's SQL registry resolves that through the global

@@ -142,14 +142,15 @@ def test_people_label_each_iteration_through_the_cli_and_the_form(pipeline_env, 
     result = summary(tmp_path)
     assert [it["human_win_rate_vs_sft"] for it in result["iterations"]] == [1.0, 0.5]  # picked policy; all ties
     # where people judge, they pick the champion: iteration 2 is worse by their judgment, so it stays iteration 1's
+    name = result["registered_model"]["name"]
     assert result["champion"] == {
-        "name": "rlhf",
+        "name": name,
         "version": "1",
         "iteration": 1,
         "metric": "human_win_rate_vs_sft",
         "value": 1.0,
     }
-    assert result["registered_model"] == {"name": "rlhf", "version": "2", "alias": "newest"}
+    assert result["registered_model"] == {"name": name, "version": "2", "alias": "newest"}
     prefs = sorted(tmp_path.glob("rlhf-artifacts/pipelines/default/iteration-001/preferences-*/preferences.parquet"))
     table = pq.read_table(prefs[0]).to_pylist()
     assert {row["labeler"] for row in table} == {"ann@example.org", "bo@example.org"}

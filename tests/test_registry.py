@@ -13,6 +13,7 @@ from infra.registry import (
     CHAMPION,
     NEWEST,
     TAG_WEIGHTS,
+    ModelLine,
     PolicyLocation,
     find_version,
     log_policy_model,
@@ -55,7 +56,7 @@ def register(tracker: Tracker, policy_dir: Path, name: str, iteration: int, win_
         parent.log_metrics({"iteration/win_rate_vs_sft": win_rate}, step=iteration, model_id=model.model_id)
         registration = register_iteration(
             tracker.client,
-            name=name,
+            line=ModelLine(name, "0" * 64, {"data": "test"}),
             model=model,
             run_id=parent.run_id,
             iteration=iteration,
@@ -135,7 +136,7 @@ def test_an_unknown_champion_metric_names_the_setting(tracker: Tracker, policy_d
         with pytest.raises(ValueError, match="tracking.champion_metric='human_win_rate_vs_sft'"):
             register_iteration(
                 tracker.client,
-                name="rlhf-bad-metric",
+                line=ModelLine("rlhf-bad-metric", "1" * 64, {"data": "test"}),
                 model=model,
                 run_id=parent.run_id,
                 iteration=1,
