@@ -33,6 +33,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_I
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH  # noqa: E402
 from pydantic import BaseModel, SecretBytes, SecretStr  # noqa: E402
 
+from infra.mlflow_relocation import ARTIFACTS_DIR, settle_local_store, sqlite_path  # noqa: E402
+
 __all__ = [
     "DatasetRecord",
     "RunLogger",
@@ -132,12 +134,6 @@ def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
 
     visit(redact(config), prefix)
     return flat
-
-
-def _sqlite_path(tracking_uri: str) -> Path | None:
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    return Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
 class RunLogger:
@@ -259,13 +255,14 @@ class Tracker:
     """One MLflow experiment on one tracking server; hands out runs as :class:`RunLogger`."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None) -> None:
-        db_path = _sqlite_path(tracking_uri)
+        db_path = sqlite_path(tracking_uri)
         if db_path is not None:
             db_path.parent.mkdir(parents=True, exist_ok=True)
+            settle_local_store(tracking_uri)
             if artifact_location is None:
                 # Without an explicit location MLflow falls back to ./mlruns of the current directory.
                 folder = re.sub(r"[^\w.-]+", "_", experiment)
-                artifact_location = (db_path.parent.resolve() / "mlartifacts" / folder).as_uri()
+                artifact_location = (db_path.parent.resolve() / ARTIFACTS_DIR / folder).as_uri()
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.experiment_id = self._get_or_create_experiment(experiment, artifact_location)

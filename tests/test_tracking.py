@@ -241,3 +241,29 @@ def test_artifacts_stay_out_of_cwd(store: Store) -> None:
     assert store.run_artifacts(run.run_id).is_relative_to(store.artifact_root)
     assert not (store.cwd / "mlruns").exists()
     assert list(store.cwd.iterdir()) == []
+
+
+def test_a_copied_store_reads_and_writes_its_own_artifacts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A SQLite store copied to another folder (as ``cp -r`` of a run's folder does): opening it re-points every
+    artifact path at the copy, once; the original is left as it was."""
+    import shutil
+
+    original, copy = tmp_path / "a" / "rlhf-mlflow", tmp_path / "b" / "rlhf-mlflow"
+    tracker = Tracker(f"sqlite:///{original}/mlflow.db", "rlhf")
+    with tracker.run("first") as run:
+        run.log_dict({"x": 1}, "config.json")
+    shutil.copytree(original.parent, copy.parent)
+    held = sorted(p.relative_to(original) for p in original.rglob("*"))
+
+    moved = Tracker(f"sqlite:///{copy}/mlflow.db", "rlhf")
+    assert f"was copied or moved from {original.resolve()}" in capsys.readouterr().err
+    assert moved.artifact_location == (copy.resolve() / "mlartifacts" / "rlhf").as_uri()
+    first = moved.client.get_run(run.run_id).info.artifact_uri
+    assert first.startswith((copy.resolve() / "mlartifacts").as_uri())
+    assert json.loads(Path(moved.client.download_artifacts(run.run_id, "config.json", str(tmp_path))).read_text())
+    with moved.run("second") as second:
+        second.log_dict({"x": 2}, "config.json")
+    assert (copy / "mlartifacts" / "rlhf" / second.run_id / "artifacts" / "config.json").is_file()
+    assert sorted(p.relative_to(original) for p in original.rglob("*")) == held
+    Tracker(f"sqlite:///{copy}/mlflow.db", "rlhf")  # in place now: nothing more to do, nothing said
+    assert "copied or moved" not in capsys.readouterr().err
