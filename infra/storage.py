@@ -629,6 +629,22 @@ def upload_dir(
     return ArtifactRef(uri=store.full_uri(key), key=key, digest=digest)
 
 
+STORE_ID = "store-id.json"
+
+
+def store_identity(store: ObjectStore, prefix: str) -> str:
+    """A random id kept in the store under ``prefix`` (made on first use): it names this store's content wherever
+    the store lives, so a folder moved or copied whole keeps it, and a new store has its own. Prefect's cache keys
+    carry it, so a phase is served from cache only where its artifact can be (flows/pipeline.run_phase)."""
+    key = f"{prefix.strip('/')}/{STORE_ID}" if prefix.strip("/") else STORE_ID
+    try:
+        return json.loads(store.get_bytes(key))["id"]
+    except (ObjectNotFoundError, ValueError, KeyError, TypeError):
+        made = uuid.uuid4().hex
+        store.put_bytes(key, json.dumps({"id": made}).encode())
+        return made
+
+
 def read_manifest(store: ObjectStore, key: str) -> dict[str, Any] | None:
     """The artifact's manifest, None if it has none; IncompleteArtifactError if it is malformed."""
     key = _check_key(key)

@@ -81,6 +81,7 @@ class RunContext(BaseModel):
     )
     tracking: TrackingContext | None = None
     trust_remote_code: bool = False
+    store_id: str = Field("", description="The store's identity (infra.storage.store_identity), in cache keys.")
 
     @property
     def store(self) -> ObjectStore:
@@ -126,12 +127,16 @@ def phase_key(name: str, inputs: dict[str, Any]) -> str:
 
 def phase_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Prefect ``cache_key_fn``: the phase key of the task's arguments, less the run context except the key prefix
-    its artifacts go under. Where the store lives is left out: the same inputs make the same artifact key in any
-    store, and the flow looks a cached key up in the current store (flows/pipeline.run_phase)."""
+    its artifacts go under and the store's identity. Where the store lives is left out (a moved or copied store
+    keeps its identity, and stays cached); which store it is is not: a store that never held the phase's artifact
+    misses Prefect's cache and runs the phase once, rather than showing a cached stub and then the phase run again.
+    The artifact key itself is the same in any store."""
     inputs = {k: v for k, v in parameters.items() if k not in NOT_IN_CACHE_KEY}
     run = parameters.get("context")
     if run is not None:
         inputs["_prefix"] = run.prefix
+        if run.store_id:
+            inputs["_store"] = run.store_id
     return f"{context.task.name}-{phase_key(context.task.name, inputs)}"
 
 

@@ -58,8 +58,11 @@ def test_the_pipeline_completes_over_a_flaky_s3_with_every_artifact_whole(
     store = open_store(f"s3://{s3_bucket}")
     for key in manifests:
         download_dir(store, key, tmp_path / "check" / key)
-    # no stray, unsealed objects: besides the artifacts, only the run's record, one object naming all of them
-    (record,) = [k for k in keys if not any(k.startswith(m + "/") for m in manifests)]
+    # no stray, unsealed objects: besides the artifacts, only the store's identity and the run's record, one object
+    # naming all of them
+    others = [k for k in keys if not any(k.startswith(m + "/") for m in manifests)]
+    assert "rlhf/pipelines/default/store-id.json" in others
+    (record,) = [k for k in others if not k.endswith("/store-id.json")]
     assert record.startswith("rlhf/pipelines/default/runs/") and record.endswith(".json")
     artifacts = json.loads(client.get_object(Bucket=s3_bucket, Key=record)["Body"].read())["artifacts"]
     assert sorted(f"rlhf/{key}" for key in artifacts) == sorted(manifests)
