@@ -20,6 +20,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from infra import catalog
+from infra.mlflow_links import mlflow_experiment_url, mlflow_model_version_url, mlflow_run_url
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -71,13 +72,6 @@ class Report:
         return {n: (last.get(f"sft_gold/{n}", math.nan), last[f"gold/{n}"]) for n in names}
 
 
-def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
-    """The run's page in the MLflow UI, for an HTTP tracking server (a SQLite file has no UI of its own)."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return None
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
 def _iteration_rows(client: MlflowClient, run_ids: list[str]) -> list[dict[str, float]]:
     rows: dict[int, dict[str, float]] = {}
     for run_id in run_ids:  # oldest first: a later run's value for an iteration wins
@@ -122,6 +116,11 @@ def build_report(client: MlflowClient, runs: list[Any], tracking_uri: str) -> Re
     lineage = tags.get(catalog.TAG_LINEAGE) or None
     title = f"RLHF lineage {lineage}" if lineage and len(runs) > 1 else f"RLHF run {last.info.run_name}"
     links = {"MLflow run": mlflow_run_url(tracking_uri, last.info.experiment_id, run_id) or tracking_uri}
+    links |= {"MLflow experiment": url} if (url := mlflow_experiment_url(tracking_uri, last.info.experiment_id)) else {}
+    if catalog.TAG_CHAMPION in tags:
+        champion = json.loads(tags[catalog.TAG_CHAMPION])
+        url = mlflow_model_version_url(tracking_uri, champion["name"], str(champion["version"]))
+        links |= {f"Champion ({champion['name']} version {champion['version']})": url} if url else {}
     links |= {
         label: tags[tag]
         for label, tag in (
