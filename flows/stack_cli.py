@@ -63,6 +63,9 @@ def up(
     except StackError as e:
         fail(e, 1)
     console.print(_ui_table(services))
+    for service in services.values():
+        if service.note:
+            console.print(f"{service.name}: {service.note}", markup=False, highlight=False)
     for key, value in stack_env(state_dir).items():
         print(f"export {key}={shlex.quote(value)}")
 

@@ -36,6 +36,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from infra.pinned_env import LOCKS, PinnedEnv, PinnedEnvError
+from infra.s3_snapshot import load_bucket, save_bucket
 
 __all__ = [
     "DEFAULT_STATE",
@@ -52,6 +53,7 @@ HOST = "127.0.0.1"
 ORDER = ("s3", "prefect", "mlflow", "label-studio")  # start order; stopped together
 HEALTH_PATHS = {"s3": "/", "prefect": "/api/health", "mlflow": "/health", "label-studio": "/health"}
 LABEL_STUDIO = "label-studio==1.23.2"
+S3_SNAPSHOT = "s3-snapshot"  # moto's bucket, saved at `stack down` and loaded back at `stack up`
 # Label Studio's own virtualenv (about 1 GB, its pins its own): under the state folder unless this names one.
 LABEL_STUDIO_VENV_ENV = "RLHF_LABEL_STUDIO_VENV"
 MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
@@ -74,6 +76,7 @@ class Service:
     pid: int | None
     log: Path
     status: str = "started"  # "started", "already up" or "external"
+    note: str = ""  # what else happened to it (the S3 snapshot loaded back)
 
 
 @dataclass
@@ -383,7 +386,7 @@ def _env_for(stack: _Stack, services: dict[str, Service]) -> dict[str, str]:
         "PREFECT_API_URL": services["prefect"].url + "/api",
         "MLFLOW_TRACKING_URI": services["mlflow"].url,
         "AWS_ENDPOINT_URL": services["s3"].url,
-        "RLHF_STORAGE_URI": f"s3://{stack.bucket}/pipelines",
+        "RLHF_STORAGE_URI": f"s3://{stack.bucket}",  # storage.prefix (pipelines/default) says where in it
     }
     if "label-studio" in services:
         env |= {"LABEL_STUDIO_URL": services["label-studio"].url}
@@ -471,22 +474,44 @@ def _start_and_wait(
         record = running.get(plan.name) or started[plan.name]
         log = stack.state_dir / f"{plan.name}.log"
         _wait_healthy(plan, record, deadline, log)
+        note = ""
         if plan.name == "s3":
             _ensure_bucket(stack.s3_url, stack.bucket)
+            fresh_moto = plan.name not in running and stack.moto  # starts empty: what the last `down` saved goes back
+            if fresh_moto and (loaded := load_bucket(stack.s3_url, stack.bucket, stack.state_dir / S3_SNAPSHOT)):
+                note = f"{loaded} objects loaded back from {stack.state_dir / S3_SNAPSHOT}"
         status = "already up" if plan.name in running else "started"
-        services[plan.name] = Service(plan.name, record["port"], record["url"], record["pid"], log, status)
+        services[plan.name] = Service(plan.name, record["port"], record["url"], record["pid"], log, status, note)
     return services
 
 
 def stack_down(state_dir: Path = DEFAULT_STATE, timeout: float = 20) -> list[str]:
-    """Stop the processes recorded in the state folder (whole process groups); returns the names that were running."""
+    """Stop the processes recorded in the state folder (whole process groups); returns the names that were running.
+    moto's S3 holds objects in memory only: its bucket is saved to the state folder first (``S3_SNAPSHOT``), and the
+    next ``stack_up`` loads it back, as the stack's MLflow and Prefect databases keep pointing into it."""
     state_dir = Path(state_dir)
     records = _read_records(state_dir)
+    save_moto_bucket(state_dir, records)
     stopped = _stop_groups(records, timeout)
     for name in records:
         (state_dir / f"{name}.pid").unlink(missing_ok=True)
     (state_dir / "stack.json").unlink(missing_ok=True)
     return [name for name in ORDER if name in stopped] + sorted(set(stopped) - set(ORDER))
+
+
+def save_moto_bucket(state_dir: Path, records: dict[str, dict[str, Any]]) -> int:
+    """Save the bucket of a running moto S3 of this stack to ``state_dir / S3_SNAPSHOT``; how many objects."""
+    path = state_dir / "stack.json"
+    if "s3" not in records or not _is_ours(records["s3"]) or not path.exists():
+        return 0
+    config = json.loads(path.read_text())
+    if not config.get("moto"):
+        return 0
+    try:
+        return save_bucket(config["s3_endpoint"], config["bucket"], state_dir / S3_SNAPSHOT)
+    except Exception as e:  # keep the previous snapshot, and say why this one was not taken: stopping goes on
+        print(f"could not save the local S3 bucket to {state_dir / S3_SNAPSHOT}: {e}", file=sys.stderr)
+        return 0
 
 
 def stack_status(state_dir: Path = DEFAULT_STATE) -> dict[str, dict]:

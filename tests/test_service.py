@@ -123,9 +123,15 @@ def test_lineage_pointer_round_trip_and_checks(store: ObjectStore, tmp_path: Pat
 def test_lineage_cli_show_and_unlock(tmp_path: Path) -> None:
     where = ["--set", f"storage.uri={tmp_path / 'store'}"]
     lineage = Lineage(open_store(str(tmp_path / "store")), "pipelines/default", "nightly")
+    missing = CliRunner().invoke(app, ["lineage", "show", "nightly", *where])
+    looked = tmp_path / "store" / "pipelines" / "default" / "lineages"
+    assert missing.exit_code == 2 and f"lineage 'nightly' not found in {looked} (" in " ".join(missing.output.split())
     held = lineage.acquire("run-9")
-    shown = CliRunner().invoke(app, ["lineage", "show", "nightly", *where])
+    shown = CliRunner().invoke(app, ["lineage", "show", "nightly", "--json", *where])
     assert shown.exit_code == 0 and json.loads(shown.output)["lock"]["flow_run_id"] == "run-9"
+    brief = CliRunner().invoke(app, ["lineage", "show", "nightly", *where]).output
+    assert "iterations: none completed yet" in brief and f"held by {held.holder}" in brief
+    assert len(brief.splitlines()) == 3
     unlocked = CliRunner().invoke(app, ["lineage", "unlock", "nightly", *where])
     assert unlocked.exit_code == 0 and held.holder in unlocked.output.replace("\n", "")
     assert lineage.holder() is None
@@ -340,7 +346,8 @@ def _check_service(
     assert pointer.reward is not None and "/iteration-002/reward_model-" in pointer.reward["artifact"]["key"]
     s3 = boto3.client("s3")
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page["Contents"]]
-    artifacts = f"{root}/pipelines/default/"
+    artifacts = f"{root}/pipelines/default/".lstrip("/")
+    assert root == "" and all(k.startswith(("pipelines/default/", "mlflow/")) for k in keys), sorted(keys)[:5]
     folders = {k.removeprefix(artifacts).rsplit("-", 1)[0] for k in keys if k.endswith("MANIFEST.json")}
     assert folders == {"data/world", "sft/policy", "sft/baseline"} | {
         f"iteration-00{k}/{name}" for k in (1, 2) for name in ("preferences", "reward_model", "policy", "evaluation")
@@ -369,8 +376,12 @@ def _check_service(
     assert [m.step for m in client.get_metric_history(ppo.info.run_id, "ppo/kl")] == [1, 2]
     mlflow_objects = [k for k in keys if k.startswith("mlflow/")]
     assert any(k.endswith("plots/iterations.png") for k in mlflow_objects)  # proxied by the server into the bucket
-    shown = CliRunner().invoke(app, ["lineage", "show", LINEAGE], env={"RLHF_STORAGE_URI": stack["RLHF_STORAGE_URI"]})
+    at = {"RLHF_STORAGE_URI": stack["RLHF_STORAGE_URI"], "MLFLOW_TRACKING_URI": stack["MLFLOW_TRACKING_URI"]}
+    shown = CliRunner().invoke(app, ["lineage", "show", LINEAGE, "--json"], env=at)
     assert json.loads(shown.output)["latest"]["iteration"] == 2
+    brief = CliRunner().invoke(app, ["lineage", "show", LINEAGE], env=at).output
+    assert "iterations: 2 completed" in brief and f"champion: rlhf-{LINEAGE} version " in brief, brief
+    assert len(brief.splitlines()) <= 8
     _check_registry_export_and_report(tmp_path, env, stack, client, parents, (run1, run2))
 
 

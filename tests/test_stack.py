@@ -77,7 +77,7 @@ def test_stack_up_twice_then_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert env["PREFECT_API_URL"] == f"http://127.0.0.1:{prefect_port}/api"
         assert env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{mlflow_port}"
         assert env["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{s3_port}"
-        assert env["RLHF_STORAGE_URI"] == "s3://rlhf-artifacts/pipelines"
+        assert env["RLHF_STORAGE_URI"] == "s3://rlhf-artifacts"  # the prefix adds pipelines/default, once
 
         # The MLflow client needs no S3 credentials: artifacts go through the server into the bucket.
         for key in [k for k in os.environ if k.startswith("AWS_")]:
@@ -114,3 +114,31 @@ def test_stack_up_twice_then_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def _port_args(ports: dict[str, int]) -> list[str]:
     return [arg for key, port in ports.items() for arg in (f"--{key.replace('_', '-')}", str(port))]
+
+
+def test_what_the_local_s3_stored_survives_down_and_up(tmp_path: Path) -> None:
+    """moto keeps objects in memory: ``stack down`` saves the bucket beside the stack's databases and ``stack up``
+    loads it back, so the artifacts and lineage pointers the MLflow and Prefect databases point at are still there."""
+    prefect_port, mlflow_port, s3_port = free_ports(3)
+    ports = {"prefect_port": prefect_port, "mlflow_port": mlflow_port, "s3_port": s3_port}
+    state = tmp_path / "stack"
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{s3_port}",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    key = "pipelines/default/lineages/nightly/latest.json"
+    try:
+        stack_up(state, **ports, timeout=180)
+        s3.put_object(Bucket="rlhf-artifacts", Key=key, Body=b'{"iteration": 3}', ContentType="application/json")
+        s3.put_object(Bucket="rlhf-artifacts", Key="pipelines/default/a/b", Body=b"")  # an empty object, nested
+        assert sorted(stack_down(state, timeout=30)) == ["mlflow", "prefect", "s3"]
+        services = stack_up(state, **ports, timeout=180)
+        assert services["s3"].note == f"2 objects loaded back from {state.resolve() / 's3-snapshot'}"
+        assert s3.get_object(Bucket="rlhf-artifacts", Key=key)["Body"].read() == b'{"iteration": 3}'
+        assert s3.head_object(Bucket="rlhf-artifacts", Key=key)["ContentType"] == "application/json"
+        assert s3.get_object(Bucket="rlhf-artifacts", Key="pipelines/default/a/b")["Body"].read() == b""
+    finally:
+        stack_down(state, timeout=30)
