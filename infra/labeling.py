@@ -111,46 +111,74 @@ def _blank(value: Any) -> bool:
     )
 
 
+MAX_REPORTED_ROWS = 20  # bad rows named in one refusal; the rest are counted
+
+
+class _BadRow(Exception):
+    """One row's problem: the column at fault (or None) and what is wrong."""
+
+    def __init__(self, column: str | None, problem: str) -> None:
+        super().__init__(problem)
+        self.column, self.problem = column, problem
+
+
+def _label_of(row: dict[str, Any], batch_ids: set[str], seen: dict[tuple[str, str], int], number: int):
+    """The row's HumanLabel, or None for an unlabeled pair; _BadRow for the first problem in it."""
+    if unknown := sorted(set(row) - {*LABEL_COLUMNS, *PUBLIC_COLUMNS}):
+        raise _BadRow(
+            None,
+            f"unknown column(s) {unknown}; a labels file has pair_id, choice, labeler and optionally strength (the "
+            "exported prompt, response_a and response_b may stay)",
+        )
+    if missing := [c for c in ("pair_id", "choice", "labeler") if c not in row]:
+        raise _BadRow(None, f"missing column(s) {missing}; required: pair_id, choice, labeler")
+    if problem := bad_text(row["pair_id"]):
+        raise _BadRow("pair_id", problem)
+    pair_id = row["pair_id"].strip()
+    if pair_id not in batch_ids:
+        raise _BadRow("pair_id", f"{pair_id!r} is not a pair of this batch")
+    if _blank(row["choice"]) and _blank(row["labeler"]):
+        return None
+    choice = str(row["choice"]).strip().lower() if not _blank(row["choice"]) else ""
+    if choice not in CHOICES:
+        raise _BadRow("choice", f"{row['choice']!r} is not one of a, b, tie")
+    if problem := bad_text(row["labeler"]):
+        raise _BadRow("labeler", f"{problem} (who gave the label)")
+    labeler, strength = row["labeler"].strip(), None
+    if not _blank(row.get("strength")):
+        if choice == "tie":
+            raise _BadRow("strength", "a tie has no strength; leave it empty")
+        if isinstance(strength := _strength(row["strength"]), str):
+            raise _BadRow("strength", strength)
+    if (pair_id, labeler) in seen:
+        raise _BadRow("pair_id", f"{labeler!r} labeled {pair_id!r} already in row {seen[pair_id, labeler]}")
+    seen[pair_id, labeler] = number
+    return HumanLabel(pair_id, choice, labeler, strength)
+
+
 def check_labels(rows: Iterable[dict[str, Any]], batch_ids: set[str], source: str) -> tuple[list[HumanLabel], int]:
     """Labels from rows read from ``source`` (a file, or the form), checked against the batch's pair ids; a row
-    with neither a choice nor a labeler is an unlabeled pair and is skipped (counted). LabelError names the source,
-    the row (1-based) and the column of the first problem."""
-    labels, blank, seen = [], 0, {}
-    allowed = {*LABEL_COLUMNS, *PUBLIC_COLUMNS}
+    with neither a choice nor a labeler is an unlabeled pair and is skipped (counted). LabelError names the source
+    and every bad row (up to MAX_REPORTED_ROWS) with its column: a CSV's rows by the line a spreadsheet shows them
+    on (the header is line 1), others by row (1-based)."""
+    labels, blank, seen, bad = [], 0, {}, []
     for number, row in enumerate(rows, start=1):
-        where = f"{source}: row {number}"
-        if unknown := sorted(set(row) - allowed):
-            raise LabelError(
-                f"{where}: unknown column(s) {unknown}; a labels file has pair_id, choice, labeler and optionally "
-                "strength (the exported prompt, response_a and response_b may stay)"
-            )
-        if missing := [c for c in ("pair_id", "choice", "labeler") if c not in row]:
-            raise LabelError(f"{where}: missing column(s) {missing}; required: pair_id, choice, labeler")
-        if problem := bad_text(row["pair_id"]):
-            raise LabelError(f"{where}, column 'pair_id': {problem}")
-        pair_id = row["pair_id"].strip()
-        if pair_id not in batch_ids:
-            raise LabelError(f"{where}, column 'pair_id': {pair_id!r} is not a pair of this batch")
-        if _blank(row["choice"]) and _blank(row["labeler"]):
-            blank += 1
+        try:
+            label = _label_of(row, batch_ids, seen, number)
+        except _BadRow as e:
+            where = f"line {number + 1}" if source.endswith(".csv") else f"row {number}"
+            bad.append(f"{where}, column {e.column!r}: {e.problem}" if e.column else f"{where}: {e.problem}")
             continue
-        choice = str(row["choice"]).strip().lower() if not _blank(row["choice"]) else ""
-        if choice not in CHOICES:
-            raise LabelError(f"{where}, column 'choice': {row['choice']!r} is not one of a, b, tie")
-        if problem := bad_text(row["labeler"]):
-            raise LabelError(f"{where}, column 'labeler': {problem} (who gave the label)")
-        labeler, strength = row["labeler"].strip(), None
-        if not _blank(row.get("strength")):
-            if choice == "tie":
-                raise LabelError(f"{where}, column 'strength': a tie has no strength; leave it empty")
-            if isinstance(strength := _strength(row["strength"]), str):
-                raise LabelError(f"{where}, column 'strength': {strength}")
-        if (pair_id, labeler) in seen:
-            raise LabelError(
-                f"{where}, column 'pair_id': {labeler!r} labeled {pair_id!r} already in row {seen[pair_id, labeler]}"
-            )
-        seen[pair_id, labeler] = number
-        labels.append(HumanLabel(pair_id, choice, labeler, strength))
+        if label is None:
+            blank += 1
+        else:
+            labels.append(label)
+    if len(bad) == 1:
+        raise LabelError(f"{source}: {bad[0]}")
+    if bad:
+        shown = bad[:MAX_REPORTED_ROWS]
+        more = f"\n  ... and {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
+        raise LabelError(f"{source}: {len(bad)} rows are not accepted:\n  " + "\n  ".join(shown) + more)
     return labels, blank
 
 

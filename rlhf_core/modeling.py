@@ -27,6 +27,7 @@ from transformers import (
 
 from rlhf_core.config import AttnImplementation, RewardPooling
 from rlhf_core.engine import module_device
+from rlhf_core.load_report import quiet_head_swap_reports
 from rlhf_core.losses import entropy_from_logits, selective_log_softmax
 
 
@@ -73,7 +74,9 @@ def load_scorer(
     path: str | Path, trust_remote_code: bool = False, *, attn_implementation: AttnImplementation = "sdpa"
 ) -> PreTrainedModel:
     """A sequence-classification model with one output: a reward model, or a critic started from one, loaded as
-    :func:`load_policy` loads. A causal LM checkpoint gets a freshly initialized scalar head."""
+    :func:`load_policy` loads. A causal LM checkpoint gets a freshly initialized scalar head (transformers' report of
+    that is kept out of the logs: :mod:`rlhf_core.load_report`)."""
+    quiet_head_swap_reports()
     model = AutoModelForSequenceClassification.from_pretrained(
         str(path),
         num_labels=1,

@@ -168,7 +168,7 @@ def human_preferences_task(
     with phase_workspace(context, PREFERENCES, key, iteration=iteration, params=params) as work:
         preferences, stats = preferences_from_labels(pairs, human_labels)
         write_rows(work.out_dir / PAIRS_FILE, [dataclasses.asdict(p) for p in preferences])
-        work.log(stats, iteration)
+        work.log({k: v for k, v in stats.items() if v == v}, iteration)  # NaN: undefined (one labeler), not logged
         return publish(
             context,
             key,

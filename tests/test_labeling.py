@@ -208,3 +208,22 @@ def test_simulated_and_human_settings_stay_out_of_each_others_cache_key():
     assert human.cache_identity() == PreferenceConfig(source="human", label_timeout_s=5).cache_identity()
     assert human.cache_identity() != PreferenceConfig(source="human", min_labeled_fraction=0.5).cache_identity()
     assert simulated.cache_identity() != human.cache_identity()
+
+
+def test_every_bad_row_is_named_by_the_line_a_spreadsheet_shows(tmp_path):
+    """A CSV's header is line 1, so data row k is line k + 1; every bad row is reported (up to a cap), not the
+    first alone."""
+    path = tmp_path / "labels.csv"
+    lines = ["pair_id,choice,labeler", "b1-00000,a,ann", "b1-00001,c,ann", "b9-00009,a,ann", "b1-00002,tie,"]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(LabelError) as caught:
+        read_labels_file(path, IDS)
+    assert str(caught.value) == (
+        f"{path}: 3 rows are not accepted:\n"
+        "  line 3, column 'choice': 'c' is not one of a, b, tie\n"
+        "  line 4, column 'pair_id': 'b9-00009' is not a pair of this batch\n"
+        "  line 5, column 'labeler': missing value (null or NaN) (who gave the label)"
+    )
+    many = [{**GOOD, "pair_id": f"b9-{k:05d}"} for k in range(25)]
+    with pytest.raises(LabelError, match=r"25 rows are not accepted:(\n  row \d+, .*){20}\n  \.\.\. and 5 more$"):
+        check_labels(many, IDS, "the form's choices")
