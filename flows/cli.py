@@ -7,6 +7,7 @@ import contextlib
 import gc
 import importlib
 import json
+import logging
 import os
 import sys
 import typing
@@ -63,29 +64,54 @@ def main(
     """RLHF pipeline commands."""
 
 
-def summary_table(summary: dict[str, Any]) -> Table:
-    table = Table(title="RLHF iterations (evaluation on held-out prompts)")
-    headers = {
-        "iteration": "iter",
-        "win_rate_vs_sft": "win vs SFT",
-        "win_rate_stderr": "± s.e.",
-        "gold_reward": "gold",
-        "reward": "RM score",
-        "kl": "KL",
-        "entropy": "entropy",
-        "response_length": "length",
-        "rm_val_accuracy": "RM val acc",
-        "labeler_agreement": "agreement",
-        "human_win_rate_vs_sft": "human win",
-    }
-    columns = [c for c in headers if any(c in row for row in summary["iterations"]) or c == "iteration"]
-    for column in columns:
-        table.add_column(headers[column], justify="right")
+SUMMARY_HEADERS = {
+    "iteration": "iter",
+    "win_rate_vs_sft": "win vs SFT",
+    "win_rate_stderr": "± s.e.",
+    "gold_reward": "gold",
+    "reward": "RM score",
+    "kl": "KL",
+    "entropy": "entropy",
+    "response_length": "length",
+    "rm_val_accuracy": "RM val acc",
+    "labeler_agreement": "agreement",
+    "human_win_rate_vs_sft": "human win",
+}
+NO_AGREEMENT = "agreement n/a: no pair was labeled by two labelers (one labeler)"
+
+
+def _cell(column: str, value: float) -> str:
+    return "n/a" if column == "labeler_agreement" and value != value else f"{value:.3f}"  # NaN: nothing overlapped
+
+
+def summary_table(summary: dict[str, Any], width: int = 80) -> list[Table]:
+    """The run's table: a row for SFT and one per iteration, every number whole. Columns that do not fit ``width``
+    go into a further table (each with the iteration column), so a number is never cut short."""
+    columns = [c for c in SUMMARY_HEADERS if any(c in row for row in summary["iterations"]) or c == "iteration"]
     at_sft = {"win_rate_vs_sft": "0.500", "gold_reward": f"{summary['sft']['gold_reward']:.3f}"}
-    table.add_row("SFT", *(at_sft.get(c, "-") for c in columns[1:]))
-    for row in summary["iterations"]:
-        table.add_row(str(row["iteration"]), *(f"{row[c]:.3f}" for c in columns[1:]))
-    return table
+    rows = [["SFT", *(at_sft.get(c, "-") for c in columns[1:])]]
+    rows += [[str(row["iteration"]), *(_cell(c, row[c]) for c in columns[1:])] for row in summary["iterations"]]
+    widths = [max(len(SUMMARY_HEADERS[c]), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    groups: list[list[int]] = [[0]]
+    used = 4 + widths[0] + 3  # the table's borders and the iteration column with its padding
+    for index in range(1, len(columns)):
+        if used + widths[index] + 3 > width and len(groups[-1]) > 1:
+            groups.append([0])
+            used = 4 + widths[0] + 3
+        groups[-1].append(index)
+        used += widths[index] + 3
+    tables = []
+    for number, group in enumerate(groups):
+        title = "RLHF iterations (evaluation on held-out prompts)" if number == 0 else None
+        table = Table(title=title)
+        for index in group:
+            table.add_column(SUMMARY_HEADERS[columns[index]], justify="right", no_wrap=True, min_width=widths[index])
+        for row in rows:
+            table.add_row(*(row[index] for index in group))
+        tables.append(table)
+    if any("n/a" in row for row in rows):
+        tables[-1].caption = NO_AGREEMENT
+    return tables
 
 
 class PhaseBars:
@@ -119,16 +145,35 @@ class PhaseBars:
 
 def quiet_prefect() -> None:
     """Only warnings from Prefect: the terminal is the progress bars'."""
-    import logging
-
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class _NoTraceback(logging.Filter):
+    """Drops the traceback from a console line whose exception is one of ``kinds``: failures the CLI says in full
+    itself, so Prefect's line about the failed flow run stays one line (Prefect's UI keeps the traceback)."""
+
+    def __init__(self, kinds: tuple[type[BaseException], ...]) -> None:
+        super().__init__()
+        self.kinds = kinds
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], self.kinds):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def no_traceback_for(kinds: tuple[type[BaseException], ...]) -> None:
+    """Install :class:`_NoTraceback` on Prefect's console handlers (those of the root logger)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.addFilter(_NoTraceback(kinds))
+
+
 def quiet_libraries() -> None:
     """Leave the terminal to the progress bars: only warnings from transformers and MLflow (and Prefect)."""
-    import logging
-
     import mlflow  # noqa: F401  (its import sets its loggers' level: set ours after it)
     import transformers
 
@@ -143,8 +188,6 @@ def import_phase_dependencies() -> None:
     imports in a model's first ``save_pretrained`` to tell whether the model is wrapped in one of its engines: together
     about a second of the first run's phases otherwise. Quietly: DeepSpeed warns on import that it found no GPU, which
     concerns its engines, not this import."""
-    import logging
-
     logging.disable(logging.WARNING)
     try:
         for name in ("matplotlib.figure", "deepspeed"):
@@ -170,8 +213,6 @@ def temporary_prefect_server() -> Iterator[PrefectReady]:
     if PREFECT_API_URL.value():
         yield lambda timeout=None: True  # a configured server answers
         return
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
     from prefect.server.api.server import SubprocessASGIServer  # imported here: the thread below imports nothing
 
     server = SubprocessASGIServer()
@@ -185,11 +226,40 @@ def temporary_prefect_server() -> Iterator[PrefectReady]:
     try:
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             yield ready
-    finally:
-        starting.join()
-        APILogWorker.drain_all(timeout=5)
-        EventsWorker.drain_all(timeout=5)
-        server.stop()
+    except BaseException:
+        if starting.is_alive():  # refused while the server was still starting (bad input): nothing ran on it
+            _abandon(server)
+            raise
+        _stop(server, starting)
+        raise
+    _stop(server, starting)
+
+
+def _stop(server: Any, starting: Any) -> None:
+    """Drain Prefect's log and event workers into the temporary server once it has started, then stop it."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    starting.join()
+    APILogWorker.drain_all(timeout=5)
+    EventsWorker.drain_all(timeout=5)
+    server.stop()
+
+
+def _abandon(server: Any, wait_s: float = 5.0) -> None:
+    """Kill a temporary server that is still starting, without waiting for it to answer first (tens of seconds on a
+    fresh database): a run refused for its input then fails in seconds. Its starting thread, a daemon, is left
+    polling the dead process until the interpreter exits; Prefect's own exit handler for it is dropped, as that
+    would pull the process out from under the thread."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while server.server_process is None and time.monotonic() < deadline:  # the thread launches it first thing
+        time.sleep(0.05)
+    if server.server_process is not None:
+        server.server_process.kill()
+        server.server_process.wait()
+    atexit.unregister(server.stop)
 
 
 @app.command()
@@ -233,8 +303,12 @@ def run_pipeline(config: PipelineConfig, prefect_ready: PrefectReady, *, verbose
     from infra.labeling import LabelTimeout
     from infra.storage import StorageError
     from rlhf_core.checkpoint import DivergenceError
+    from rlhf_core.judge import JudgeError
     from tasks.common import PROGRESS_HOOKS
 
+    said_in_full = (StorageError, DivergenceError, LabelTimeout, JudgeError)
+    if not verbose:
+        no_traceback_for(said_in_full)
     if config.storage.aws_credentials_block:  # the checks read the block from Prefect
         prefect_ready()
     try:
@@ -256,20 +330,43 @@ def run_pipeline(config: PipelineConfig, prefect_ready: PrefectReady, *, verbose
         PROGRESS_HOOKS.append(bars)
         try:
             return rlhf_pipeline(config)
-        except (StorageError, DivergenceError, LabelTimeout) as e:  # said in full already: no traceback
+        except said_in_full as e:  # said in full already: no traceback
             fail(e, 1)
         finally:
             PROGRESS_HOOKS.remove(bars)
             bars.finish()
 
 
+def mlflow_pointers(summary: dict[str, Any]) -> list[str]:
+    """Where to look in the MLflow UI: the runs table and the champion, as links that open on the training view (a
+    local store: the command that serves it, then the same pages there)."""
+    from infra.mlflow_links import LOCAL_UI, mlflow_experiment_url, mlflow_model_version_url
+
+    uri, experiment = summary["mlflow_tracking_uri"], summary.get("mlflow_experiment_id")
+    champion = summary.get("champion") or {}
+    ui, lines = uri, ["MLflow UI, on its training view:"]
+    if not uri.startswith(("http://", "https://")):
+        ui = LOCAL_UI
+        lines = [f"MLflow UI: run .venv/bin/mlflow ui --backend-store-uri {uri}, then open:"]
+    if experiment is not None:
+        lines.append(f"  runs: {mlflow_experiment_url(ui, str(experiment))}")
+    if champion.get("name"):
+        lines.append(f"  champion: {mlflow_model_version_url(ui, champion['name'], str(champion['version']))}")
+    return lines
+
+
 def show_summary(summary: dict[str, Any], json_path: Path | None) -> None:
     """A run's table, where its results are, and its summary as JSON at ``json_path``."""
-    console.print(summary_table(summary))
+    for table in summary_table(summary, console.width):
+        console.print(table)
     console.print(
         f"artifacts: {summary['artifacts_uri']}\nMLflow: {summary['mlflow_tracking_uri']} "
-        f"(run {summary['mlflow_run_id']})\nPrefect flow run: {summary['prefect_flow_run_id']}"
+        f"(run {summary['mlflow_run_id']})\nPrefect flow run: {summary['prefect_flow_run_id']}",
+        markup=False,
+        highlight=False,
     )
+    for line in mlflow_pointers(summary):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(summary, indent=2))
@@ -289,8 +386,7 @@ def report_finished_run(config: PipelineConfig, json_path: Path | None) -> bool:
     except StorageError as e:  # a missing bucket, denied access: the run would stop on it too, after a second request
         fail(e, 2)
     if record is None:
-        if why.startswith("the run that did it"):
-            console.print(f"running: {why}")
+        console.print(f"running: {why}")
         return False
     summary = record.summary | {"up_to_date": True, "phases": dict.fromkeys(record.summary["phases"], "Up to date")}
     console.print(
@@ -353,10 +449,58 @@ def _lineage(name: str, config: Path | None, overrides: list[str] | None) -> Lin
 
 @lineage_app.command("show")
 def lineage_show(
-    name: Annotated[str, typer.Argument(help="Lineage name.")], config: ConfigOpt = None, overrides: OverridesOpt = None
+    name: Annotated[str, typer.Argument(help="Lineage name.")],
+    config: ConfigOpt = None,
+    overrides: OverridesOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The pointer and the lock, whole, as JSON.")] = False,
 ) -> None:
-    """Print where the lineage stands (its latest.json) and who holds its lock, as JSON."""
-    print(json.dumps(_lineage(name, config, overrides).describe(), indent=2))
+    """Where the lineage stands, in a few lines: its iterations, latest policy, champion, last run, lock, and the
+    store it was looked up in. A lineage the store does not know is an error naming the store (exit 2)."""
+    lineage = _lineage(name, config, overrides)
+    described = lineage.describe()
+    latest, lock = described["latest"], described["lock"]
+    where = lineage.store.full_uri(lineage.key.rsplit("/", 1)[0] + "/")
+    if latest is None and lock is None:
+        fail(
+            f"lineage {name!r} not found in {where} (no latest.json, no lock): a lineage appears there once its first "
+            "run completes. Runs on another store? Name it with --set storage.uri=... or RLHF_STORAGE_URI",
+            2,
+        )
+    if as_json:
+        print(json.dumps(described, indent=2))
+        return
+    console.print(f"lineage {name}  (looked up in {where})", markup=False, highlight=False)
+    if latest is None:
+        console.print("  iterations: none completed yet", markup=False, highlight=False)
+    else:
+        shown = {
+            "iterations": f"{latest['iteration']} completed; a next run starts at iteration {latest['iteration'] + 1}",
+            "latest policy": latest["policy"]["artifact"]["uri"],
+            "last run": f"{latest.get('updated_at', '?')}: Prefect flow run {latest.get('flow_run_id') or '-'}, "
+            f"MLflow run {latest.get('mlflow_run_id') or '-'}",
+            "champion": _lineage_champion(name, config, overrides),
+        }
+        for label, value in shown.items():
+            console.print(f"  {label}: {value}", markup=False, highlight=False)
+    held = "free"
+    if lock:
+        held = f"held by {lock['holder']} since {lock['created_at']} (flow run {lock['flow_run_id'] or '-'})"
+    console.print(f"  lock: {held}", markup=False, highlight=False)
+
+
+def _lineage_champion(name: str, config: Path | None, overrides: list[str] | None) -> str:
+    """The lineage's champion version in its MLflow registry, or why it cannot be told."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from infra.registry import CHAMPION, TAG_ITERATION, find_version
+
+    tracking_uri = load_or_exit(config, overrides or []).tracking.resolved_uri()
+    try:
+        version = find_version(MlflowClient(tracking_uri, registry_uri=tracking_uri), f"rlhf-{name}", alias=CHAMPION)
+    except (LookupError, MlflowException, OSError) as e:
+        return f"none found in {tracking_uri} ({str(e).splitlines()[0][:120]})"
+    return f"rlhf-{name} version {version.version} (iteration {version.tags.get(TAG_ITERATION, '?')})"
 
 
 @lineage_app.command("unlock")

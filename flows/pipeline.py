@@ -26,10 +26,10 @@ from infra.credentials import open_configured_store
 from infra.datasets import read_rows
 from infra.deepspeed_engine import quiet_unused_deepspeed
 from infra.lineage import Lineage, LineagePointer
-from infra.registry import Registration
-from infra.report import mlflow_run_url
+from infra.mlflow_links import mlflow_run_url
+from infra.registry import ModelLine, Registration
 from infra.sources import inputs_digest
-from infra.storage import is_complete
+from infra.storage import is_complete, store_identity
 from infra.tracking import RunLogger, Tracker
 from infra.user_data import base_tokenizer, check_data
 from tasks.common import PhaseOutput, RunContext, TrackingContext, fetch
@@ -288,12 +288,18 @@ def start_or_resume(
 
 
 def record_iteration(
-    tracker: Tracker, parent: RunLogger, *, context: RunContext, result: IterationResult, config: PipelineConfig
+    tracker: Tracker,
+    parent: RunLogger,
+    *,
+    context: RunContext,
+    result: IterationResult,
+    config: PipelineConfig,
+    line: ModelLine,
 ) -> tuple[dict[str, float], Registration]:
     """The iteration's policy logged and registered, its summary row and sample completions logged to the pipeline
     run, its preferences as an input, and its Prefect artifacts."""
     iteration = result.state.iteration
-    registration = publishing.register_policy(tracker, parent, context=context, result=result, config=config)
+    registration = publishing.register_policy(tracker, parent, context=context, result=result, config=config, line=line)
     row, _ = publishing.iteration_metrics(result)
     samples = read_rows(fetch(context, result.evaluation) / SAMPLES_FILE)[: config.evaluation.n_samples_logged]
     parent.log_table(samples, catalog.SAMPLES_ARTIFACT.format(iteration=iteration))
@@ -317,7 +323,7 @@ def finish(
     """Tag the run with where its model is, publish its report, and move the lineage's pointer, the run's last
     write."""
     parent.set_tags(publishing.final_tags(registration, artifacts_uri=artifacts_uri, policy_uri=state.policy.ref.uri))
-    publishing.publish_report(tracker, parent, lineage.name if lineage else None)
+    publishing.publish_report(tracker, parent, registration.name)
     if lineage is not None:
         pointer = state.model_dump(mode="json") | {"lineage": lineage.name, "flow_run_id": str(flow_run.get_id() or "")}
         lineage.advance(LineagePointer.model_validate(pointer | {"mlflow_run_id": parent.run_id}))
@@ -355,6 +361,9 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
             prefix=config.storage.prefix,
             aws_credentials_block=config.storage.aws_credentials_block,
             trust_remote_code=config.trust_remote_code,
+            store_id=store_identity(
+                open_configured_store(config.storage.uri, config.storage.aws_credentials_block), config.storage.prefix
+            ),
             tracking=TrackingContext(
                 tracking_uri=tracking_uri,
                 experiment=config.experiment,
@@ -364,6 +373,7 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
         )
         phases: dict[str, str] = {}
         inputs = inputs_digest(config.data, source_store_opener(config))
+        line = publishing.model_line(config, inputs)
         state = start_or_resume(config, context, lineage, phases, inputs=inputs)
         tracker.log_datasets(parent.run_id, publishing.data_datasets(context.store, state.data))
         baseline = run_phase(  # iteration 0's seed: the SFT model's responses, the same for every iteration
@@ -387,10 +397,12 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
             state, phases = result.state, phases | result.phases
             made += [result.new_preferences, state.reward, state.policy, result.evaluation, result.human_evaluation]
             alarms += publishing.alarms_of(iteration, state.policy)
-            row, registration = record_iteration(tracker, parent, context=context, result=result, config=config)
+            row, registration = record_iteration(
+                tracker, parent, context=context, result=result, config=config, line=line
+            )
             history.append(row)
             publishing.iteration_artifacts(
-                lineage=config.lineage,
+                line=line.name,
                 history=history,
                 samples=read_rows(fetch(context, result.evaluation) / SAMPLES_FILE),
                 mlflow_url=run_url,
@@ -404,6 +416,7 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
             "iterations": history,
             "lineage": config.lineage,
             "mlflow_tracking_uri": tracking_uri,
+            "mlflow_experiment_id": tracker.experiment_id,
             "mlflow_run_id": parent.run_id,
             "prefect_flow_run_id": flow_run_id,
             "artifacts_uri": artifacts_uri,

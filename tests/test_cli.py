@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -100,3 +101,46 @@ def test_the_phases_late_imports_are_made_early_and_quietly() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "WARNING" not in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_the_results_table_never_cuts_a_number_and_says_why_agreement_is_missing() -> None:
+    from rich.console import Console
+
+    from flows.cli import summary_table
+
+    row = {"iteration": 1, "win_rate_vs_sft": 0.806, "win_rate_stderr": 0.025, "gold_reward": -1.234, "kl": 12.346}
+    row |= {"reward": 10.125, "entropy": 1.234, "response_length": 10.125, "rm_val_accuracy": 0.7}
+    row |= {"labeler_agreement": float("nan"), "human_win_rate_vs_sft": 0.5}
+    summary = {"sft": {"gold_reward": -12.345}, "iterations": [row, row | {"iteration": 12, "reward": -100.125}]}
+    for width in (60, 80, 200):
+        console = Console(width=width, record=True, color_system=None)
+        for table in summary_table(summary, width):
+            console.print(table)
+        text = console.export_text()
+        assert "…" not in text and max(len(line) for line in text.splitlines()) <= width
+        for number in ("0.806", "0.025", "-1.234", "-12.345", "10.125", "-100.125", "12.346", "0.700", "0.500"):
+            assert number in text, (width, number)
+        assert " nan " not in text and "n/a" in text and "(one labeler)" in " ".join(text.split())
+
+
+def test_input_refused_while_the_temporary_server_starts_does_not_wait_for_it(tmp_path) -> None:
+    """A run refused for its input leaves at once: the temporary Prefect server, still starting on a fresh database,
+    is killed rather than waited for (tens of seconds) and then stopped."""
+    script = """
+import json, psutil
+from flows.cli import temporary_prefect_server
+try:
+    with temporary_prefect_server() as ready:
+        starting = not ready(0)
+        raise ValueError("bad input")
+except ValueError:
+    pass
+alive = [p.pid for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != "zombie"]
+print(json.dumps({"starting_when_refused": starting, "answered": ready(0), "children": alive}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {"starting_when_refused": True, "answered": False, "children": []}, done.stderr[-500:]

@@ -186,22 +186,28 @@ def test_run_registers_each_policy_and_records_provenance(first_run: dict, pipel
     # a version per iteration; the champion is the first best iteration on the gold win rate, "newest" the last
     win_rates = [row["win_rate_vs_sft"] for row in result["iterations"]]
     best = win_rates.index(max(win_rates)) + 1
-    versions = {int(v.tags["rlhf.iteration"]): str(v.version) for v in client.search_model_versions("name = 'rlhf'")}
+    name = result["registered_model"]["name"]  # the line's: the toy world's tiny Llama, its data and judge
+    assert re.fullmatch(r"rlhf-toy-world-[0-9a-f]{8}", name)
+    line = client.get_registered_model(name).tags
+    assert (
+        line["rlhf.line.data"] == "the toy world (seed 0)" and line["rlhf.line.judge"] == "the toy world's gold judge"
+    )
+    versions = {int(v.tags["rlhf.iteration"]): str(v.version) for v in client.search_model_versions(f"name = '{name}'")}
     assert sorted(versions) == [1, 2]
     assert result["registered_model"] == {
-        "name": "rlhf",
+        "name": name,
         "version": versions[2],
         "alias": "champion" if best == 2 else "newest",
     }
     assert result["champion"] == {
-        "name": "rlhf",
+        "name": name,
         "version": versions[best],
         "iteration": best,
         "metric": "win_rate_vs_sft",
         "value": pytest.approx(max(win_rates)),
     }
-    assert str(client.get_model_version_by_alias("rlhf", "champion").version) == versions[best]
-    assert str(client.get_model_version_by_alias("rlhf", "newest").version) == versions[2]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == versions[best]
+    assert str(client.get_model_version_by_alias(name, "newest").version) == versions[2]
 
     # inputs with content digests, provenance tags, system metrics, the report as description and artifact
     inputs = {i.dataset.name: i.dataset.digest for i in parent.inputs.dataset_inputs}
@@ -217,15 +223,18 @@ def test_run_registers_each_policy_and_records_provenance(first_run: dict, pipel
     assert "## Iterations" in note and f"{result['iterations'][-1]['win_rate_vs_sft']:.3f}" in note
     assert {"report.html", "config.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
-    # Prefect: per iteration a table, samples and links under stable keys (the table's history: one per iteration)
+    # Prefect: per iteration a table, samples and links under the line's stable keys (the table's history: one per
+    # iteration)
     artifacts = prefect_artifacts(pipeline_env, result["prefect_flow_run_id"])
-    keys = [a["key"] for a in artifacts]
-    assert sorted(set(keys)) == ["rlhf-iterations", "rlhf-mlflow-run", "rlhf-policy", "rlhf-report", "rlhf-samples"]
-    assert keys.count("rlhf-iterations") == 2 and keys.count("rlhf-report") == 1
-    table = json.loads(max((a for a in artifacts if a["key"] == "rlhf-iterations"), key=lambda a: a["created"])["data"])
+    keys = [a["key"].removeprefix(f"{name}-") for a in artifacts]
+    assert sorted(set(keys)) == ["iterations", "mlflow-run", "policy", "report", "samples"]
+    assert keys.count("iterations") == 2 and keys.count("report") == 1
+    table = json.loads(
+        max((a for a in artifacts if a["key"] == f"{name}-iterations"), key=lambda a: a["created"])["data"]
+    )
     assert [row["iteration"] for row in table] == [1, 2]
     assert table[-1]["win_rate_vs_sft"] == pytest.approx(win_rates[-1], abs=1e-4)
-    policy_links = [a["data"] for a in artifacts if a["key"] == "rlhf-policy"]
+    policy_links = [a["data"] for a in artifacts if a["key"] == f"{name}-policy"]
     assert any(result["final_policy_uri"] in link for link in policy_links)
 
 
@@ -276,6 +285,40 @@ def test_export_writes_a_loadable_model_with_its_card(first_run: dict, workdir: 
     assert not (workdir / "x").exists()
 
 
+def test_runs_on_other_data_are_another_line_and_export_never_guesses_across_lines(
+    first_run: dict, workdir: Path, pipeline_env: dict, tmp_path: Path
+):
+    """Two lines in one MLflow store (the first run's world, and the world of seed 1): each has its own registered
+    model and champion, and ``rlhf export`` exports from the line it is told, refusing to pick one by itself."""
+    where = ["tracking.uri=" + f"sqlite:///{tmp_path}/mlflow.db", f"storage.uri={workdir}/rlhf-artifacts"]
+    rlhf_run(pipeline_env, tmp_path, *where, "iterations=1")  # the first run's line: its phases all cached
+    first = summary(tmp_path)
+    rlhf_run(pipeline_env, tmp_path, *where, "iterations=1", "seed=1")
+    other = summary(tmp_path)
+    one, two = first["registered_model"]["name"], other["registered_model"]["name"]
+    assert one == first_run["registered_model"]["name"] and two != one  # the same line as the first run's; another
+    assert first["champion"]["name"] == one and other["champion"] == other["champion"] | {"name": two, "version": "1"}
+
+    tracking = ["--set", where[0]]
+    out = tmp_path / "export"
+    refused = rlhf(pipeline_env, tmp_path, "export", "--out", str(out), *tracking)
+    assert refused.returncode == 2 and "2 lines of runs are registered" in refused.stderr, refused.stderr[-2000:]
+    assert f"{one}: base_model: the toy world's tiny Llama; data: the toy world (seed 0)" in refused.stderr
+    assert f"{two}: base_model: the toy world's tiny Llama; data: the toy world (seed 1)" in refused.stderr
+    assert not out.exists()
+    for selector, line in (
+        (["--model", one], one),
+        (["--run", other["mlflow_run_id"]], two),
+        ([f"--set={item}" for item in [*TINY, "seed=1"]], two),  # the run's own settings name its line
+    ):
+        target = tmp_path / f"export-{len(list(tmp_path.glob('export-*')))}"
+        done = rlhf(pipeline_env, tmp_path, "export", "--out", str(target), *selector, *tracking)
+        assert done.returncode == 0 and f"exported {line} version" in done.stdout, done.stderr[-2000:]
+    unknown = rlhf(pipeline_env, tmp_path, "export", "--out", str(out), "--set", "seed=7", *tracking)
+    assert unknown.returncode == 2 and "no run of this config's line (rlhf-toy-world-" in unknown.stderr
+    assert not out.exists()
+
+
 def test_report_renders_in_a_real_browser(first_run: dict, workdir: Path, pipeline_env: dict):
     page = workdir / "report.html"
     tracking = f"tracking.uri={first_run['mlflow_tracking_uri']}"
@@ -320,6 +363,25 @@ asyncio.run(main())
     return [a for a in json.loads(proc.stdout.strip().splitlines()[-1]) if a["flow_run_id"] == flow_run_id]
 
 
+def task_run_names(env: dict, flow_run_id: str) -> list[str]:
+    """The names of the task runs of a flow run (not of its subflows), read through Prefect's API."""
+    code = f"""
+import asyncio, json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+async def main():
+    async with get_client() as client:
+        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=["{flow_run_id}"])))
+    print(json.dumps(sorted(r.name for r in runs)))
+
+asyncio.run(main())
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_an_identical_run_is_up_to_date_and_a_rerun_is_served_from_cache(
     first_run: dict, workdir: Path, pipeline_env: dict
 ):
@@ -353,6 +415,36 @@ def test_an_identical_run_is_up_to_date_and_a_rerun_is_served_from_cache(
     assert summary(workdir)["phases"] == dict.fromkeys(PHASES[:-1], "Cached") | {PHASES[-1]: "Completed"}
 
 
+def test_a_copied_run_folder_is_up_to_date_and_never_writes_into_the_original(pipeline_env: dict, tmp_path: Path):
+    """``cp -r`` of a finished run's folder (its artifacts and its default MLflow store, rlhf-mlflow/): the same run
+    in the copy is up to date, and a run there that logs writes into the copy's MLflow artifacts, not the original's
+    (the SQLite store holds absolute artifact paths, re-pointed at the copy)."""
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    original.mkdir()
+    rlhf_run(pipeline_env, original, "iterations=1")
+    shutil.copytree(original, copy)
+    held = sorted(p.relative_to(original).as_posix() for p in original.rglob("*"))
+
+    done = rlhf_run(pipeline_env, copy, "iterations=1")
+    again = summary(copy)
+    assert done.stdout.startswith("up to date: "), done.stdout[:300] + done.stderr[-2000:]
+    assert f"MLflow store {copy.resolve()}/rlhf-mlflow/mlflow.db was copied or moved from {original.resolve()}" in (
+        done.stderr.replace("\n", "")
+    )
+    assert again["up_to_date"] and again["mlflow_tracking_uri"] == f"sqlite:///{copy.resolve()}/rlhf-mlflow/mlflow.db"
+    assert again["artifacts_uri"].startswith(str(copy.resolve()))
+
+    rlhf_run(pipeline_env, copy, "iterations=1", rerun=True)  # a run that logs to MLflow
+    rerun = summary(copy)
+    client = MlflowClient(rerun["mlflow_tracking_uri"], rerun["mlflow_tracking_uri"])
+    mine = (copy.resolve() / "rlhf-mlflow" / "mlartifacts").as_uri()
+    assert client.get_run(rerun["mlflow_run_id"]).info.artifact_uri.startswith(mine)
+    assert client.get_run(again["mlflow_run_id"]).info.artifact_uri.startswith(mine)  # the copied run's too
+    versions = client.search_model_versions(f"name = '{rerun['registered_model']['name']}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2] and all(v.source.startswith(mine) for v in versions)
+    assert sorted(p.relative_to(original).as_posix() for p in original.rglob("*")) == held  # the original untouched
+
+
 def artifact_digests(root: Path) -> dict[str, str]:
     return {
         p.parent.relative_to(root).as_posix(): json.loads(p.read_text())["digest"] for p in root.rglob("MANIFEST.json")
@@ -369,6 +461,9 @@ def test_an_artifact_does_not_depend_on_where_the_store_lives(
     rlhf_run(pipeline_env, folder_b, f"tracking.uri=sqlite:///{folder_b}/mlflow.db")
     in_b = summary(folder_b)
     assert in_b["phases"] == dict.fromkeys(PHASES, "Completed")  # A's cache entries, but B's store is empty
+    # each phase ran once in B: its Prefect cache key names B's store, so no cached stub of A's came first
+    ran = task_run_names(pipeline_env, in_b["prefect_flow_run_id"])  # the phases, and the iterations' subflows
+    assert [name for name in ran if not name.startswith("rlhf-iteration")] == ["prepare-data", "sft", "sft-baseline"]
     assert artifact_digests(Path(in_b["artifacts_uri"])) == artifact_digests(Path(first_run["artifacts_uri"]))
     assert in_b["final_policy_uri"].startswith(str(folder_b))
 
