@@ -67,17 +67,21 @@ def source_digest(roots: tuple[str, ...]) -> str:
 def code_version() -> str:
     """Digest of the source the phases run (the task modules and every project module they import, directly or
     not), so a change there invalidates caches and a change elsewhere (the CLI, the stack) does not."""
-    return source_digest(tuple(sorted(f"tasks.{path.stem}" for path in (PACKAGE_ROOT / "tasks").glob("*.py"))))
+    return source_digest(tuple(m for m in all_modules() if m.startswith("tasks.")))
 
 
-def all_modules() -> list[str]:
-    """Every project module, ``package.module``."""
-    return sorted(
-        f"{package}.{path.stem}"
-        for package in PACKAGES
-        for path in (PACKAGE_ROOT / package).glob("*.py")
-        if path.name != "__init__.py"
-    )
+def all_modules(root: Path = PACKAGE_ROOT) -> list[str]:
+    """Every project module under ``root``, subpackages included (``infra.storage``, ``infra.data.sources``; a
+    subpackage's ``__init__`` as the subpackage itself), so neither the code digest nor the layout tests skip one."""
+    found = set()
+    for package in PACKAGES:
+        for path in (root / package).rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            if len(parts) > 1:  # a top-level package's own __init__ holds no code of ours
+                found.add(".".join(parts))
+    return sorted(found)
 
 
 def git_commit() -> str | None:

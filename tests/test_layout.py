@@ -25,14 +25,14 @@ def imported_modules(path: Path) -> set[str]:
 def test_rlhf_core_imports_no_orchestration_tracking_or_storage():
     offenders = {
         path.name: sorted(imported_modules(path) & FORBIDDEN_IN_CORE)
-        for path in (PACKAGE_ROOT / "rlhf_core").glob("*.py")
+        for path in (PACKAGE_ROOT / "rlhf_core").rglob("*.py")
     }
     assert {name: mods for name, mods in offenders.items() if mods} == {}
 
 
 def test_tasks_and_infra_never_import_flows():
     for folder in ("tasks", "infra"):
-        for path in (PACKAGE_ROOT / folder).glob("*.py"):
+        for path in (PACKAGE_ROOT / folder).rglob("*.py"):
             assert "flows" not in imported_modules(path), path
 
 
@@ -94,3 +94,23 @@ def test_a_config_is_read_and_checked_without_torch_or_the_services():
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=PACKAGE_ROOT
     )
     assert loaded.stdout.strip() == "[]"
+
+
+def test_modules_are_found_in_subpackages_too(tmp_path):
+    """A subpackage's modules count (a flat glob would skip them, and with them their imports and the code digest)."""
+    for name in ("infra/__init__.py", "infra/storage.py", "infra/data/__init__.py", "infra/data/sources.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    assert all_modules(tmp_path) == ["infra.data", "infra.data.sources", "infra.storage"]
+
+
+def test_no_relative_imports():
+    """Every import names its module in full: the import graph (and so the layout rules and the code digest) reads
+    only absolute imports."""
+    relative = [
+        module
+        for module in all_modules()
+        for node in ast.walk(ast.parse(module_path(module).read_text()))
+        if isinstance(node, ast.ImportFrom) and node.level > 0
+    ]
+    assert relative == []
