@@ -12,8 +12,8 @@ runs a warm-up step first; the figures are of the step after it.
 Model FLOPs: training 6 x parameters per token (forward and backward). A PPO step counts generation
 (2 x parameters per generated token), the four scoring forwards over the rollout (policy, reference, critic,
 reward model: 2 x parameters per token each) and the policy and critic updates (6 x parameters per token each,
-per pass over the rollout). MFU divides by ``--peak-tflops`` per rank: default 790, the bf16 matmul rate measured
-on the H200 this check is meant for (an 8192^3 matmul), not the 989 of the data sheet.
+per pass over the rollout). MFU divides by ``--peak-tflops`` per rank: default 790, the bf16 rate of an 8192^3 matmul
+on an H200 as the notes on that machine record it (not the 989 of the data sheet); this check has not yet run on a GPU.
 
 Only torch, transformers, pydantic and (when an engine is built) DeepSpeed are imported along the way: no prefect,
 mlflow or boto3 (bench/gpu_run.sh runs it on a GPU image that lacks them).
