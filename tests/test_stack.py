@@ -28,6 +28,17 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def moto_client(port: int):
+    """boto3's S3 client on the stack's moto server, with moto's fake credentials."""
+    return boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
 def get(url: str) -> tuple[int, bytes]:
     with NO_PROXY.open(url, timeout=10) as response:
         return response.status, response.read()
@@ -65,13 +76,7 @@ def test_stack_up_twice_then_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         }
         assert get(f"http://127.0.0.1:{prefect_port}/api/health") == (200, b"true")
         assert get(f"http://127.0.0.1:{mlflow_port}/health")[0] == 200
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=f"http://127.0.0.1:{s3_port}",
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        s3 = moto_client(s3_port)
         assert "rlhf-artifacts" in [b["Name"] for b in s3.list_buckets()["Buckets"]]
         env = stack_env(state)
         assert env["PREFECT_API_URL"] == f"http://127.0.0.1:{prefect_port}/api"
@@ -122,13 +127,7 @@ def test_what_the_local_s3_stored_survives_down_and_up(tmp_path: Path) -> None:
     prefect_port, mlflow_port, s3_port = free_ports(3)
     ports = {"prefect_port": prefect_port, "mlflow_port": mlflow_port, "s3_port": s3_port}
     state = tmp_path / "stack"
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=f"http://127.0.0.1:{s3_port}",
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    s3 = moto_client(s3_port)
     key = "pipelines/default/lineages/nightly/latest.json"
     try:
         stack_up(state, **ports, timeout=180)
