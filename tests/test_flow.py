@@ -290,8 +290,8 @@ def test_runs_on_other_data_are_another_line_and_export_never_guesses_across_lin
 ):
     """Two lines in one MLflow store (the first run's world, and the world of seed 1): each has its own registered
     model and champion, and ``rlhf export`` exports from the line it is told, refusing to pick one by itself."""
-    where = ["tracking.uri=" + f"sqlite:///{tmp_path}/mlflow.db", f"storage.uri={workdir}/rlhf-artifacts"]
-    rlhf_run(pipeline_env, tmp_path, *where, "iterations=1")  # the first run's line: its phases all cached
+    where = ["tracking.uri=" + f"sqlite:///{tmp_path}/mlflow.db"]  # a store of its own: the first run's stays as it is
+    rlhf_run(pipeline_env, tmp_path, *where, "iterations=1")  # the first run's line
     first = summary(tmp_path)
     rlhf_run(pipeline_env, tmp_path, *where, "iterations=1", "seed=1")
     other = summary(tmp_path)

@@ -5,7 +5,7 @@ import logging
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlhf_core.load_report import HeadSwapReport
+from rlhf_core.load_report import HEAD_SWAP, HeadSwapReport
 from rlhf_core.modeling import load_scorer
 
 TINY = LlamaConfig(
@@ -19,7 +19,8 @@ def report(rows: str) -> logging.LogRecord:
     return logging.LogRecord("transformers.modeling_utils", logging.WARNING, "", 0, text, None, None)
 
 
-def test_a_causal_lm_loaded_as_a_scorer_logs_no_load_report(tmp_path, caplog):
+def test_a_causal_lm_loaded_as_a_scorer_logs_no_load_report(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(HEAD_SWAP, "told", False)  # said once per process: another test may have loaded a scorer
     LlamaForCausalLM(TINY).save_pretrained(tmp_path / "lm")
     with caplog.at_level(logging.INFO):
         scorer = load_scorer(tmp_path / "lm")
