@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -26,6 +27,7 @@ def open_tracking(
     config: Path | None, overrides: list[str] | None, lineage: str | None
 ) -> tuple[PipelineConfig, MlflowClient, str]:
     """The config (with the lineage set) and an MLflow client on its tracking server and registry."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file read clutters the output
     from mlflow.tracking import MlflowClient
 
     from infra.mlflow_relocation import settle_local_store
