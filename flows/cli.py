@@ -435,11 +435,10 @@ def serve(
         fail(e, 2)
 
 
-def _lineage(name: str, config: Path | None, overrides: list[str] | None) -> Lineage:
+def _lineage(name: str, pipeline_config: PipelineConfig) -> Lineage:
     from infra.credentials import open_configured_store
     from infra.lineage import Lineage
 
-    pipeline_config = load_or_exit(config, overrides or [])
     storage = pipeline_config.storage
     try:
         return Lineage(open_configured_store(storage.uri, storage.aws_credentials_block), storage.prefix, name)
@@ -456,7 +455,8 @@ def lineage_show(
 ) -> None:
     """Where the lineage stands, in a few lines: its iterations, latest policy, champion, last run, lock, and the
     store it was looked up in. A lineage the store does not know is an error naming the store (exit 2)."""
-    lineage = _lineage(name, config, overrides)
+    pipeline_config = load_or_exit(config, overrides or [])
+    lineage = _lineage(name, pipeline_config)
     described = lineage.describe()
     latest, lock = described["latest"], described["lock"]
     where = lineage.store.full_uri(lineage.key.rsplit("/", 1)[0] + "/")
@@ -478,7 +478,7 @@ def lineage_show(
             "latest policy": latest["policy"]["artifact"]["uri"],
             "last run": f"{latest.get('updated_at', '?')}: Prefect flow run {latest.get('flow_run_id') or '-'}, "
             f"MLflow run {latest.get('mlflow_run_id') or '-'}",
-            "champion": _lineage_champion(name, config, overrides),
+            "champion": _lineage_champion(name, pipeline_config.tracking.resolved_uri()),
         }
         for label, value in shown.items():
             console.print(f"  {label}: {value}", markup=False, highlight=False)
@@ -488,14 +488,13 @@ def lineage_show(
     console.print(f"  lock: {held}", markup=False, highlight=False)
 
 
-def _lineage_champion(name: str, config: Path | None, overrides: list[str] | None) -> str:
-    """The lineage's champion version in its MLflow registry, or why it cannot be told."""
+def _lineage_champion(name: str, tracking_uri: str) -> str:
+    """The lineage's champion version in the MLflow registry at ``tracking_uri``, or why it cannot be told."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from infra.registry import CHAMPION, TAG_ITERATION, find_version
 
-    tracking_uri = load_or_exit(config, overrides or []).tracking.resolved_uri()
     try:
         version = find_version(MlflowClient(tracking_uri, registry_uri=tracking_uri), f"rlhf-{name}", alias=CHAMPION)
     except (LookupError, MlflowException, OSError) as e:
@@ -508,7 +507,7 @@ def lineage_unlock(
     name: Annotated[str, typer.Argument(help="Lineage name.")], config: ConfigOpt = None, overrides: OverridesOpt = None
 ) -> None:
     """Break the lineage's lock, left behind by a run that crashed or was killed. Make sure it is not running."""
-    former = _lineage(name, config, overrides).unlock()
+    former = _lineage(name, load_or_exit(config, overrides or [])).unlock()
     if former is None:
         console.print(f"lineage {name!r} was not locked")
     else:
