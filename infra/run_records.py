@@ -19,11 +19,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from infra.mlflow_relocation import sqlite_path
 from infra.storage import ObjectNotFoundError, ObjectStore, is_complete
 
 RUNS = "runs"
@@ -79,8 +79,7 @@ def mlflow_run_is_active(tracking_uri: str, run_id: str) -> bool | None:
     """Whether MLflow holds ``run_id``, not deleted: read from a SQLite store's ``runs`` table or asked of a tracking
     server's REST API (``runs/get``, with MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD). None where
     that cannot be told this way (another kind of store, an unexpected schema or answer)."""
-    if tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri.removeprefix("sqlite:///"))
+    if (path := sqlite_path(tracking_uri)) is not None:
         if not path.is_file():
             return False
         try:

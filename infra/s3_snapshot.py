@@ -18,17 +18,10 @@ OBJECTS = "objects"  # the snapshot's folder of object files, numbered (keys nee
 INDEX = "index.json"  # key -> (file, content type), written last: a snapshot without it is not loaded
 
 
-def _client(endpoint: str) -> Any:
-    import boto3
-
-    keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys)
-
-
-def save_bucket(endpoint: str, bucket: str, folder: Path) -> int:
-    """Every object of ``bucket`` into ``folder`` (replacing an earlier snapshot only once this one is whole);
-    returns how many objects were saved."""
-    s3, partial = _client(endpoint), folder.with_name(folder.name + ".partial")
+def save_bucket(s3: Any, bucket: str, folder: Path) -> int:
+    """Every object of ``bucket`` (``s3``: a boto3 S3 client) into ``folder``, replacing an earlier snapshot only
+    once this one is whole; returns how many objects were saved."""
+    partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     index: dict[str, list[str]] = {}
     (partial / OBJECTS).mkdir(parents=True)
@@ -45,11 +38,12 @@ def save_bucket(endpoint: str, bucket: str, folder: Path) -> int:
     return len(index)
 
 
-def load_bucket(endpoint: str, bucket: str, folder: Path) -> int:
-    """The objects of a whole snapshot in ``folder`` put back into ``bucket``; returns how many (0 without one)."""
+def load_bucket(s3: Any, bucket: str, folder: Path) -> int:
+    """The objects of a whole snapshot in ``folder`` put back into ``bucket`` (``s3``: a boto3 S3 client); returns
+    how many (0 without one)."""
     if not (folder / INDEX).is_file():
         return 0
-    s3, objects = _client(endpoint), json.loads((folder / INDEX).read_text())["objects"]
+    objects = json.loads((folder / INDEX).read_text())["objects"]
     for key, (name, content_type) in objects.items():
         s3.upload_file(str(folder / OBJECTS / name), bucket, key, ExtraArgs={"ContentType": content_type})
     return len(objects)

@@ -369,12 +369,19 @@ def _label_studio_plan(stack: _Stack) -> _Plan:
     return _Plan("label-studio", port, cmd, env, about=f"{LABEL_STUDIO} ran from the {venv.describe()}")
 
 
-def _ensure_bucket(endpoint: str, bucket: str) -> None:
+def _moto_client(endpoint: str) -> Any:
+    """boto3's S3 client on the stack's S3 endpoint, with moto's fake credentials."""
     import boto3
+
+    keys = {"aws_access_key_id": MOTO_CREDENTIALS["AWS_ACCESS_KEY_ID"]}
+    keys |= {"aws_secret_access_key": MOTO_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
+    return boto3.client("s3", endpoint_url=endpoint, region_name=MOTO_REGION, **keys)
+
+
+def _ensure_bucket(endpoint: str, bucket: str) -> None:
     from botocore.exceptions import ClientError
 
-    keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name=MOTO_REGION, **keys)
+    s3 = _moto_client(endpoint)
     try:
         s3.head_bucket(Bucket=bucket)
     except ClientError:
@@ -478,7 +485,8 @@ def _start_and_wait(
         if plan.name == "s3":
             _ensure_bucket(stack.s3_url, stack.bucket)
             fresh_moto = plan.name not in running and stack.moto  # starts empty: what the last `down` saved goes back
-            if fresh_moto and (loaded := load_bucket(stack.s3_url, stack.bucket, stack.state_dir / S3_SNAPSHOT)):
+            snapshot = stack.state_dir / S3_SNAPSHOT
+            if fresh_moto and (loaded := load_bucket(_moto_client(stack.s3_url), stack.bucket, snapshot)):
                 note = f"{loaded} objects loaded back from {stack.state_dir / S3_SNAPSHOT}"
         status = "already up" if plan.name in running else "started"
         services[plan.name] = Service(plan.name, record["port"], record["url"], record["pid"], log, status, note)
@@ -508,7 +516,7 @@ def save_moto_bucket(state_dir: Path, records: dict[str, dict[str, Any]]) -> int
     if not config.get("moto"):
         return 0
     try:
-        return save_bucket(config["s3_endpoint"], config["bucket"], state_dir / S3_SNAPSHOT)
+        return save_bucket(_moto_client(config["s3_endpoint"]), config["bucket"], state_dir / S3_SNAPSHOT)
     except Exception as e:  # keep the previous snapshot, and say why this one was not taken: stopping goes on
         print(f"could not save the local S3 bucket to {state_dir / S3_SNAPSHOT}: {e}", file=sys.stderr)
         return 0
