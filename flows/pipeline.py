@@ -29,7 +29,7 @@ from infra.lineage import Lineage, LineagePointer
 from infra.mlflow_links import mlflow_run_url
 from infra.registry import ModelLine, Registration
 from infra.sources import inputs_digest
-from infra.storage import is_complete, store_identity
+from infra.storage import ObjectStore, is_complete, store_identity
 from infra.tracking import RunLogger, Tracker
 from infra.user_data import base_tokenizer, check_data
 from tasks.common import PhaseOutput, RunContext, TrackingContext, fetch
@@ -243,11 +243,8 @@ def check_inputs(config: PipelineConfig) -> Tracker:
     return Tracker(config.tracking.resolved_uri(), config.experiment)
 
 
-def open_lineage(config: PipelineConfig) -> Lineage | None:
-    if not config.lineage:
-        return None
-    store = open_configured_store(config.storage.uri, config.storage.aws_credentials_block)
-    return Lineage(store, config.storage.prefix, config.lineage)
+def open_lineage(config: PipelineConfig, store: ObjectStore) -> Lineage | None:
+    return Lineage(store, config.storage.prefix, config.lineage) if config.lineage else None
 
 
 def start_or_resume(
@@ -347,7 +344,8 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
         quiet_unused_deepspeed()
     tracker = check_inputs(config)
     tracking_uri = tracker.tracking_uri
-    flow_run_id, lineage = str(flow_run.get_id() or ""), open_lineage(config)
+    store = open_configured_store(config.storage.uri, config.storage.aws_credentials_block)  # the lineage's, its id
+    flow_run_id, lineage = str(flow_run.get_id() or ""), open_lineage(config, store)
     tags = publishing.run_tags(flow_run_id, flow_run.ui_url, config.lineage)
     with (
         lineage.locked(flow_run_id) if lineage else nullcontext(),
@@ -361,9 +359,7 @@ def rlhf_pipeline(config: PipelineConfig) -> dict[str, Any]:
             prefix=config.storage.prefix,
             aws_credentials_block=config.storage.aws_credentials_block,
             trust_remote_code=config.trust_remote_code,
-            store_id=store_identity(
-                open_configured_store(config.storage.uri, config.storage.aws_credentials_block), config.storage.prefix
-            ),
+            store_id=store_identity(store, config.storage.prefix),
             tracking=TrackingContext(
                 tracking_uri=tracking_uri,
                 experiment=config.experiment,

@@ -13,7 +13,7 @@ import pytest
 
 from flows.config import ConfigError, PipelineConfig, load_config
 from flows.pipeline import open_lineage
-from infra.credentials import BLOCK_TYPE_SLUG, s3_client_factory
+from infra.credentials import BLOCK_TYPE_SLUG, open_configured_store, s3_client_factory
 from infra.lineage import LineagePointer
 from infra.storage import StorageError, download_dir, open_store, upload_dir
 from infra.tracking import Tracker
@@ -107,8 +107,8 @@ def test_store_from_block_round_trips_without_leaking_the_secret(
     assert {rel: (tmp_path / "dst" / rel).read_bytes() for rel in FILES} == FILES
     assert ref.uri == f"{uri}/{context.prefix}/sft/model"
 
-    # the lineage's lock and pointer go through the block too, as the flow writes them
-    lineage = open_lineage(config)
+    # the lineage's lock and pointer go through the block too, as the flow writes them (its store opened the flow's way)
+    lineage = open_lineage(config, open_configured_store(config.storage.uri, config.storage.aws_credentials_block))
     assert lineage is not None and lineage.read() is None
     output = PhaseOutput(artifact=ref.to_dict()).model_dump()
     with lineage.locked("flow-run-1"):
