@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install --quiet --upgrade pip==25.3
 	# torch alone first, pinned: this resolves to the CPU wheel, never a multi-GB CUDA build.
 	$(BIN)/pip install --quiet -c $(LOCK) torch==2.13.0
-	$(BIN)/pip install --quiet -c $(LOCK) -e ".[test,scale]"
+	$(BIN)/pip install --quiet -c $(LOCK) -e ".[test,scale,gguf,instruct]"
 	$(BIN)/pip check
 	touch $(STAMP)
 

@@ -1,7 +1,8 @@
 """What each phase's artifact folder holds: the file names, and the readers every later phase uses.
 
-data/        base_model/, prompts.parquet (split, prompt), demonstrations.parquet (prompt, response),
-             judge.json, and optionally reward_base_model/, preferences.parquet (human pairs) and sources.json
+data/        base_model/, prompts.parquet (split, prompt, and prompt_as_written where a chat template rendered
+             them), demonstrations.parquet (prompt, response), judge.json, and optionally reward_base_model/,
+             preferences.parquet (human pairs) and sources.json
 sft/, policy/, reward_model/    save_pretrained folders (a LoRA policy adds adapter/)
 preferences/ preferences.parquet (prompt, chosen, rejected, labeler, chosen_gold, rejected_gold)
 sft/baseline-*  baseline.parquet: the SFT model's held-out responses, sampled once, every evaluation's baseline
@@ -25,6 +26,7 @@ USER_SPLITS = SPLITS[1:]  # the SFT split is the demonstrations' prompts
 BASE_MODEL_DIR = "base_model"
 REWARD_BASE_DIR = "reward_base_model"  # a separate reward-model backbone, when data.reward_model names one
 PROMPTS_FILE = "prompts.parquet"
+AS_WRITTEN = "prompt_as_written"  # a prompts-table column where the chat template changed it: the user's text
 DEMONSTRATIONS_FILE = "demonstrations.parquet"
 JUDGE_FILE = "judge.json"
 SOURCES_FILE = "sources.json"  # data field -> where the user's dataset was read (hub commit pinned)
@@ -62,8 +64,11 @@ def _judge_spec(data_dir: Path) -> str | None:
 
 
 def data_judge(data_dir: Path) -> GoldScorer:
-    """The gold judge a data artifact was prepared with, checked on every call (:mod:`rlhf_core.judge`)."""
-    return gold_judge(_judge_spec(data_dir))
+    """The gold judge a data artifact was prepared with, checked on every call (:mod:`rlhf_core.judge`), reading each
+    prompt as the user wrote it where the data phase kept that."""
+    rows = read_rows(data_dir / PROMPTS_FILE)
+    as_written = {row["prompt"]: row[AS_WRITTEN] for row in rows if row.get(AS_WRITTEN) is not None}
+    return gold_judge(_judge_spec(data_dir), as_written)
 
 
 def data_judge_breakdown(data_dir: Path) -> GoldBreakdown | None:

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from infra.artifacts import AS_WRITTEN
 from infra.datasets import TABLE_LOADERS, DatasetError, read_table
-from infra.storage import ObjectStore, StorageError, folder_digest, open_store
+from infra.storage import ObjectStore, StorageError, file_digest, folder_digest, open_store
 from rlhf_core.data import DataConfig, load_gold_scorer
 
 HUB = "hf://"
@@ -92,7 +93,7 @@ def resolve(field: str, spec: str, open_store: StoreOpener) -> Source:
     if (folder := _folder_and_split(spec)) is not None:
         return Source(field, spec, "folder", spec, f"folder:{folder_digest(folder[0])}:{folder[1] or ''}")
     path = Path(spec)
-    identity = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    identity = file_digest(path) if path.is_file() else "missing"
     return Source(field, spec, "file", spec, f"file:{identity}")
 
 
@@ -218,13 +219,14 @@ def _preference(row: dict[str, Any], render: RenderPrompt) -> dict[str, Any]:
         messages, chosen_text, rejected_text = _split_conversations(chosen, rejected, as_messages)
         if not messages:
             raise ValueError("'chosen' and 'rejected' share no turns to take as the prompt")
-        return {"prompt": render(messages), "chosen": chosen_text, "rejected": rejected_text}
+        return _with_prompt({"chosen": chosen_text, "rejected": rejected_text}, messages, render)
     if "prompt" not in row and isinstance(chosen, str) and isinstance(rejected, str):
         cut = _shared_prefix(chosen, rejected)
         if cut == 0:
             raise ValueError("no 'prompt' column, and 'chosen' and 'rejected' share no prefix to take as the prompt")
-        return {"prompt": chosen[:cut].rstrip(), "chosen": chosen[cut:], "rejected": rejected[cut:]}
-    return {**row, "prompt": _render_prompt(prompt, render)} if "prompt" in row else row
+        prompt = chosen[:cut].rstrip()
+        return {"prompt": prompt, AS_WRITTEN: prompt, "chosen": chosen[cut:], "rejected": rejected[cut:]}
+    return _with_prompt(row, prompt, render) if "prompt" in row else row
 
 
 def _render_prompt(prompt: Any, render: RenderPrompt) -> Any:
@@ -234,17 +236,27 @@ def _render_prompt(prompt: Any, render: RenderPrompt) -> Any:
     return render([{"role": "user", "content": prompt}]) if isinstance(prompt, str) else prompt
 
 
+def _as_written(prompt: Any) -> Any:
+    """A prompt as the user wrote it, for the gold judge: its text, or its turns' contents one per paragraph."""
+    return _reply(prompt) if _is_messages(prompt) else prompt
+
+
+def _with_prompt(row: dict[str, Any], prompt: Any, render: RenderPrompt) -> dict[str, Any]:
+    """``row`` with ``prompt`` rendered in the model's chat format, and as written (:data:`AS_WRITTEN`)."""
+    return {**row, "prompt": _render_prompt(prompt, render), AS_WRITTEN: _as_written(prompt)}
+
+
 def _demonstration(row: dict[str, Any], render: RenderPrompt) -> dict[str, Any]:
     if "prompt" not in row and _is_messages(row.get("messages")):
         messages = row["messages"]
         if messages[-1].get("role") != "assistant" or len(messages) < 2:
             raise ValueError("'messages' must end with an assistant turn after the prompt's turns")
-        return {"prompt": render(messages[:-1]), "response": messages[-1]["content"]}
+        return _with_prompt({"response": messages[-1]["content"]}, messages[:-1], render)
     out = dict(row)
     if "response" not in out and "completion" in out:  # TRL's prompt-completion format
         out["response"] = out["completion"]
     if "prompt" in out:
-        out["prompt"] = _render_prompt(out["prompt"], render)
+        out = _with_prompt(out, out["prompt"], render)
     if _is_messages(out.get("response")):
         out["response"] = _reply(out["response"])
     return out
@@ -254,9 +266,9 @@ def _prompt(row: dict[str, Any], render: RenderPrompt) -> dict[str, Any]:
     if "prompt" not in row and "messages" in row and _is_messages(row["messages"]):
         messages = row["messages"]
         turns = messages[:-1] if messages[-1].get("role") == "assistant" else messages
-        return {**row, "prompt": render(turns)}
+        return _with_prompt(row, turns, render)
     if "prompt" in row:
-        return {**row, "prompt": _render_prompt(row["prompt"], render)}
+        return _with_prompt(row, row["prompt"], render)
     return row
 
 
@@ -300,9 +312,9 @@ def inputs_digest(config: DataConfig, open_store: StoreOpener = aws_env_store) -
     content digest, pinned hub commit or object ETag, the judge's source), so a change to any of them invalidates
     the cache (a hub dataset's moving branch only when its commit moved). None when there are none."""
     parts = [
-        f"{name}={folder_digest(Path(model))}"
+        f"{name}={folder_digest(path) if path.is_dir() else file_digest(path)}"
         for name, model in (("base_model", config.base_model), ("reward_model", config.reward_model))
-        if model is not None and Path(model).is_dir()
+        if model is not None and (path := Path(model).expanduser()).exists()
     ]
     for name, spec in config.user_sources.items():
         parts.append(f"{name}={resolve(f'data.{name}', spec, open_store).identity}")

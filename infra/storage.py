@@ -44,6 +44,7 @@ __all__ = [
     "StorageError",
     "TransientStorageError",
     "download_dir",
+    "file_digest",
     "folder_digest",
     "is_complete",
     "open_store",
@@ -563,7 +564,8 @@ class ArtifactRef:
         return cls(uri=d["uri"], key=d["key"], digest=d["digest"])
 
 
-def _sha256_file(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """The sha256 of a local file's content, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -580,7 +582,7 @@ def _digest(files: dict[str, Any], metadata: dict[str, Any]) -> str:
 def _file_table(local_dir: Path) -> dict[str, dict[str, Any]]:
     """``{relative path: {"sha256", "size"}}`` of every file under local_dir, hashed in chunks."""
     paths = sorted(p for p in local_dir.rglob("*") if p.is_file())
-    return {p.relative_to(local_dir).as_posix(): {"sha256": _sha256_file(p), "size": p.stat().st_size} for p in paths}
+    return {p.relative_to(local_dir).as_posix(): {"sha256": file_digest(p), "size": p.stat().st_size} for p in paths}
 
 
 def folder_digest(local_dir: Path) -> str:
@@ -698,7 +700,7 @@ def download_dir(store: ObjectStore, key: str, local_dir: Path) -> dict[str, Any
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}{_PARTIAL}")
         try:
             store.get_file(_join(key, rel), tmp)
-            size, sha = tmp.stat().st_size, _sha256_file(tmp)
+            size, sha = tmp.stat().st_size, file_digest(tmp)
             if size != info["size"] or sha != info["sha256"]:
                 raise IncompleteArtifactError(
                     f"{store.full_uri(_join(key, rel))} does not match {MANIFEST} (sha256 {sha[:12]}.., "

@@ -13,13 +13,22 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from infra.artifacts import SPLITS, USER_SPLITS
+from infra.artifacts import AS_WRITTEN, SPLITS, USER_SPLITS
 from infra.datasets import DatasetError, text_rows
-from infra.sources import Source, StoreOpener, aws_env_store, chat_renderer, load_rows, resolve, to_columns
+from infra.sources import (
+    Source,
+    StoreOpener,
+    aws_env_store,
+    chat_renderer,
+    load_rows,
+    resolve,
+    to_columns,
+)
 from rlhf_core import world
 from rlhf_core.data import DataConfig, load_gold_scorer
-from rlhf_core.judge import JudgeError, gold_judge
-from rlhf_core.modeling import load_tokenizer
+from rlhf_core.gguf_models import is_gguf, load_gguf_tokenizer
+from rlhf_core.judge import CheckedJudge, JudgeError, gold_judge
+from rlhf_core.modeling import load_tokenizer, with_pad_token
 
 
 @dataclass
@@ -30,6 +39,11 @@ class Dataset:
     demonstrations: list[tuple[str, str]]
     preferences: list[dict] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)  # data field -> where it was read (a hub commit pinned)
+    as_written: dict[str, str] = field(default_factory=dict)  # prompt in the chat format -> as the user wrote it
+
+    def judge(self, spec: str | None) -> CheckedJudge:
+        """The gold judge, reading each prompt as the user wrote it."""
+        return gold_judge(spec, self.as_written)
 
 
 def _split_of(prompt: str) -> str:
@@ -65,11 +79,11 @@ class _RowChecker:
                 )
 
 
-def _gold(config: DataConfig, path: str, rows: list[dict[str, str]], column: str) -> list[float]:
+def _gold(judge: CheckedJudge, path: str, rows: list[dict[str, str]], column: str) -> list[float]:
     """The gold judge's score of each row's ``column`` as the response to its prompt."""
     prompts, responses = [row["prompt"] for row in rows], [row[column] for row in rows]
     try:
-        return gold_judge(config.gold_reward)(prompts, responses)
+        return judge(prompts, responses)
     except JudgeError as e:
         raise DatasetError(f"{path}, column {column!r}: {e}") from e
 
@@ -87,7 +101,7 @@ def try_judge(spec: str, dataset: Dataset, seed: int) -> None:
     if pairs:
         prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
         try:
-            gold_judge(spec)(prompts, responses)
+            dataset.judge(spec)(prompts, responses)
         except JudgeError as e:
             tried = f"tried before the run on {len(pairs)} of the run's own prompts and responses"
             raise JudgeError(f"{e} ({tried})") from e
@@ -105,6 +119,7 @@ def read_source(
     """The data field ``name``'s rows in our text columns, its source resolved; DatasetError names source, row and
     column."""
     source = resolve(f"data.{name}", getattr(config, name), open_store)
+    optional = (*optional, AS_WRITTEN)
     rows = load_rows(source, dataset_config=config.dataset_config, open_store=open_store)
     mapped = to_columns(
         rows,
@@ -122,6 +137,7 @@ def read_user_data(config: DataConfig, tokenizer, max_tokens: int | None, open_s
     prompts: dict[str, list[str]] = {split: [] for split in SPLITS}
     demonstrations: list[tuple[str, str]] = []
     sources: dict[str, str] = {}
+    as_written: dict[str, str] = {}
     if config.prompts is not None and config.demonstrations is not None:
         source, rows = read_source(config, "prompts", tokenizer, open_store, required=("prompt",), optional=("split",))
         label, sources["prompts"] = source.label, source.label
@@ -134,6 +150,7 @@ def read_user_data(config: DataConfig, tokenizer, max_tokens: int | None, open_s
             if check.tokens(label, number, "prompt", row["prompt"]) + 3 > (max_tokens or math.inf):
                 raise DatasetError(f"{label}: row {number}, column 'prompt': leaves no room for a response")
             prompts[split].append(row["prompt"])
+            as_written[row["prompt"]] = row.get(AS_WRITTEN, row["prompt"])
         for split in USER_SPLITS:
             if not prompts[split]:
                 raise DatasetError(f"{label}: no {split!r} prompts; every split needs some")
@@ -141,6 +158,7 @@ def read_user_data(config: DataConfig, tokenizer, max_tokens: int | None, open_s
         sources["demonstrations"] = source.label
         for number, row in enumerate(rows, start=1):
             check.fits(source.label, number, row, ("response",))
+            as_written[row["prompt"]] = row.get(AS_WRITTEN, row["prompt"])
         demonstrations = [(row["prompt"], row["response"]) for row in rows]
         prompts["sft"] = list(dict.fromkeys(p for p, _ in demonstrations))
     preferences = []
@@ -152,13 +170,21 @@ def read_user_data(config: DataConfig, tokenizer, max_tokens: int | None, open_s
             if row["chosen"].strip() == row["rejected"].strip():
                 raise DatasetError(f"{label}: row {number}, column 'rejected': identical to 'chosen'")
             check.fits(label, number, row, ("chosen", "rejected"))
-        chosen_gold = _gold(config, label, rows, "chosen")
-        rejected_gold = _gold(config, label, rows, "rejected")
+            as_written[row["prompt"]] = row.get(AS_WRITTEN, row["prompt"])
+        judge = gold_judge(config.gold_reward, as_written)
+        chosen_gold = _gold(judge, label, rows, "chosen")
+        rejected_gold = _gold(judge, label, rows, "rejected")
         preferences = [
-            {**row, "labeler": "human", "chosen_gold": c, "rejected_gold": r}
+            {
+                **{k: v for k, v in row.items() if k != AS_WRITTEN},
+                "labeler": "human",
+                "chosen_gold": c,
+                "rejected_gold": r,
+            }
             for row, c, r in zip(rows, chosen_gold, rejected_gold, strict=True)
         ]
-    return Dataset(prompts, demonstrations, preferences, sources)
+    kept = {prompt: text for prompt, text in as_written.items() if text != prompt}
+    return Dataset(prompts, demonstrations, preferences, sources, kept)
 
 
 def _hub_reachable(field: str, name: str) -> None:
@@ -187,7 +213,10 @@ def load_tokenizer_offline(name: str):
 
 
 def model_tokenizer(name_or_path: str, field: str, trust_remote_code: bool = False):
-    """The tokenizer of a named model, without loading its weights; errors name the config ``field``."""
+    """The tokenizer of a named model (a GGUF file's from its metadata), without loading its weights; errors name the
+    config ``field``."""
+    if is_gguf(name_or_path):
+        return with_pad_token(load_gguf_tokenizer(name_or_path, field))
     if not Path(name_or_path).expanduser().exists():
         _hub_reachable(field, name_or_path)
     try:

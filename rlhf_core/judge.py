@@ -9,7 +9,8 @@ would otherwise flow silently into all of them (a judge that returned NaN for so
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from rlhf_core.data import load_gold_scorer
 from rlhf_core.types import GoldScorer
@@ -57,8 +58,10 @@ class CheckedJudge:
 
     spec: str | None
     scorer: GoldScorer
+    as_written: Mapping[str, str] = field(default_factory=dict)  # prompt in the model's chat format -> the user's text
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        prompts = [self.as_written.get(prompt, prompt) for prompt in prompts]
         try:
             raw = self.scorer(prompts, responses)
         except Exception as e:
@@ -66,6 +69,8 @@ class CheckedJudge:
         return checked_scores(self.spec, raw, prompts, responses)
 
 
-def gold_judge(spec: str | None) -> CheckedJudge:
-    """The gold judge named by ``data.gold_reward`` (the toy world's for None), checked on every call."""
-    return CheckedJudge(spec, load_gold_scorer(spec))
+def gold_judge(spec: str | None, as_written: Mapping[str, str] | None = None) -> CheckedJudge:
+    """The gold judge named by ``data.gold_reward`` (the toy world's for None), checked on every call. It reads each
+    prompt as the user wrote it (``as_written``: the chat-template rendering -> the user's text), not as the model
+    sees it, so that it judges the instruction rather than having to find it inside a template."""
+    return CheckedJudge(spec, load_gold_scorer(spec), dict(as_written or {}))

@@ -43,8 +43,12 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """A tokenizer with a pad token (the EOS token when the checkpoint has none)."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    """A tokenizer with a pad token (:func:`with_pad_token`)."""
+    return with_pad_token(AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code))
+
+
+def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """``tokenizer``, its pad token the EOS token where it has none."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from infra.artifacts import (
+    AS_WRITTEN,
     BASE_MODEL_DIR,
     DEMONSTRATIONS_FILE,
     JUDGE_FILE,
@@ -24,7 +25,8 @@ from infra.sources import StoreOpener, aws_env_store
 from infra.user_data import check_data
 from rlhf_core import world
 from rlhf_core.data import DataConfig
-from rlhf_core.modeling import load_policy, load_tokenizer
+from rlhf_core.gguf_models import is_gguf, load_gguf_model, load_gguf_tokenizer
+from rlhf_core.modeling import load_policy, load_tokenizer, with_pad_token
 from rlhf_core.world import WorldConfig
 from tasks.common import PhaseOutput, RunContext, artifact_key, existing_output, phase_task, publish
 
@@ -40,10 +42,15 @@ def save_base_model(directory: Path, seed: int, config: WorldConfig) -> Path:
 def copy_base_model(
     directory: Path, name_or_path: str, trust_remote_code: bool = False, field: str = "data.base_model"
 ) -> Path:
-    """Any causal LM and its tokenizer, re-saved as a safetensors ``save_pretrained`` folder; errors name ``field``."""
+    """Any causal LM and its tokenizer (a GGUF file dequantized), re-saved as a safetensors ``save_pretrained``
+    folder; errors name ``field``."""
     try:
-        tokenizer = load_tokenizer(name_or_path, trust_remote_code)
-        model = load_policy(name_or_path, trust_remote_code)
+        if is_gguf(name_or_path):
+            tokenizer = with_pad_token(load_gguf_tokenizer(name_or_path, field))
+            model = load_gguf_model(name_or_path, field)
+        else:
+            tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+            model = load_policy(name_or_path, trust_remote_code)
     except (OSError, ValueError) as e:
         raise ValueError(f"{field}={name_or_path!r}: cannot load a causal LM and tokenizer from it: {e}") from e
     model.save_pretrained(directory)
@@ -70,6 +77,8 @@ def write_data(
     if config.reward_model is not None:
         copy_base_model(out_dir / REWARD_BASE_DIR, config.reward_model, trust_remote_code, "data.reward_model")
     prompt_rows = [{"split": s, "prompt": p} for s in SPLITS for p in dataset.prompts[s]]
+    if dataset.as_written:  # the chat template changed the prompts: keep the user's text for the gold judge
+        prompt_rows = [{**row, AS_WRITTEN: dataset.as_written.get(row["prompt"], row["prompt"])} for row in prompt_rows]
     write_rows(out_dir / PROMPTS_FILE, prompt_rows)
     write_rows(out_dir / DEMONSTRATIONS_FILE, [{"prompt": p, "response": r} for p, r in dataset.demonstrations])
     if dataset.preferences:

@@ -47,15 +47,15 @@ def test_every_lock_is_exact_and_names_the_program_it_holds():
 
 
 def test_the_project_lock_agrees_with_pyproject_and_holds_everything_installed():
-    """Every pin of pyproject.toml is the lock's, and every distribution the project needs (with the test and scale
-    extras that make test installs) is installed at the lock's version: a dependency the lock missed would float."""
+    """Every pin of pyproject.toml is the lock's, and every distribution the project needs (with the extras that make
+    test installs) is installed at the lock's version: a dependency the lock missed would float."""
     lock = pins(LOCKS / "project.txt")
     project = tomllib.loads((PACKAGE_ROOT / "pyproject.toml").read_text())["project"]
     declared = [*project["dependencies"], *(d for extra in project["optional-dependencies"].values() for d in extra)]
     for text in declared:
         req = Requirement(text)
         assert str(req.specifier) == f"=={lock[canonicalize_name(req.name)]}", text
-    needed = installed_closure("rlhf-pipeline", {"test", "scale"}) - {"rlhf-pipeline"}
+    needed = installed_closure("rlhf-pipeline", {"test", "scale", "gguf", "instruct"}) - {"rlhf-pipeline"}
     unpinned = sorted(n for n in needed if n not in lock)
     assert unpinned == [], f"not in locks/project.txt: {unpinned}"
     drifted = {n: (metadata.version(n), lock[n]) for n in needed if metadata.version(n).split("+")[0] != lock[n]}

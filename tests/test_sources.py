@@ -13,8 +13,10 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import user_judge
 from test_user_data import MAX_TOKENS, user_config, user_rows, write_jsonl
 
+from infra.artifacts import data_judge, read_prompts
 from infra.datasets import DatasetError
 from infra.sources import chat_renderer, inputs_digest, resolve, to_columns
 from infra.user_data import check_data
@@ -134,6 +136,31 @@ def test_a_save_to_disk_folder_with_conversations_and_a_chat_template(
     plain = check_data(config.model_copy(update={"chat_template": False}), 0, max_tokens=MAX_TOKENS)
     assert plain.demonstrations[0][0] == prompts[0]
     assert not any(p.startswith("<bos>") for split in plain.prompts.values() for p in split)
+
+
+def test_the_judge_reads_each_prompt_as_the_user_wrote_it(
+    files: dict[str, str], tmp_path: Path, base_dir: Path
+) -> None:
+    """The model sees every prompt through its chat template; the gold judge gets the user's text, in the checks
+    before the run, on the human pairs, and from the data artifact every later phase judges with."""
+    model = tmp_path / "chat-model"
+    shutil.copytree(base_dir, model)
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config | {"chat_template": template}))
+    preferences = write_jsonl(tmp_path / "prefs.jsonl", user_rows()["human_preferences"])
+    config = user_config(
+        {**files, "human_preferences": preferences}, base_model=str(model), gold_reward="user_judge:as_written_only"
+    )
+    write_data(tmp_path / "artifact", 0, config, max_tokens=MAX_TOKENS)  # the judge refuses a rendered prompt
+    prompts = read_prompts(tmp_path / "artifact", "eval")
+    assert all(p.startswith("<bos>") for p in prompts)
+    responses = [world.demonstration(p.removeprefix("<bos>").strip(), 1, random.Random(0)) for p in prompts]
+    expected = user_judge.judge([p.removeprefix("<bos>").strip() for p in prompts], responses)
+    assert data_judge(tmp_path / "artifact")(prompts, responses) == expected
+    # without a template the prompts are the user's text already, and no second copy is kept
+    write_data(tmp_path / "plain", 0, config.model_copy(update={"chat_template": False}), max_tokens=MAX_TOKENS)
+    assert "prompt_as_written" not in pq.read_table(tmp_path / "plain" / "prompts.parquet").column_names
 
 
 def test_an_object_in_a_bucket_is_read_through_the_store(files: dict[str, str], s3_bucket: str) -> None:

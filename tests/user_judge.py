@@ -3,6 +3,7 @@ rude words cost two, nothing else (unlike the toy world's gold reward, length do
 
 import math
 
+from rlhf_core import world
 from rlhf_core.world import RUDE, TOPICS
 
 
@@ -33,3 +34,14 @@ def short_on_big_batches(prompts: list[str], responses: list[str]) -> list[float
     """Right on the small batch tried before the run, one score short on the larger batches a run scores later."""
     scores = judge(prompts, responses)
     return scores[:-1] if len(responses) > 20 else scores
+
+
+AS_WRITTEN = set(world.all_prompts())
+
+
+def as_written_only(prompts: list[str], responses: list[str]) -> list[float]:
+    """The judge above, refusing any prompt that is not a toy prompt exactly as written (a chat template's rendering
+    of one fails): a judge that looks its prompts up, as a checker of verifiable instructions does."""
+    if unknown := [p for p in prompts if p not in AS_WRITTEN]:
+        raise KeyError(f"not a prompt as written: {unknown[0]!r}")
+    return judge(prompts, responses)
