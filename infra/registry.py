@@ -15,6 +15,7 @@ own, and an MLflow server refuses a local-folder source outside the run's artifa
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -157,6 +158,20 @@ def log_policy_model(
     return client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
 
 
+STDERR_OF = {"win_rate_vs_sft": "win_rate_stderr"}  # a champion metric -> the metric that holds its standard error
+
+
+def beats(metrics: dict[str, float], champion_tags: dict[str, str], metric: str) -> bool:
+    """Whether an iteration's ``metric`` is higher than the champion's (read from its version's tags) by more than the
+    standard error of their difference, where the metric has one: a policy must not take the champion by the luck
+    of one evaluation's draw."""
+    held = float(champion_tags[METRIC_TAG.format(name=metric)])
+    stderr = STDERR_OF.get(metric)
+    new_error = float(metrics.get(stderr, 0.0)) if stderr else 0.0
+    held_error = float(champion_tags.get(METRIC_TAG.format(name=stderr), 0.0)) if stderr else 0.0
+    return float(metrics[metric]) - held > math.hypot(new_error, held_error)
+
+
 def _champion(client: MlflowClient, name: str):
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
@@ -177,8 +192,8 @@ def register_iteration(
     champion_metric: str,
 ) -> Registration:
     """A new version of the line's registered model for ``model``, aliased ``newest``, and ``champion`` when its
-    ``champion_metric`` is higher than the current champion's (or there is none, or the champion has no value for
-    that metric)."""
+    ``champion_metric`` is higher than the current champion's by more than the standard error (:func:`beats`), or
+    there is none, or the champion has no value for that metric."""
     if champion_metric not in metrics:
         raise ValueError(
             f"tracking.champion_metric={champion_metric!r}: the iteration has no such metric (it has {sorted(metrics)})"
@@ -203,7 +218,7 @@ def register_iteration(
     value = float(metrics[champion_metric])
     current = _champion(client, name)
     held = current.tags.get(METRIC_TAG.format(name=champion_metric)) if current is not None else None
-    if held is None or value > float(held):
+    if held is None or beats(metrics, current.tags, champion_metric):
         client.set_registered_model_alias(name, CHAMPION, version)
         return Registration(
             name, str(version), model.model_id, iteration, CHAMPION, str(version), iteration, champion_metric, value

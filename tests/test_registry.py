@@ -41,7 +41,16 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def register(tracker: Tracker, policy_dir: Path, name: str, iteration: int, win_rate: float, *, max_mb: float = 100):
+def register(
+    tracker: Tracker,
+    policy_dir: Path,
+    name: str,
+    iteration: int,
+    win_rate: float,
+    *,
+    max_mb: float = 100,
+    stderr: float | None = None,
+):
     with tracker.run("pipeline") as parent, tracker.run("ppo", parent_run_id=parent.run_id) as ppo:
         model = log_policy_model(
             tracker.client,
@@ -60,7 +69,7 @@ def register(tracker: Tracker, policy_dir: Path, name: str, iteration: int, win_
             model=model,
             run_id=parent.run_id,
             iteration=iteration,
-            metrics={"win_rate_vs_sft": win_rate, "kl": 0.1},
+            metrics={"win_rate_vs_sft": win_rate, "kl": 0.1} | ({} if stderr is None else {"win_rate_stderr": stderr}),
             champion_metric="win_rate_vs_sft",
         )
     return model, registration, ppo.run_id
@@ -99,6 +108,16 @@ def test_champion_moves_only_when_an_iteration_beats_it(tracker: Tracker, policy
         find_version(client, name, iteration=2, run_id=version_3.run_id)
     with pytest.raises(LookupError, match="run elsewhere registered no version"):
         find_version(client, name, run_id="elsewhere")
+
+
+def test_champion_moves_only_by_more_than_the_standard_error(tracker: Tracker, policy_dir: Path) -> None:
+    """A policy that beats the champion by less than the standard error of the difference (here 0.03 on each side:
+    0.042) may have won by the draw of its evaluation: the champion stays."""
+    client, name = tracker.client, "rlhf-noise-test"
+    for iteration, win_rate, champion in [(1, 0.70, "1"), (2, 0.74, "1"), (3, 0.75, "3")]:
+        _, registration, _ = register(tracker, policy_dir, name, iteration, win_rate, stderr=0.03)
+        assert str(client.get_model_version_by_alias(name, CHAMPION).version) == champion, iteration
+        assert registration.champion_version == champion
 
 
 def test_logged_model_is_linked_to_its_run_and_carries_the_metrics(tracker: Tracker, policy_dir: Path) -> None:

@@ -6,6 +6,7 @@ across two runs, a concurrent lock attempt refused, `prefect deploy --all` of pr
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -397,9 +398,11 @@ def _check_registry_export_and_report(
         client.get_metric_history(parents[str(run.id)].info.run_id, "iteration/win_rate_vs_sft")[0].value
         for run in runs
     ]
-    versions = {v.tags["rlhf.iteration"]: str(v.version) for v in client.search_model_versions(f"name = '{name}'")}
+    found = client.search_model_versions(f"name = '{name}'")
+    versions = {v.tags["rlhf.iteration"]: str(v.version) for v in found}
     assert sorted(versions) == ["1", "2"]
-    champion = "2" if win[1] > win[0] else "1"
+    errors = {v.tags["rlhf.iteration"]: float(v.tags["rlhf.metric.win_rate_stderr"]) for v in found}
+    champion = "2" if win[1] - win[0] > math.hypot(errors["1"], errors["2"]) else "1"
     assert client.get_model_version_by_alias(name, "champion").tags["rlhf.iteration"] == champion
     assert str(client.get_model_version_by_alias(name, "newest").version) == versions["2"]
     tracking = ["--set", f"tracking.uri={stack['MLFLOW_TRACKING_URI']}"]
