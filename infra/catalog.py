@@ -79,7 +79,12 @@ PREFERENCES = Phase(
     {
         "labeler_agreement": "Share of pairs on which two labelers agree, averaged over labeler pairs.",
         "labeler_kappa": "Cohen's kappa of two labelers, averaged over labeler pairs.",
-        "noise_scale": "Shared noise of the simulated labelers, calibrated to preferences.target_agreement.",
+        "noise_scale": "Shared noise of the simulated labelers, calibrated to preferences.target_agreement on the "
+        "pairs the gold judge decides.",
+        "noise_at_limit": "1 when calibration ended at the edge of the noise scales it searches: the labelers cannot "
+        "agree as often as preferences.target_agreement asks on these pairs (else 0).",
+        "gold_tie_rate": "Share of sampled pairs the gold judge scores alike: no preference for the labelers to find.",
+        "dropped_gold_ties": "Pairs the gold judge scores alike, dropped (preferences.gold_ties: drop).",
         "n_pairs": "Labeled pairs kept (for human labels: one per label that is not a tie).",
         "batch_pairs": "Pairs in the labeling batch people were given.",
         "dropped_identical": "Sampled pairs dropped because both responses were the same.",

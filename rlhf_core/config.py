@@ -132,10 +132,18 @@ class PreferenceConfig(BaseModel):
         0.7,
         gt=0.5,
         lt=1.0,
-        description="Scale labeler noise so two labelers agree on this fraction of pairs (InstructGPT saw about "
-        "0.7); null keeps noise_scale fixed.",
+        description="Scale labeler noise so two labelers agree on this fraction of the pairs the gold judge decides "
+        "(InstructGPT saw about 0.7); null keeps noise_scale fixed.",
     )
     noise_scale: float = Field(1.0, gt=0, description="Shared labeler noise when target_agreement is null.")
+    gold_ties: Literal["label", "drop"] = Field(
+        "label",
+        description="Simulated labels of pairs the gold judge scores alike (a judge of discrete scores, such as the "
+        "share of an instruction's constraints met, ties often): label them (each labeler's pick is then a coin flip, "
+        "or its taste for length) or drop them (counted as dropped_gold_ties). Either way the labelers' noise is "
+        "calibrated to target_agreement on the pairs the judge decides, as labelers agree on a tie half the time "
+        "at any noise.",
+    )
     min_labeled_fraction: float = Field(
         1.0,
         gt=0,
@@ -163,7 +171,7 @@ class PreferenceConfig(BaseModel):
         """What of this config decides the phase's output: the labelers' settings for simulated labels, the
         labeling settings for human ones (how long to wait decides nothing)."""
         human_only = {"min_labeled_fraction", "labels_per_pair", "label_timeout_s", "label_studio", "source"}
-        simulated_only = {"labelers", "target_agreement", "noise_scale"}
+        simulated_only = {"labelers", "target_agreement", "noise_scale", "gold_ties"}
         exclude = human_only if self.source == "simulated" else simulated_only | {"label_timeout_s"}
         return self.model_dump(mode="json", exclude=exclude)
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 STRENGTHS = {1: "negligibly better", 2: "slightly better", 3: "better", 4: "significantly better"}  # Llama 2's scale
 STRENGTH_SCALE = ", ".join(f"{k} {v}" for k, v in STRENGTHS.items())
 CHOICES = ("a", "b", "tie")
+NOISE_RANGE = (1e-3, 1e3)  # the shared noise scales calibration searches
 
 
 @dataclass
@@ -96,7 +97,7 @@ def calibrate_noise_scale(
         ]
         return expected_agreement(probs)
 
-    low, high = math.log(1e-3), math.log(1e3)
+    low, high = math.log(NOISE_RANGE[0]), math.log(NOISE_RANGE[1])
     for _ in range(40):
         mid = (low + high) / 2
         low, high = (mid, high) if agreement(math.exp(mid)) > target_agreement else (low, mid)

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.config import PreferenceConfig
 from rlhf_core.labelers import (
+    NOISE_RANGE,
     HumanLabel,
     LabelingPair,
     agreement_stats,
@@ -68,16 +69,27 @@ def collect_preferences(
     seed: int,
 ) -> tuple[list[PreferencePair], dict[str, float]]:
     """Sample ``n_pairs`` response pairs, have every labeler judge every pair, and keep each pair's
-    label from one labeler (round robin); the overlap measures inter-annotator agreement."""
+    label from one labeler (round robin); the overlap measures inter-annotator agreement. Pairs the gold judge scores
+    alike carry no preference, only a labeler's coin flip: ``config.gold_ties`` says whether they are labeled or
+    dropped, and the labelers' noise is calibrated on the pairs the judge decides either way."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     pair_prompts, first, second = sample_pairs(policy, tokenizer, prompts, config=config, rng=rng)
 
     golds = list(zip(gold_fn(pair_prompts, first), gold_fn(pair_prompts, second), strict=True))
+    tied = [ga == gb for ga, gb in golds]
+    if config.gold_ties == "drop":
+        keep = [i for i, tie in enumerate(tied) if not tie]
+        pair_prompts, first, second, golds = ([xs[i] for i in keep] for xs in (pair_prompts, first, second, golds))
     lengths = [(len(a.split()), len(b.split())) for a, b in zip(first, second, strict=True)]
+    decided = [i for i, (ga, gb) in enumerate(golds) if ga != gb]
+    # Labelers agree on a tie half the time at any noise: the target holds for the pairs the judge decides.
+    calibrated = config.target_agreement is not None and bool(decided)
     scale = (
-        calibrate_noise_scale(golds, lengths, config.labelers, config.target_agreement)
-        if config.target_agreement is not None
+        calibrate_noise_scale(
+            [golds[i] for i in decided], [lengths[i] for i in decided], config.labelers, config.target_agreement
+        )
+        if calibrated
         else config.noise_scale
     )
     labels = draw_labels(golds, lengths, config.labelers, noise_scale=scale, rng=rng)
@@ -89,13 +101,15 @@ def collect_preferences(
         if not labels[who][i]:
             (a, ga), (b, gb) = (b, gb), (a, ga)
         pairs.append(PreferencePair(prompt, a, b, config.labelers[who].name, ga, gb))
-    decided = [p for p in pairs if p.chosen_gold != p.rejected_gold]
     stats = {
-        **agreement_stats(labels),
+        **(agreement_stats(labels) if pairs else {}),
         "noise_scale": scale,
+        "noise_at_limit": float(calibrated and not NOISE_RANGE[0] * 1.01 < scale < NOISE_RANGE[1] / 1.01),
         "n_pairs": len(pairs),
-        "dropped_identical": config.n_pairs - len(pairs),
-        "label_gold_accuracy": sum(p.chosen_gold > p.rejected_gold for p in decided) / max(1, len(decided)),
+        "dropped_identical": config.n_pairs - len(tied),
+        "gold_tie_rate": sum(tied) / max(1, len(tied)),
+        "dropped_gold_ties": sum(tied) if config.gold_ties == "drop" else 0,
+        "label_gold_accuracy": sum(p.chosen_gold > p.rejected_gold for p in pairs) / max(1, len(decided)),
     }
     return pairs, stats
 

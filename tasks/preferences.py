@@ -21,6 +21,7 @@ from tasks.common import (
     fetch,
     fetch_inputs,
     frozen_policy,
+    phase_logger,
     phase_task,
     phase_workspace,
     publish,
@@ -42,6 +43,12 @@ def run_preferences(
     policy = frozen_policy(inputs.policy, trust_remote_code, compute)
     prompts = read_prompts(inputs.data, "preference")
     pairs, stats = collect_preferences(policy, tokenizer, prompts, data_judge(inputs.data), config=config, seed=seed)
+    if stats["noise_at_limit"]:
+        phase_logger().warning(
+            f"the simulated labelers cannot reach preferences.target_agreement={config.target_agreement} on these "
+            f"pairs (noise scale {stats['noise_scale']:.3g}, at the end of its range; the gold judge scores "
+            f"{stats['gold_tie_rate']:.0%} of them alike): their labels are as consistent as the judge allows"
+        )
     write_rows(out_dir / PAIRS_FILE, [dataclasses.asdict(p) for p in pairs])
     return stats
 

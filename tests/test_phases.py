@@ -271,6 +271,26 @@ def test_preferences_labels_and_agreement(sft_dir):
     assert {p.labeler for p in pairs} == {lab.name for lab in PreferenceConfig().labelers}
 
 
+def coarse_judge(prompts: list[str], responses: list[str]) -> list[float]:
+    """1 or 0 (word count a multiple of 5): a judge that scores most pairs alike, as a pass/fail checker does."""
+    return [float(len(r.split()) % 5 == 0) for r in responses]
+
+
+def test_a_judge_that_mostly_ties_still_gets_labelers_at_the_target_agreement(sft_dir):
+    """Labelers agree on a tie half the time at any noise, so with two pairs in three tied no noise reaches 0.7 over
+    all pairs: the noise is calibrated on the pairs the judge decides; dropping the ties leaves labels that agree 0.7."""
+    tokenizer, model = load_tokenizer(sft_dir), load_policy(sft_dir).eval()
+    prompts = world.make_world(0, TINY).preference_prompts[:16]
+    for ties in ("label", "drop"):
+        config = PreferenceConfig(n_pairs=800, max_new_tokens=16, gold_ties=ties)
+        pairs, stats = collect_preferences(model, tokenizer, prompts, coarse_judge, config=config, seed=0)
+        assert stats["gold_tie_rate"] > 0.6 and stats["noise_at_limit"] == 0.0, stats
+        sampled = len(pairs) + stats["dropped_gold_ties"] + stats["dropped_identical"]
+        assert sampled == 800
+    assert all(p.chosen_gold != p.rejected_gold for p in pairs) and stats["dropped_gold_ties"] > 400
+    assert stats["labeler_agreement"] == pytest.approx(0.7, abs=0.07)  # as for the toy judge above
+
+
 def test_validation_pairs_are_the_same_comparisons_in_every_iteration_whoever_labeled_them():
     def pair(i: int, labeler: str = "ann", flip: bool = False) -> PreferencePair:
         a, b = f"response {i} a", f"response {i} b"
