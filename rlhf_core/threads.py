@@ -24,6 +24,19 @@ def one_after_another(*calls: Callable[[], Any]) -> tuple[Any, ...]:
 
 
 @contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """This thread's torch on ``threads`` intra-op threads (None: as it is), restored on exit. Per thread: a Prefect
+    task runs in a worker thread of its own, which does not see a count set in another."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
 def side_by_side(enabled: bool = True) -> Iterator[Runner]:
     """A runner for independent calls: ``run(f, g)`` returns ``(f(), g())``. Enabled, the calls run in threads of
     their own (under the caller's grad and inference modes) while the process's intra-op threads are split between

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -40,6 +42,7 @@ from rlhf_core.checkpoint import DivergenceError
 from rlhf_core.config import DEFAULT_COMPUTE, ComputeConfig
 from rlhf_core.engine import Engine, Optimization, TorchEngine, autocast_model
 from rlhf_core.modeling import default_device, enable_gradient_checkpointing, load_policy
+from rlhf_core.threads import torch_threads
 
 if TYPE_CHECKING:
     from infra.tracking import RunLogger
@@ -240,7 +243,8 @@ PROGRESS_HOOKS: list[ProgressHook] = []
 
 def phase_task(name: str) -> Callable:
     """The Prefect task settings every phase shares: retried with backoff when the failure may pass,
-    cached across flow runs on its inputs' identities, result persisted."""
+    cached across flow runs on its inputs' identities, result persisted; run on ``compute.threads`` CPU threads where
+    the phase takes a ``compute`` section."""
     from prefect import task
     from prefect.runtime import task_run
 
@@ -248,7 +252,7 @@ def phase_task(name: str) -> Callable:
         iteration = task_run.parameters.get("iteration")
         return name if iteration is None else f"{name}-iteration-{iteration}"
 
-    return task(
+    settings = task(
         name=name,
         task_run_name=run_name,
         retries=2,
@@ -257,6 +261,19 @@ def phase_task(name: str) -> Callable:
         cache_key_fn=phase_cache_key,
         persist_result=True,
     )
+
+    def decorate(fn: Callable) -> Any:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def on_configured_threads(*args: Any, **kwargs: Any) -> Any:
+            compute = signature.bind(*args, **kwargs).arguments.get("compute")
+            with torch_threads(compute.threads if isinstance(compute, ComputeConfig) else None):
+                return fn(*args, **kwargs)
+
+        return settings(on_configured_threads)
+
+    return decorate
 
 
 def make_engine(

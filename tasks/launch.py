@@ -57,7 +57,9 @@ def launch(
     ``checkpoint`` when given; returns what rank 0's call returned."""
     with tempfile.TemporaryDirectory(prefix="rlhf-launch-") as tmp:
         spec = write_spec(Path(tmp), entry, kwargs, log=log, checkpoint=checkpoint)
-        run_ranks(spec, num_processes, log.label if log else entry)
+        compute = kwargs.get("compute")
+        threads = compute.threads if isinstance(compute, ComputeConfig) else None
+        run_ranks(spec, num_processes, log.label if log else entry, threads=threads)
         return json.loads((Path(tmp) / RESULT).read_text())
 
 
@@ -118,10 +120,11 @@ def rank_command(spec: Path, n: int) -> list[str]:
     return [*command, "-m", "tasks.launch", str(spec)]
 
 
-def run_ranks(spec: Path, n: int, label: str) -> None:
-    """:func:`rank_command`, its output shown as it comes; RuntimeError with the last output if a rank fails."""
+def run_ranks(spec: Path, n: int, label: str, *, threads: int | None = None) -> None:
+    """:func:`rank_command` (each rank on ``threads`` CPU threads, else ``$OMP_NUM_THREADS``, else one), its output
+    shown as it comes; RuntimeError with the last output if a rank fails."""
     command = rank_command(spec, n)
-    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = os.environ | {"OMP_NUM_THREADS": str(threads or os.environ.get("OMP_NUM_THREADS", "1"))}
     tail: deque[str] = deque(maxlen=30)
     errors: list[str] = []  # the ranks' exception lines, to name the cause above torchrun's own summary
     logger = phase_logger()

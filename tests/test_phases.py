@@ -278,7 +278,8 @@ def coarse_judge(prompts: list[str], responses: list[str]) -> list[float]:
 
 def test_a_judge_that_mostly_ties_still_gets_labelers_at_the_target_agreement(sft_dir):
     """Labelers agree on a tie half the time at any noise, so with two pairs in three tied no noise reaches 0.7 over
-    all pairs: the noise is calibrated on the pairs the judge decides; dropping the ties leaves labels that agree 0.7."""
+    all pairs: the noise is calibrated on the pairs the judge decides; dropping the ties leaves labels that agree
+    0.7."""
     tokenizer, model = load_tokenizer(sft_dir), load_policy(sft_dir).eval()
     prompts = world.make_world(0, TINY).preference_prompts[:16]
     for ties in ("label", "drop"):

@@ -96,3 +96,24 @@ def test_reference_and_critic_side_by_side_score_a_rollout_as_one_after_the_othe
     assert torch.equal(one_after_another.samples.query_responses, beside.samples.query_responses)
     for name in ("ref_logprobs", "values"):
         assert torch.allclose(getattr(one_after_another, name), getattr(beside, name), atol=1e-5)
+
+
+def test_a_phase_runs_on_the_configured_threads_in_its_own_thread() -> None:
+    """compute.threads holds for the phase's body, in the worker thread Prefect runs it in, and is undone after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rlhf_core.config import ComputeConfig
+    from tasks.common import phase_task
+
+    @phase_task("probe")
+    def probe(context: object, *, compute: ComputeConfig) -> int:
+        return torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(probe.fn, None, compute=ComputeConfig(threads=1)).result() == 1
+        assert pool.submit(probe.fn, None, compute=ComputeConfig(threads=3)).result() == 3
+        assert (
+            pool.submit(probe.fn, None, compute=ComputeConfig()).result() == pool.submit(torch.get_num_threads).result()
+        )
+    assert torch.get_num_threads() == before
