@@ -14,6 +14,7 @@ from infra.deepspeed_config import DeepSpeedConfig
 from infra.lineage import check_lineage_name
 from rlhf_core.config import ComputeConfig, DPOConfig, EvalConfig, PPOConfig, PreferenceConfig, RewardConfig, SFTConfig
 from rlhf_core.data import DataConfig
+from rlhf_core.pretrained_defaults import with_pretrained_defaults
 
 DEFAULT_TRACKING_ROOT = Path("./rlhf-mlflow")
 
@@ -104,6 +105,12 @@ class PipelineConfig(BaseModel):
         description="Run code shipped inside model repositories (off: only "
         "architectures transformers knows are loaded).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pretrained_defaults(cls, raw: object) -> object:
+        """Fine-tuning defaults in place of the toy world's where data.base_model names a pretrained model."""
+        return with_pretrained_defaults(raw) if isinstance(raw, dict) else raw
 
     @field_validator("lineage")
     @classmethod

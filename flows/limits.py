@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from transformers import AutoConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from flows.config import PipelineConfig
 from rlhf_core.modeling import prompt_token_ids
+from rlhf_core.pretrained_defaults import model_context as read_model_context
 
 
 def model_context(config: PipelineConfig, model_field: str) -> int | None:
@@ -19,10 +20,9 @@ def model_context(config: PipelineConfig, model_field: str) -> int | None:
     if name_or_path is None:
         return config.data.world.max_position_embeddings
     try:
-        model_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=config.trust_remote_code)
+        return read_model_context(name_or_path, config.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ValueError(f"{model_field}={name_or_path!r}: cannot read its config: {e}") from e
-    return getattr(model_config.get_text_config(), "max_position_embeddings", None)
 
 
 def check_lengths(config: PipelineConfig, prompts: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> None:

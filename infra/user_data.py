@@ -147,8 +147,12 @@ def read_user_data(config: DataConfig, tokenizer, max_tokens: int | None, open_s
                 raise DatasetError(
                     f"{label}: row {number}, column 'split': {split!r} is not one of {list(USER_SPLITS)}"
                 )
-            if check.tokens(label, number, "prompt", row["prompt"]) + 3 > (max_tokens or math.inf):
-                raise DatasetError(f"{label}: row {number}, column 'prompt': leaves no room for a response")
+            if (tokens := check.tokens(label, number, "prompt", row["prompt"])) + 3 > (max_tokens or math.inf):
+                raise DatasetError(
+                    f"{label}: row {number}, column 'prompt': {tokens} tokens (in the model's chat format) leave no "
+                    f"room for a response in the {max_tokens} that training keeps (sft.max_length / "
+                    f"reward.max_length): raise both to at least the longest prompt plus the longest response"
+                )
             prompts[split].append(row["prompt"])
             as_written[row["prompt"]] = row.get(AS_WRITTEN, row["prompt"])
         for split in USER_SPLITS:

@@ -76,3 +76,37 @@ def test_a_gguf_file_without_the_gguf_package_or_on_disk_is_named(
     with pytest.raises(ValueError, match=r"data.base_model=.* needs the gguf package"):
         copy_base_model(tmp_path / "out", str(smollm2_gguf))
     assert not (tmp_path / "out").exists()
+
+
+IF_PROMPT = (
+    "Write a short note to a neighbour about a noisy party. Your entire response should be in English, and in all "
+    'lowercase letters. No capital letters are allowed. End your response with the exact phrase "Hope this helps!"'
+)
+
+
+def test_a_pretrained_base_model_gets_fine_tuning_defaults_sized_to_its_context(smollm2_gguf: Path) -> None:
+    """The toy world's defaults (SFT at 3e-3, a summed reward model with the log-probability feature, 48-token
+    sequences) wreck a pretrained model or leave a chat prompt no room: a base model gets fine-tuning values, a value
+    the config sets is kept, and the toy world's stay as they were."""
+    toy = load_config(None, [])
+    assert (toy.sft.lr, toy.sft.max_length, toy.reward.pooling, toy.reward.logprob_coef) == (3e-3, 48, "sum", 0.15)
+    real = load_config(None, [f"data.base_model={smollm2_gguf}", "ppo.lr=5e-6"])
+    assert (real.sft.lr, real.reward.lr, real.dpo.lr, real.ppo.lr) == (1e-5, 1e-5, 1e-6, 5e-6)
+    assert (real.reward.pooling, real.reward.logprob_coef) == ("last", 0.0)
+    assert (real.sft.max_length, real.reward.max_length, real.ppo.max_new_tokens) == (320, 320, 128)
+    # and a chat prompt with two constraints fits them, with room for the response
+    tokenizer = model_tokenizer(str(smollm2_gguf), "data.base_model")
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": IF_PROMPT}], tokenize=False, add_generation_prompt=True
+    )
+    prompt_tokens = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    assert toy.sft.max_length < prompt_tokens < real.sft.max_length - real.ppo.max_new_tokens
+
+
+def test_pretrained_lengths_are_cut_to_a_small_models_context(tmp_path: Path) -> None:
+    from transformers import GPT2Config
+
+    GPT2Config(n_positions=64, n_embd=16, n_layer=1, n_head=2).save_pretrained(tmp_path)
+    config = load_config(None, [f"data.base_model={tmp_path}"])
+    assert (config.sft.max_length, config.dpo.max_length, config.ppo.max_new_tokens) == (64, 64, 32)
+    assert config.evaluation.max_new_tokens == 32 and config.sft.lr == 1e-5

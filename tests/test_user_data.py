@@ -124,7 +124,13 @@ BAD_DATASETS = [
     ("prompts", "p.jsonl", _text(b'{"prompt": "describe ocean :", "split": "test"}\n'), r"column 'split': 'test' is"),
     ("prompts", "p.jsonl", _text(b'{"prompt": "describe ocean :", "split": "ppo"}\n'), r"no 'preference' prompts"),
     ("prompts", "p.jsonl", _text(b'{"prompt": "describe the kraken :"}\n'), r"column 'prompt': words the tokenizer"),
-    ("prompts", "p.jsonl", _text(json.dumps({"prompt": LONG}).encode()), r"row 1, column 'prompt': leaves no room"),
+    (
+        "prompts",
+        "p.jsonl",
+        _text(json.dumps({"prompt": LONG}).encode()),
+        r"row 1, column 'prompt': \d+ tokens \(in the model's chat format\) leave no room for a response in the 48 "
+        r"that training keeps \(sft.max_length / reward.max_length\)",
+    ),
     ("prompts", "missing.jsonl", None, r"missing\.jsonl: no such file"),
     ("demonstrations", "d.parquet", _text(b"not parquet"), r"d\.parquet: not a readable Parquet file"),
     ("demonstrations", "d.parquet", _parquet([], TEXT_SCHEMA), r"d\.parquet: no rows"),
