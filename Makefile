@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := locks/project.txt
 
-.PHONY: run test lint bench clean browser
+.PHONY: run real test lint bench clean browser
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ $(STAMP): pyproject.toml $(LOCK)
 
 run: $(STAMP)
 	$(BIN)/rlhf run $(ARGS)
+
+# A real model on a real task: SmolLM2-135M-Instruct learns to follow verifiable instructions
+# (examples/instruction-following/README.md). Builds the model, prompts and demonstrations once, then runs the pipeline.
+REAL := examples/instruction-following
+real: $(STAMP)
+	$(BIN)/python $(REAL)/build.py
+	PYTHONPATH=$(REAL) $(BIN)/rlhf run --config $(REAL)/config.yaml $(ARGS)
 
 # The report test renders in a real browser: Debian's chromium, installed once (needs apt, as root).
 browser:

@@ -19,7 +19,7 @@ import math
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,13 +79,24 @@ def dpo_policy_phase(
     run_dpo(policy, reference, pairs, it / "policy", sft_dir=sft, config=config.dpo, seed=seed)
 
 
-def run_seed(config: PipelineConfig, root: Path) -> list[dict[str, float]]:
+Observer = Callable[[int, Path, list[dict]], dict[str, float]]  # (iteration, its folder, evaluation rows) -> figures
+
+
+def run_seed(
+    config: PipelineConfig, root: Path, *, observe: Observer | None = None, seconds: dict[str, float] | None = None
+) -> list[dict[str, float]]:
+    """The pipeline's phases in-process in ``root``: a row of figures per iteration. ``observe`` adds figures of its
+    own to each; ``seconds`` collects each phase's wall time (``sft``, ``preferences-1``, ...)."""
+    seconds = {} if seconds is None else seconds
     start = time.perf_counter()
     seed = config.seed
     data, sft = root / "data", root / "sft"
-    write_data(data, seed, config.data)
-    run_sft(data / BASE_MODEL_DIR, data, sft, config=config.sft, seed=seed)
-    baseline = run_baseline(data, sft, config=config.evaluation, seed=seed * 1000)  # as the pipeline samples it
+    with timed(seconds, "data"):
+        write_data(data, seed, config.data)
+    with timed(seconds, "sft"):
+        run_sft(data / BASE_MODEL_DIR, data, sft, config=config.sft, seed=seed)
+    with timed(seconds, "sft-baseline"):
+        baseline = run_baseline(data, sft, config=config.evaluation, seed=seed * 1000)  # as the pipeline samples it
     print(f"  data + SFT: {time.perf_counter() - start:.0f} s", flush=True)
     policy, preference_dirs, rows = sft, [], []
     for k in range(1, config.iterations + 1):
@@ -129,8 +140,13 @@ def run_seed(config: PipelineConfig, root: Path) -> list[dict[str, float]]:
                 "wall_s": time.perf_counter() - t0,
             }
         )
+        seconds |= {f"{name}-{k}": s for name, s in phase_s.items()}
         print("  " + "  ".join(f"{c}={rows[-1][c]:.3f}" for c in COLUMNS if c in rows[-1]), flush=True)
-        print(f"    gold by attribute, policy (SFT): {attribute_means(samples)}", flush=True)
+        if config.data.gold_reward is None:  # the toy world's judge has attributes
+            print(f"    gold by attribute, policy (SFT): {attribute_means(samples)}", flush=True)
+        if observe is not None:
+            rows[-1] |= (observed := observe(k, it, samples))
+            print("    " + "  ".join(f"{name}={value:.3f}" for name, value in observed.items()), flush=True)
         print("    seconds by phase: " + "  ".join(f"{name}={s:.0f}" for name, s in phase_s.items()), flush=True)
     rows[-1]["total_s"] = time.perf_counter() - start
     return rows

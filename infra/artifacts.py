@@ -66,9 +66,13 @@ def _judge_spec(data_dir: Path) -> str | None:
 def data_judge(data_dir: Path) -> GoldScorer:
     """The gold judge a data artifact was prepared with, checked on every call (:mod:`rlhf_core.judge`), reading each
     prompt as the user wrote it where the data phase kept that."""
+    return gold_judge(_judge_spec(data_dir), read_as_written(data_dir))
+
+
+def read_as_written(data_dir: Path) -> dict[str, str]:
+    """Each prompt in the model's chat format -> as the user wrote it, where the data phase kept that."""
     rows = read_rows(data_dir / PROMPTS_FILE)
-    as_written = {row["prompt"]: row[AS_WRITTEN] for row in rows if row.get(AS_WRITTEN) is not None}
-    return gold_judge(_judge_spec(data_dir), as_written)
+    return {row["prompt"]: row[AS_WRITTEN] for row in rows if row.get(AS_WRITTEN) is not None}
 
 
 def data_judge_breakdown(data_dir: Path) -> GoldBreakdown | None:

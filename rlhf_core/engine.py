@@ -116,6 +116,20 @@ class Engine(Protocol):
     def load_full_state_dict(self, state: dict[str, Tensor]) -> None: ...
 
 
+def without_tied_copies(module: nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``weights`` (a :meth:`Engine.full_state_dict`) less the second name of each parameter the module shares between
+    two places, such as a language-model head tied to the input embeddings: what ``save_pretrained`` should write.
+    The copies no longer share storage, so without this the head is written a second time (a fifth of a small
+    model's file); loading ties it again."""
+    seen: set[int] = set()
+    copies = set()
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:
+            copies.add(name)
+        seen.add(id(parameter))
+    return {name: value for name, value in weights.items() if name not in copies}
+
+
 Row = TypeVar("Row")
 
 

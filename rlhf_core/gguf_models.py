@@ -8,6 +8,7 @@ safetensors like any other and gives the same logits.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -47,7 +48,10 @@ def load_gguf_model(path: str | Path, field: str) -> PreTrainedModel:
     """A GGUF file's causal LM dequantized to fp32, as a plain model that ``save_pretrained`` writes as safetensors."""
     file = check_gguf_file(path, field)
     loaded = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32)
-    plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):  # saved, it would make every later load a GGUF-quantized model again
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
     return plain

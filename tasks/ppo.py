@@ -16,7 +16,7 @@ from infra.deepspeed_config import DeepSpeedConfig
 from infra.deepspeed_engine import inference_module
 from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.config import DEFAULT_COMPUTE, AttnImplementation, ComputeConfig, LoRAConfig, PPOConfig
-from rlhf_core.engine import Engine, Optimization
+from rlhf_core.engine import Engine, Optimization, without_tied_copies
 from rlhf_core.lora import ADAPTER_DIR, AdaptersDisabled, add_lora, load_lora, merged
 from rlhf_core.modeling import fold_reward_normalization, load_policy, load_scorer, load_tokenizer
 from rlhf_core.ppo import AlarmCallback, PPOModels, train_ppo
@@ -73,7 +73,7 @@ def save_policy(
         policy.save_pretrained(out_dir / ADAPTER_DIR)
         merged(policy).save_pretrained(out_dir)
     else:
-        policy.save_pretrained(out_dir, state_dict=weights)
+        policy.save_pretrained(out_dir, state_dict=without_tied_copies(policy, weights))
     tokenizer.save_pretrained(out_dir)
 
 

@@ -12,6 +12,7 @@ from infra.catalog import REWARD
 from infra.deepspeed_config import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.config import DEFAULT_COMPUTE, ComputeConfig, RewardConfig
+from rlhf_core.engine import without_tied_copies
 from rlhf_core.lora import add_lora, merged
 from rlhf_core.modeling import load_scorer, load_tokenizer
 from rlhf_core.reward import (
@@ -102,7 +103,7 @@ def run_reward(
         else:
             weights = engine.full_state_dict()  # every rank takes part in gathering; rank 0 writes
         if engine.rank == 0:
-            model.save_pretrained(folder, state_dict=weights)
+            model.save_pretrained(folder, state_dict=weights and without_tied_copies(model, weights))
         members.append(model)
         if first:
             metrics = {

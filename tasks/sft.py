@@ -9,6 +9,7 @@ from infra.catalog import SFT
 from infra.deepspeed_config import DeepSpeedConfig
 from rlhf_core.checkpoint import Checkpointer
 from rlhf_core.config import DEFAULT_COMPUTE, ComputeConfig, SFTConfig
+from rlhf_core.engine import without_tied_copies
 from rlhf_core.modeling import load_policy, load_tokenizer
 from rlhf_core.sft import num_training_steps, train_sft
 from rlhf_core.types import MetricsCallback
@@ -52,7 +53,7 @@ def run_sft(
     )
     weights = engine.full_state_dict()  # every rank takes part in gathering; rank 0 writes
     if engine.rank == 0:
-        model.save_pretrained(out_dir, state_dict=weights)
+        model.save_pretrained(out_dir, state_dict=without_tied_copies(model, weights))
         tokenizer.save_pretrained(out_dir)
     return {"first_loss": result.first_loss, "final_loss": result.final_loss, "steps": result.steps}
 

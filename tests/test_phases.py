@@ -592,3 +592,20 @@ def test_target_kl_stops_an_update_early(sft_dir):
     metrics = result.history[0]
     assert metrics["early_stopped"] == 1.0
     assert metrics["minibatch_updates"] < 16
+
+
+def test_a_tied_head_is_saved_once(base_dir, tmp_path):
+    """The toy Llama's head is its input embeddings: a full state dict holds it twice (as copies), the saved file
+    once, and the model loads with the head tied again."""
+    from safetensors.torch import load_file
+
+    from rlhf_core.engine import without_tied_copies
+
+    model = load_policy(base_dir)
+    weights = TorchEngine(model, Optimization(lr=1e-3, total_steps=1)).full_state_dict()
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(weights)
+    model.save_pretrained(tmp_path, state_dict=without_tied_copies(model, weights))
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    again = load_policy(tmp_path)
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
