@@ -83,6 +83,8 @@ PREFERENCES = Phase(
         "pairs the gold judge decides.",
         "noise_at_limit": "1 when calibration ended at the edge of the noise scales it searches: the labelers cannot "
         "agree as often as preferences.target_agreement asks on these pairs (else 0).",
+        "gold_per_word": "The gold reward's standard deviation per standard deviation of word count over the pairs: "
+        "the unit of the labelers' length_bias.",
         "gold_tie_rate": "Share of sampled pairs the gold judge scores alike: no preference for the labelers to find.",
         "dropped_gold_ties": "Pairs the gold judge scores alike, dropped (preferences.gold_ties: drop).",
         "n_pairs": "Labeled pairs kept (for human labels: one per label that is not a tie).",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from collections import Counter, defaultdict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -48,24 +49,43 @@ class LabelerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="Labeler id recorded with each label.")
     temperature: float = Field(1.0, gt=0, description="Noise relative to the pool's shared scale; higher is noisier.")
-    length_bias: float = Field(0.0, description="Extra utility per word of the response (a taste for length).")
+    length_bias: float = Field(
+        0.0,
+        description="A taste for length: extra utility per word of the response, in standard deviations of the gold "
+        "reward per standard deviation of the responses' word counts over the pairs being labeled, so that it weighs "
+        "the same against the judge whatever the judge's scale and the responses' lengths.",
+    )
 
 
 def default_labelers() -> list[LabelerConfig]:
     return [
         LabelerConfig(name="ann", temperature=0.8),
         LabelerConfig(name="bo", temperature=1.0),
-        LabelerConfig(name="cy", temperature=1.0, length_bias=0.15),
-        LabelerConfig(name="di", temperature=1.3, length_bias=-0.1),
+        LabelerConfig(name="cy", temperature=1.0, length_bias=0.3),
+        LabelerConfig(name="di", temperature=1.3, length_bias=-0.2),
     ]
 
 
+def gold_per_word(golds: Sequence[tuple[float, float]], lengths: Sequence[tuple[int, int]]) -> float:
+    """The gold reward's standard deviation over the responses per standard deviation of their word counts: what a
+    labeler's ``length_bias`` is measured in (0 where the lengths do not vary)."""
+    gold = [g for pair in golds for g in pair]
+    words = [n for pair in lengths for n in pair]
+    spread = statistics.pstdev(words) if len(words) > 1 else 0.0
+    return statistics.pstdev(gold) / spread if spread > 0 else 0.0
+
+
 def preference_probability(
-    gold: tuple[float, float], length: tuple[int, int], labeler: LabelerConfig, noise_scale: float
+    gold: tuple[float, float],
+    length: tuple[int, int],
+    labeler: LabelerConfig,
+    noise_scale: float,
+    word_value: float = 1.0,
 ) -> float:
     """P(labeler prefers a over b) = sigmoid((utility_a - utility_b) / (temperature * noise_scale)), for the gold
-    rewards and word counts of responses a and b."""
-    margin = gold[0] - gold[1] + labeler.length_bias * (length[0] - length[1])
+    rewards and word counts of responses a and b; a word is worth ``length_bias * word_value`` in gold
+    (:func:`gold_per_word`)."""
+    margin = gold[0] - gold[1] + labeler.length_bias * word_value * (length[0] - length[1])
     z = margin / (labeler.temperature * noise_scale)
     return 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
 
@@ -86,13 +106,17 @@ def calibrate_noise_scale(
     lengths: Sequence[tuple[int, int]],
     labelers: Sequence[LabelerConfig],
     target_agreement: float,
+    word_value: float = 1.0,
 ) -> float:
     """The shared noise scale at which labelers' expected pairwise agreement on these items is the
     target (bisection on log-scale; agreement falls monotonically as noise grows)."""
 
     def agreement(scale: float) -> float:
         probs = [
-            [preference_probability(gold, length, lab, scale) for gold, length in zip(golds, lengths, strict=True)]
+            [
+                preference_probability(gold, length, lab, scale, word_value)
+                for gold, length in zip(golds, lengths, strict=True)
+            ]
             for lab in labelers
         ]
         return expected_agreement(probs)
@@ -130,11 +154,12 @@ def draw_labels(
     *,
     noise_scale: float,
     rng: random.Random,
+    word_value: float = 1.0,
 ) -> list[list[int]]:
     """Every labeler's label for every item: 1 when it prefers the first response."""
     return [
         [
-            int(rng.random() < preference_probability(gold, length, lab, noise_scale))
+            int(rng.random() < preference_probability(gold, length, lab, noise_scale, word_value))
             for gold, length in zip(golds, lengths, strict=True)
         ]
         for lab in labelers

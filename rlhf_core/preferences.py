@@ -18,6 +18,7 @@ from rlhf_core.labelers import (
     agreement_stats,
     calibrate_noise_scale,
     draw_labels,
+    gold_per_word,
     human_label_stats,
 )
 from rlhf_core.modeling import sample_responses
@@ -82,17 +83,22 @@ def collect_preferences(
         keep = [i for i, tie in enumerate(tied) if not tie]
         pair_prompts, first, second, golds = ([xs[i] for i in keep] for xs in (pair_prompts, first, second, golds))
     lengths = [(len(a.split()), len(b.split())) for a, b in zip(first, second, strict=True)]
+    word_value = gold_per_word(golds, lengths)
     decided = [i for i, (ga, gb) in enumerate(golds) if ga != gb]
     # Labelers agree on a tie half the time at any noise: the target holds for the pairs the judge decides.
     calibrated = config.target_agreement is not None and bool(decided)
     scale = (
         calibrate_noise_scale(
-            [golds[i] for i in decided], [lengths[i] for i in decided], config.labelers, config.target_agreement
+            [golds[i] for i in decided],
+            [lengths[i] for i in decided],
+            config.labelers,
+            config.target_agreement,
+            word_value,
         )
         if calibrated
         else config.noise_scale
     )
-    labels = draw_labels(golds, lengths, config.labelers, noise_scale=scale, rng=rng)
+    labels = draw_labels(golds, lengths, config.labelers, noise_scale=scale, rng=rng, word_value=word_value)
 
     pairs = []
     for i, prompt in enumerate(pair_prompts):
@@ -104,6 +110,7 @@ def collect_preferences(
     stats = {
         **(agreement_stats(labels) if pairs else {}),
         "noise_scale": scale,
+        "gold_per_word": word_value,
         "noise_at_limit": float(calibrated and not NOISE_RANGE[0] * 1.01 < scale < NOISE_RANGE[1] / 1.01),
         "n_pairs": len(pairs),
         "dropped_identical": config.n_pairs - len(tied),

@@ -20,7 +20,7 @@ from rlhf_core.gguf_models import is_gguf
 PRETRAINED_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"lr": 1e-5, "max_length": 320},
     "reward": {"lr": 1e-5, "max_length": 320, "pooling": "last", "logprob_coef": 0.0},
-    "ppo": {"lr": 2e-6, "critic_lr": 1e-5, "max_new_tokens": 128},
+    "ppo": {"lr": 1e-5, "critic_lr": 1e-5, "max_new_tokens": 128},
     "dpo": {"lr": 1e-6, "max_length": 320},
     "preferences": {"max_new_tokens": 128},
     "evaluation": {"max_new_tokens": 128},

@@ -6,7 +6,15 @@ import statistics
 import pytest
 
 from rlhf_core import world
-from rlhf_core.labelers import agreement_stats, calibrate_noise_scale, cohen_kappa, default_labelers, draw_labels
+from rlhf_core.labelers import (
+    agreement_stats,
+    calibrate_noise_scale,
+    cohen_kappa,
+    default_labelers,
+    draw_labels,
+    gold_per_word,
+    preference_probability,
+)
 
 
 def test_world_is_deterministic_from_its_seed():
@@ -87,6 +95,23 @@ def test_labelers_agree_near_target_and_kappa_is_consistent():
     stats = agreement_stats(draw_labels(golds, lengths, labelers, noise_scale=scale, rng=rng))
     assert stats["labeler_agreement"] == pytest.approx(0.7, abs=0.02)
     assert stats["labeler_kappa"] == pytest.approx(2 * stats["labeler_agreement"] - 1, abs=0.05)
+
+
+def test_a_labelers_taste_for_length_weighs_the_same_on_any_judges_scale():
+    """A judge scoring in [0, 1] on answers of 60 words is the toy world's judge rescaled: the labelers' length bias,
+    in gold standard deviations per word-count standard deviation, gives the same preferences on both, where a bias
+    in gold units per word would let length outweigh the judge."""
+    rng = random.Random(0)
+    toy_golds = [(rng.gauss(0, 2), rng.gauss(0, 2)) for _ in range(500)]
+    toy_lengths = [(rng.randint(5, 15), rng.randint(5, 15)) for _ in range(500)]
+    golds = [(a / 20 + 0.5, b / 20 + 0.5) for a, b in toy_golds]
+    lengths = [(6 * a, 6 * b) for a, b in toy_lengths]
+    cy = default_labelers()[2]
+    assert gold_per_word(golds, lengths) == pytest.approx(gold_per_word(toy_golds, toy_lengths) / 120)
+    for args_toy, args in zip(zip(toy_golds, toy_lengths, strict=True), zip(golds, lengths, strict=True), strict=True):
+        toy = preference_probability(*args_toy, cy, 1.0, gold_per_word(toy_golds, toy_lengths))
+        assert preference_probability(*args, cy, 1 / 20, gold_per_word(golds, lengths)) == pytest.approx(toy)
+    assert gold_per_word([(1.0, 0.0)], [(10, 10)]) == 0.0  # lengths that do not vary carry no taste
 
 
 def test_cohen_kappa_by_hand():
