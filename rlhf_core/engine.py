@@ -117,17 +117,16 @@ class Engine(Protocol):
 
 
 def without_tied_copies(module: nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``weights`` (a :meth:`Engine.full_state_dict`) less the second name of each parameter the module shares between
-    two places, such as a language-model head tied to the input embeddings: what ``save_pretrained`` should write.
-    The copies no longer share storage, so without this the head is written a second time (a fifth of a small
-    model's file); loading ties it again."""
-    seen: set[int] = set()
-    copies = set()
-    for name, parameter in module.named_parameters(remove_duplicate=False):
-        if id(parameter) in seen:
-            copies.add(name)
-        seen.add(id(parameter))
-    return {name: value for name, value in weights.items() if name not in copies}
+    """``weights`` (a :meth:`Engine.full_state_dict`) less a language-model head tied to the input embeddings: what
+    ``save_pretrained`` should write. The copies no longer share storage, so without this the head is written a
+    second time (a fifth of a small model's file); loading ties it again. Only that tie, found through the model's own
+    accessors: the head is the same parameter as the embeddings."""
+    body = getattr(module, "get_output_embeddings", lambda: None)
+    head, embeddings = body(), getattr(module, "get_input_embeddings", lambda: None)()
+    if head is None or embeddings is None or head.weight is not embeddings.weight:
+        return weights
+    name = next(f"{prefix}.weight" for prefix, sub in module.named_modules() if sub is head)
+    return {key: value for key, value in weights.items() if key != name}
 
 
 Row = TypeVar("Row")

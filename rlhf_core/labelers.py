@@ -80,6 +80,7 @@ def preference_probability(
     length: tuple[int, int],
     labeler: LabelerConfig,
     noise_scale: float,
+    *,
     word_value: float = 1.0,
 ) -> float:
     """P(labeler prefers a over b) = sigmoid((utility_a - utility_b) / (temperature * noise_scale)), for the gold
@@ -106,6 +107,7 @@ def calibrate_noise_scale(
     lengths: Sequence[tuple[int, int]],
     labelers: Sequence[LabelerConfig],
     target_agreement: float,
+    *,
     word_value: float = 1.0,
 ) -> float:
     """The shared noise scale at which labelers' expected pairwise agreement on these items is the
@@ -114,7 +116,7 @@ def calibrate_noise_scale(
     def agreement(scale: float) -> float:
         probs = [
             [
-                preference_probability(gold, length, lab, scale, word_value)
+                preference_probability(gold, length, lab, scale, word_value=word_value)
                 for gold, length in zip(golds, lengths, strict=True)
             ]
             for lab in labelers
@@ -159,7 +161,7 @@ def draw_labels(
     """Every labeler's label for every item: 1 when it prefers the first response."""
     return [
         [
-            int(rng.random() < preference_probability(gold, length, lab, noise_scale, word_value))
+            int(rng.random() < preference_probability(gold, length, lab, noise_scale, word_value=word_value))
             for gold, length in zip(golds, lengths, strict=True)
         ]
         for lab in labelers

@@ -93,7 +93,7 @@ def collect_preferences(
             [lengths[i] for i in decided],
             config.labelers,
             config.target_agreement,
-            word_value,
+            word_value=word_value,
         )
         if calibrated
         else config.noise_scale

@@ -14,8 +14,6 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from rlhf_core.gguf_models import is_gguf
-
 # section -> field -> the value for a pretrained base model (fine-tuning, chat-length sequences)
 PRETRAINED_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"lr": 1e-5, "max_length": 320},
@@ -31,6 +29,8 @@ def model_context(name_or_path: str, trust_remote_code: bool = False) -> int | N
     """Positions the model takes (``max_position_embeddings`` of its text config, a GGUF file's read from its
     metadata); None when its config does not say. OSError or ValueError when it has no readable config."""
     from transformers import AutoConfig
+
+    from rlhf_core.gguf_models import is_gguf  # torch and transformers: not at a config's import
 
     if is_gguf(name_or_path):
         file = Path(name_or_path).expanduser()

@@ -55,14 +55,16 @@ def test_grpo_loss_clips_the_ratio_adds_k3_kl_and_normalizes_by_length_or_not():
     same = torch.zeros(2, 3)
     advantages = torch.tensor([1.0, 0.5])
     # ratio 1, no KL: each token's loss is -A; per response -1 and -0.5
-    assert grpo_loss(same, same, same, advantages, mask, clip_range=0.2, kl_coef=0.1).item() == pytest.approx(-0.75)
-    dr = grpo_loss(same, same, same, advantages, mask, clip_range=0.2, kl_coef=0.1, length_normalized=False)
+    assert grpo_loss(same, same, same, advantages, mask=mask, clip_range=0.2, kl_coef=0.1).item() == pytest.approx(
+        -0.75
+    )
+    dr = grpo_loss(same, same, same, advantages, mask=mask, clip_range=0.2, kl_coef=0.1, length_normalized=False)
     assert dr.item() == pytest.approx((-2 - 0.5) / 6)
     # a ratio of 1.5 on every token is clipped to 1.2 for a positive advantage, kept at 1.5 for a negative one
     up = torch.full((2, 3), math.log(1.5))
-    loss = grpo_loss(up, same, up, torch.tensor([1.0, -1.0]), mask, clip_range=0.2, kl_coef=0.0)
+    loss = grpo_loss(up, same, up, torch.tensor([1.0, -1.0]), mask=mask, clip_range=0.2, kl_coef=0.0)
     assert loss.item() == pytest.approx((-1.2 + 1.5) / 2)
     # k3 with the reference at half the policy's probability: (0.5 - 1) - log 0.5 on each token
     half = torch.full((2, 3), math.log(0.5))
-    kl = grpo_loss(same, same, half, torch.zeros(2), mask, clip_range=0.2, kl_coef=1.0)
+    kl = grpo_loss(same, same, half, torch.zeros(2), mask=mask, clip_range=0.2, kl_coef=1.0)
     assert kl.item() == pytest.approx(-0.5 + math.log(2))

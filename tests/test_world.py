@@ -109,8 +109,8 @@ def test_a_labelers_taste_for_length_weighs_the_same_on_any_judges_scale():
     cy = default_labelers()[2]
     assert gold_per_word(golds, lengths) == pytest.approx(gold_per_word(toy_golds, toy_lengths) / 120)
     for args_toy, args in zip(zip(toy_golds, toy_lengths, strict=True), zip(golds, lengths, strict=True), strict=True):
-        toy = preference_probability(*args_toy, cy, 1.0, gold_per_word(toy_golds, toy_lengths))
-        assert preference_probability(*args, cy, 1 / 20, gold_per_word(golds, lengths)) == pytest.approx(toy)
+        toy = preference_probability(*args_toy, cy, 1.0, word_value=gold_per_word(toy_golds, toy_lengths))
+        assert preference_probability(*args, cy, 1 / 20, word_value=gold_per_word(golds, lengths)) == pytest.approx(toy)
     assert gold_per_word([(1.0, 0.0)], [(10, 10)]) == 0.0  # lengths that do not vary carry no taste
 
 
