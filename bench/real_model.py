@@ -7,8 +7,8 @@ constraints as the judge), SFT then its iterations, in-process through the phase
 Per iteration: strict and loose instruction-following accuracy on the held-out prompts (the judge's share of each
 prompt's constraints met, averaged; the SFT model's beside it) and on a sample of IFBench's out-of-distribution
 prompts; the win rate against the SFT model by the judge with its standard error; KL to SFT; response length and EOS
-rate. Per phase: wall time and peak resident memory. For SFT and sampling: tokens/s and MFU against the fp32 matmul
-peak measured here first (2048^3, best of five). Builds the example first where ``build/`` lacks it.
+rate. Per phase: wall time. For SFT: tokens/s and MFU against the fp32 matmul peak measured here first (2048^3, best
+of five). The whole run's peak resident memory. Builds the example first where ``build/`` lacks it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import transformers
 from bench.quality import run_seed
 from flows.config import load_config
 from infra.artifacts import BASE_MODEL_DIR, read_as_written, read_demonstrations
+from infra.sources import chat_renderer
 from rlhf_core.judge import gold_judge
 from rlhf_core.modeling import load_policy, load_tokenizer, prompt_token_ids, sample_responses
 
@@ -77,10 +78,8 @@ def peak_rss(into: dict[str, float], name: str, every_s: float = 0.2) -> Iterato
 def ifbench_accuracy(policy_dir: Path, prompts: list[str], *, max_new_tokens: int, batch_size: int) -> dict:
     """Strict and loose accuracy of one sample per IFBench prompt (at temperature 1, as the evaluation samples)."""
     tokenizer, model = load_tokenizer(policy_dir), load_policy(policy_dir).eval()
-    rendered = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
+    render = chat_renderer(tokenizer)
+    rendered = [render([{"role": "user", "content": p}]) for p in prompts]
     texts = []
     for i in range(0, len(rendered), batch_size):
         texts += sample_responses(model, tokenizer, rendered[i : i + batch_size], max_new_tokens).texts
@@ -120,10 +119,9 @@ def main() -> None:
             "sft_loose": _mean(loose(prompts, [row["sft"] for row in samples])),
         }
         if ifbench:
-            with peak_rss(memory, f"ifbench-{k}"):
-                figures |= ifbench_accuracy(
-                    it / "policy", ifbench, max_new_tokens=config.evaluation.max_new_tokens, batch_size=32
-                )
+            figures |= ifbench_accuracy(
+                it / "policy", ifbench, max_new_tokens=config.evaluation.max_new_tokens, batch_size=32
+            )
         return figures
 
     with tempfile.TemporaryDirectory(prefix="rlhf-real-") as tmp, peak_rss(memory, "whole run"):

